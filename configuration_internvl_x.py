@@ -1,0 +1,176 @@
+# Copyright 2026 The InternVL-X for Transformers authors.
+# Licensed under the Apache License, Version 2.0.
+"""InternVL-X configuration."""
+
+from transformers import AutoConfig, InternVLVisionConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+PROJECTOR_TYPES = ("pixel_shuffle",)
+
+# Where the Auto classes find this bundle's classes; written into every saved config.json.
+AUTO_MAP = {
+    "AutoConfig": "configuration_internvl_x.InternVLXConfig",
+    "AutoModel": "modeling_internvl_x.InternVLXModel",
+    "AutoModelForCausalLM": "modeling_internvl_x.InternVLXForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_internvl_x.InternVLXForConditionalGeneration",
+}
+
+# InternLM2-chat-1.8B written as a Llama config (InternLM2 checkpoints are converted to Llama).
+DEFAULT_TEXT_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 92553,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+# InternViT-300M-448px.
+DEFAULT_VISION_CONFIG = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+    "hidden_act": "gelu",
+    "attention_bias": True,
+    "use_qk_norm": False,
+    "norm_type": "layer_norm",
+    "layer_norm_eps": 1e-6,
+    "image_size": 448,
+    "patch_size": 14,
+    "use_mean_pooling": True,
+}
+
+
+def _square(size, name: str) -> int:
+    """Return the side of a square `size` (int or pair), or raise if it is not square."""
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ValueError(f"InternVL-X needs a square vision `{name}`, got {tuple(size)}.")
+        return int(size[0])
+    return int(size)
+
+
+class InternVLXConfig(PretrainedConfig):
+    r"""
+    Configuration of an InternVL-X model: an InternViT vision tower, a projector that turns each 448×448 tile into a
+    short sequence of visual tokens, and a decoder-only language model.
+
+    Args:
+        vision_config (`dict` or `InternVLVisionConfig`, *optional*):
+            Vision tower (InternViT). Defaults to InternViT-300M-448px (24 layers, hidden 1024, patch 14, image 448).
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            Language model; any decoder `AutoModel.from_config` builds (Llama, Qwen2, Qwen3, ...). A dict without
+            `model_type` is read as Llama. Defaults to InternLM2-chat-1.8B written as Llama.
+        image_token_id (`int`, *optional*, defaults to 92546):
+            Id of `<IMG_CONTEXT>`, the placeholder each visual token replaces.
+        image_start_token_id (`int`, *optional*, defaults to 92544):
+            Id of `<img>`, which opens an image span.
+        image_end_token_id (`int`, *optional*, defaults to 92545):
+            Id of `</img>`, which closes an image span.
+        downsample_ratio (`float`, *optional*, defaults to 0.5):
+            Pixel-shuffle ratio 1/M of the projector: each M×M window of ViT patches becomes one visual token.
+        vision_feature_layer (`int`, *optional*, defaults to -1):
+            ViT layer whose hidden state feeds the projector (-1: the last).
+        projector_type (`str`, *optional*, defaults to `"pixel_shuffle"`):
+            `"pixel_shuffle"`: InternVL2's LayerNorm → Linear → GELU → Linear after a pixel shuffle.
+        projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation between the two linears of the pixel-shuffle projector.
+    """
+
+    model_type = "internvl_x"
+    sub_configs = {"vision_config": InternVLVisionConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        image_token_id: int = 92546,
+        image_start_token_id: int = 92544,
+        image_end_token_id: int = 92545,
+        downsample_ratio: float = 0.5,
+        vision_feature_layer: int = -1,
+        projector_type: str = "pixel_shuffle",
+        projector_hidden_act: str = "gelu",
+        **kwargs,
+    ):
+        if vision_config is None:
+            vision_config = dict(DEFAULT_VISION_CONFIG)
+        if isinstance(vision_config, dict):
+            vision_config = InternVLVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+        if text_config is None:
+            text_config = dict(DEFAULT_TEXT_CONFIG)
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            text_config = CONFIG_MAPPING[text_config.pop("model_type", "llama")](**text_config)
+
+        self.vision_config = vision_config
+        self.text_config = text_config
+        self.image_token_id = image_token_id
+        self.image_start_token_id = image_start_token_id
+        self.image_end_token_id = image_end_token_id
+        self.downsample_ratio = downsample_ratio
+        self.vision_feature_layer = vision_feature_layer
+        self.projector_type = projector_type
+        self.projector_hidden_act = projector_hidden_act
+        kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
+        kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
+        super().__init__(**kwargs)
+        self._validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------------------------
+    @property
+    def tile_size(self) -> int:
+        """Pixels per side of a tile (the vision tower's square input)."""
+        return _square(self.vision_config.image_size, "image_size")
+
+    @property
+    def patch_grid_size(self) -> int:
+        """S: ViT patches per side of a tile."""
+        return self.tile_size // _square(self.vision_config.patch_size, "patch_size")
+
+    @property
+    def downsample_factor(self) -> int:
+        """M: patches per side merged into one visual token by the projector."""
+        return round(1 / self.downsample_ratio)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Visual tokens per tile that enter the language model (N² with N = S / M)."""
+        return (self.patch_grid_size // self.downsample_factor) ** 2
+
+    def _validate(self) -> None:
+        image_size = self.tile_size
+        patch_size = _square(self.vision_config.patch_size, "patch_size")
+        if image_size % patch_size:
+            raise ValueError(f"vision image_size {image_size} is not divisible by patch_size {patch_size}.")
+        if not 0 < self.downsample_ratio <= 1 or abs(1 / self.downsample_ratio - self.downsample_factor) > 1e-6:
+            raise ValueError(f"downsample_ratio must be 1/M for an integer M ≥ 1, got {self.downsample_ratio}.")
+        if self.patch_grid_size % self.downsample_factor:
+            raise ValueError(
+                f"the {self.patch_grid_size}×{self.patch_grid_size} patch grid is not divisible by the downsample "
+                f"factor M = 1/downsample_ratio = {self.downsample_factor}."
+            )
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}.")
+        num_layers = self.vision_config.num_hidden_layers
+        if not -num_layers <= self.vision_feature_layer <= num_layers:
+            raise ValueError(
+                f"vision_feature_layer {self.vision_feature_layer} is outside the vision tower's "
+                f"{num_layers} layers (valid: -{num_layers}..{num_layers})."
+            )
+
+
+InternVLXConfig.register_for_auto_class()
+
+__all__ = ["InternVLXConfig"]

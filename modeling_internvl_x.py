@@ -1,0 +1,339 @@
+# Copyright 2026 The InternVL-X for Transformers authors.
+# Licensed under the Apache License, Version 2.0.
+"""InternVL-X: InternVL2 with visual-token compression (PVTC, LVTC, RVTC)."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, InternVLVisionModel, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+
+from .configuration_internvl_x import InternVLXConfig
+
+
+def pixel_shuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """Merge each `factor`×`factor` window of a patch grid into one token (InternVL's pixel shuffle).
+
+    The channel order is InternVL's: the window's columns vary slowest, its rows fastest, each carrying the `C`
+    channels of one patch, so weights trained with InternVL2's projector apply unchanged.
+
+    Args:
+        features: `(batch, S, S, C)` patch grid, row-major.
+        factor: M, patches per side merged into one token; must divide S.
+
+    Returns:
+        `(batch, S / M, S / M, C · M²)`.
+    """
+    batch, rows, cols, channels = features.shape
+    if rows % factor or cols % factor:
+        raise ValueError(f"a {rows}×{cols} patch grid cannot be pixel-shuffled by {factor}: {factor} must divide it.")
+    features = features.reshape(batch, rows, cols // factor, channels * factor).transpose(1, 2)
+    features = features.reshape(batch, cols // factor, rows // factor, channels * factor * factor)
+    return features.transpose(1, 2).contiguous()
+
+
+class InternVLXPixelShuffleProjector(nn.Module):
+    """InternVL2's projector (`mlp1`): pixel shuffle by M, then LayerNorm → Linear → act → Linear.
+
+    Parameter names equal `transformers.InternVLMultiModalProjector`'s.
+    """
+
+    def __init__(self, config: InternVLXConfig, downsample_factor: int | None = None):
+        super().__init__()
+        self.downsample_factor = downsample_factor or config.downsample_factor
+        merged_size = config.vision_config.hidden_size * self.downsample_factor**2
+        text_size = config.text_config.hidden_size
+        self.layer_norm = nn.LayerNorm(merged_size)
+        self.linear_1 = nn.Linear(merged_size, text_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_size, text_size)
+
+    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """`(tiles, 1 + S², C)` ViT states with CLS first → `(tiles, (S / M)², D)` visual tokens, row-major."""
+        patches = vision_features[:, 1:]
+        tiles, num_patches, channels = patches.shape
+        side = int(num_patches**0.5)
+        grid = pixel_shuffle(patches.reshape(tiles, side, side, channels), self.downsample_factor)
+        hidden_states = self.layer_norm(grid.reshape(tiles, -1, grid.shape[-1]))
+        return self.linear_2(self.act(self.linear_1(hidden_states)))
+
+
+PROJECTOR_CLASSES = {"pixel_shuffle": InternVLXPixelShuffleProjector}
+
+
+@dataclass
+class InternVLXModelOutputWithPast(BaseModelOutputWithPast):
+    """
+    Outputs of [`InternVLXModel`].
+
+    image_hidden_states (`torch.FloatTensor` of shape `(num_tiles, tokens_per_tile, hidden_size)`, *optional*):
+        Visual tokens produced by the projector for the tiles of this forward pass.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class InternVLXCausalLMOutputWithPast(ModelOutput):
+    """
+    Outputs of [`InternVLXForConditionalGeneration`].
+
+    loss (`torch.FloatTensor` of shape `()`, *optional*): shifted next-token cross entropy, when `labels` are given.
+    logits (`torch.FloatTensor` of shape `(batch, kept_positions, vocab_size)`): scores aligned with `input_ids`.
+    past_key_values (`Cache`, *optional*): the key/value cache for the next decoding step.
+    hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*): per-layer states of the language model.
+    image_hidden_states (`torch.FloatTensor` of shape `(num_tiles, tokens_per_tile, hidden_size)`, *optional*):
+        Visual tokens produced by the projector.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class InternVLXPreTrainedModel(PreTrainedModel):
+    config_class = InternVLXConfig
+    config: InternVLXConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["InternVLVisionLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+
+class InternVLXModel(InternVLXPreTrainedModel):
+    """Vision tower + projector + language model, without the LM head.
+
+    The sub-module names (`vision_tower`, `multi_modal_projector`, `language_model`) equal those of
+    `transformers.InternVLModel`, so its checkpoints load without renaming.
+    """
+
+    def __init__(self, config: InternVLXConfig):
+        super().__init__(config)
+        self.vision_tower = InternVLVisionModel(config.vision_config)
+        self.multi_modal_projector = PROJECTOR_CLASSES[config.projector_type](config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        size = self.config.tile_size
+        expected = (self.config.vision_config.num_channels, size, size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (num_tiles, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(tiles, 3, H, W)` → ViT hidden state `(tiles, 1 + S², C)` of `config.vision_feature_layer`, CLS first."""
+        self._check_pixel_values(pixel_values)
+        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
+        if self.config.vision_feature_layer == -1:
+            return self.vision_tower(pixel_values=pixel_values).last_hidden_state
+        outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+        return outputs.hidden_states[self.config.vision_feature_layer]
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(tiles, 3, H, W)` → visual tokens `(tiles, tokens_per_tile, D)` that enter the language model."""
+        return self.multi_modal_projector(self.get_vision_features(pixel_values))
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq)` boolean mask of the `<IMG_CONTEXT>` positions."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    def merge_image_features(
+        self, inputs_embeds: torch.Tensor, image_mask: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Write `image_features (tiles, T, D)` into the `<IMG_CONTEXT>` positions of `inputs_embeds (B, L, D)`."""
+        num_tokens = int(image_mask.sum())
+        tiles, tokens_per_tile, _ = image_features.shape
+        if num_tokens != tiles * tokens_per_tile:
+            raise ValueError(
+                f"the text has {num_tokens} image tokens (id {self.config.image_token_id}) but pixel_values give "
+                f"{tiles} tiles × {tokens_per_tile} tokens = {tiles * tokens_per_tile} image features; each tile "
+                f"needs exactly {tokens_per_tile} `<IMG_CONTEXT>` tokens."
+            )
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
+
+    def run_language_model(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        past_key_values: Cache | None,
+        use_cache: bool | None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Run the decoder on `inputs_embeds (B, L, D)`; returns final states `(B, L, D)` aligned with the input.
+
+        This is where the decoder-layer loop is driven. Without LVTC it is the language model's own forward.
+        """
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> InternVLXModelOutputWithPast:
+        """
+        Args:
+            input_ids: `(batch, seq)` token ids; each tile's visual tokens sit on `<IMG_CONTEXT>` positions.
+            pixel_values: `(num_tiles, 3, H, W)` tiles of all images of the batch, in order of appearance.
+            attention_mask: `(batch, seq)`, 1 for real tokens, 0 for padding.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        if pixel_values is not None:
+            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+            if not image_mask.any():
+                raise ValueError(
+                    f"pixel_values with {pixel_values.shape[0]} tiles were given but the text has no image token "
+                    f"(id {self.config.image_token_id}); expand each `<image>` with the processor."
+                )
+            image_features = self.get_image_features(pixel_values)
+            inputs_embeds = self.merge_image_features(inputs_embeds, image_mask, image_features)
+        elif input_ids is not None and (past_key_values is None or past_key_values.get_seq_length() == 0):
+            num_tokens = int((input_ids == self.config.image_token_id).sum())
+            if num_tokens:
+                raise ValueError(f"the text has {num_tokens} image tokens but no pixel_values were given.")
+
+        outputs = self.run_language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return InternVLXModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixin):
+    """InternVL-X with a language-modelling head: chat, `generate`, and training with `labels`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: InternVLXConfig):
+        super().__init__(config)
+        self.model = InternVLXModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(tiles, 3, H, W)` → visual tokens `(tiles, tokens_per_tile, D)`."""
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> InternVLXCausalLMOutputWithPast:
+        """
+        Args:
+            labels: `(batch, seq)` target ids aligned with `input_ids` (shifted inside the loss); -100 is ignored.
+            logits_to_keep: compute logits only for the last `logits_to_keep` positions (0: all), or for the
+                positions of a 1-D index tensor.
+
+        Returns logits `(batch, seq, vocab)` aligned with `input_ids` (or the kept positions).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return InternVLXCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+
+InternVLXModel.register_for_auto_class("AutoModel")
+InternVLXForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = ["InternVLXPreTrainedModel", "InternVLXModel", "InternVLXForConditionalGeneration"]

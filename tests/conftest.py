@@ -1,0 +1,48 @@
+"""Shared fixtures: the bundle loaded the way users load it (trust_remote_code from a folder), and tiny configs."""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Offline, and dynamic modules copied into a throw-away cache: set before transformers is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="internvl_x_modules_"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers.dynamic_module_utils import get_class_from_dynamic_module  # noqa: E402
+
+from tests.tiny import tiny_config_kwargs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Bundle:
+    """The bundle's classes, imported from the repository folder through Transformers' remote-code loader."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.Config = get_class_from_dynamic_module("configuration_internvl_x.InternVLXConfig", folder)
+        self.Model = get_class_from_dynamic_module("modeling_internvl_x.InternVLXModel", folder)
+        self.ForConditionalGeneration = get_class_from_dynamic_module(
+            "modeling_internvl_x.InternVLXForConditionalGeneration", folder
+        )
+
+    def config(self, **overrides):
+        return self.Config(**tiny_config_kwargs(**overrides))
+
+    def model(self, seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        return self.ForConditionalGeneration(self.config(**overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def bundle() -> Bundle:
+    return Bundle(ROOT)
+
+
+def pytest_report_header(config):
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__} ({transformers.__file__})"
