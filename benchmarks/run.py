@@ -1,0 +1,224 @@
+"""One entry point for every measurement this project reports.
+
+    python benchmarks/run.py --suite baseline [--device cpu|cuda] [--dtype float32|bfloat16] [--quick] --out FILE.json
+
+Each suite prints a markdown table and writes JSON (device, dtype, shapes, versions, and each figure as the median
+of ≥ 5 runs after warm-up). Models compared in one suite run side by side in the same process, interleaved, so the
+ratios are meaningful on a noisy machine; absolute times are only meaningful on a GPU.
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import bundle_classes, geometry  # noqa: E402
+
+SUITES = {}
+
+
+def suite(name):
+    def register(fn):
+        SUITES[name] = fn
+        return fn
+
+    return register
+
+
+# ---- timing and memory -------------------------------------------------------------------------------------------
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device: str, repeats: int, warmup: int = 2, setup=None) -> float:
+    """Median wall time of `fn()` in seconds; `setup()` runs untimed before each call and its result is passed in."""
+    times = []
+    for i in range(warmup + repeats):
+        state = setup() if setup else None
+        synchronize(device)
+        start = time.perf_counter()
+        fn(state) if setup else fn()
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, device: str, repeats: int, setup=None) -> dict:
+    """Median time of each callable, measured round-robin so drift of the machine hits every entry alike."""
+    for fn in fns.values():  # warm-up
+        for _ in range(2):
+            fn(setup()) if setup else fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(median_time(fn, device, repeats=1, warmup=0, setup=setup))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _vm_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mb(run, device: str) -> float:
+    """Peak memory that `run()` adds on top of what is allocated before it, in MiB.
+
+    CUDA: `torch.cuda.max_memory_allocated`. CPU: growth of the resident-set high-water mark (Linux `VmHWM`, reset
+    through `/proc/self/clear_refs` after returning freed heap pages to the system).
+    """
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _vm_kb("VmRSS")
+    run()
+    return (_vm_kb("VmHWM") - base) / 1024
+
+
+# ---- suites ------------------------------------------------------------------------------------------------------
+@suite("baseline")
+def baseline_suite(args) -> dict:
+    """Our pixel-shuffle model vs transformers.InternVLForConditionalGeneration, same weights, same inputs."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    classes = bundle_classes()
+    config = classes.Config(**geometry(args.device, args.quick))
+    torch.manual_seed(0)
+    ours = classes.ForConditionalGeneration(config)
+    native = InternVLForConditionalGeneration(
+        InternVLConfig(
+            vision_config=config.vision_config.to_dict(),
+            text_config=config.text_config.to_dict(),
+            image_token_id=config.image_token_id,
+            downsample_ratio=config.downsample_ratio,
+            tie_word_embeddings=False,
+        )
+    )
+    native.load_state_dict(ours.state_dict(), strict=True)
+    dtype = getattr(torch, args.dtype)
+    models = {"ours": ours.to(args.device, dtype).eval(), "native": native.to(args.device, dtype).eval()}
+
+    prompt_tokens, decode_tokens = 64, 16
+    tiles = 1
+    ids = [1] + [5] * (prompt_tokens // 2) + [config.image_start_token_id]
+    ids += [config.image_token_id] * (tiles * config.tokens_per_tile) + [config.image_end_token_id]
+    ids += [7] * (prompt_tokens - prompt_tokens // 2)
+    input_ids = torch.tensor([ids], device=args.device)
+    pixel_values = torch.randn(tiles, 3, config.tile_size, config.tile_size, device=args.device, dtype=dtype)
+
+    def prefill(model):
+        with torch.no_grad():
+            return model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True, logits_to_keep=1)
+
+    def decode(model, cache):
+        next_ids = torch.full((1, 1), 11, device=args.device)
+        with torch.no_grad():
+            for _ in range(decode_tokens):
+                cache = model(input_ids=next_ids, past_key_values=cache, use_cache=True).past_key_values
+
+    prefill_s = interleaved_medians({n: (lambda m=m: prefill(m)) for n, m in models.items()}, args.device, args.repeats)
+    decode_s = {}
+    for name, model in models.items():
+        decode_s[name] = (
+            median_time(
+                lambda cache, m=model: decode(m, cache),
+                args.device,
+                args.repeats,
+                setup=lambda m=model: prefill(m).past_key_values,
+            )
+            / decode_tokens
+        )
+    memory = {}
+    for name, model in models.items():
+        memory[name] = peak_memory_mb(lambda m=model: prefill(m), args.device)
+
+    rows = []
+    for name in models:
+        rows.append(
+            {
+                "model": name,
+                "prefill_ms": prefill_s[name] * 1e3,
+                "decode_ms_per_token": decode_s[name] * 1e3,
+                "prefill_peak_mem_mb": memory[name],
+            }
+        )
+    ratios = {
+        "prefill_ours_over_native": prefill_s["ours"] / prefill_s["native"],
+        "decode_ours_over_native": decode_s["ours"] / decode_s["native"],
+        "memory_ours_over_native": memory["ours"] / memory["native"],
+    }
+    shapes = {"tiles": tiles, "prompt_text_tokens": prompt_tokens, "visual_tokens": tiles * config.tokens_per_tile,
+              "sequence": input_ids.shape[1], "decode_tokens": decode_tokens}  # fmt: skip
+    return {"rows": rows, "ratios": ratios, "shapes": shapes, "config": config.to_diff_dict()}
+
+
+# ---- reporting ---------------------------------------------------------------------------------------------------
+def markdown_table(rows: list[dict]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows:
+        cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", required=True, choices=sorted(SUITES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    parser.add_argument("--quick", action="store_true", help="fewer layers and repeats: a smoke run, not a report")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (≥ 5 for a report)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    torch.set_grad_enabled(False)
+
+    result = SUITES[args.suite](args)
+    report = {
+        "suite": args.suite,
+        "device": torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"cpu ({platform.processor() or 'x86_64'}, {torch.get_num_threads()} threads)",
+        "dtype": args.dtype,
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },  # fmt: skip
+        **result,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"## {args.suite} — {report['device']}, {args.dtype}{' (quick)' if args.quick else ''}\n")
+    print(markdown_table(result["rows"]))
+    print("\n" + "\n".join(f"- {k}: {v:.3f}" for k, v in result["ratios"].items()))
+    print(f"\nshapes: {result['shapes']}\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
