@@ -5,7 +5,7 @@
 from transformers import AutoConfig, InternVLVisionConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-PROJECTOR_TYPES = ("pixel_shuffle",)
+PROJECTOR_TYPES = ("pixel_shuffle", "pvtc")
 
 # Where the Auto classes find this bundle's classes; written into every saved config.json.
 AUTO_MAP = {
@@ -84,8 +84,22 @@ class InternVLXConfig(PretrainedConfig):
             ViT layer whose hidden state feeds the projector (-1: the last).
         projector_type (`str`, *optional*, defaults to `"pixel_shuffle"`):
             `"pixel_shuffle"`: InternVL2's LayerNorm → Linear → GELU → Linear after a pixel shuffle.
+            `"pvtc"`: the paper's Projector Visual Token Compressor (§3.1): local (pixel-shuffled window) and global
+            (CLS) queries, each cross-attending only to its own M×M window of ViT tokens; output F_L + F_G.
         projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
             Activation between the two linears of the pixel-shuffle projector.
+        pvtc_num_layers (`int`, *optional*, defaults to 1):
+            L, cross-attention blocks stacked on each PVTC path (the paper's Table 3 picks 1).
+        pvtc_num_heads (`int`, *optional*, defaults to 16):
+            Attention heads of the PVTC blocks; must divide the language model's hidden size.
+        pvtc_use_local (`bool`, *optional*, defaults to `True`):
+            Keep PVTC's local path (pixel-shuffled window queries). Ablation switch.
+        pvtc_use_global (`bool`, *optional*, defaults to `True`):
+            Keep PVTC's global path (CLS queries). Ablation switch; at least one path must stay.
+        pvtc_learnable_cls_scale (`bool`, *optional*, defaults to `True`):
+            Multiply the broadcast CLS query by a learnable `(1, N, N, D)` scale; `False` uses fixed ones.
+        pvtc_drop_path_rate (`float`, *optional*, defaults to 0.0):
+            Stochastic-depth rate on the residual branches of the PVTC blocks (identity in eval).
     """
 
     model_type = "internvl_x"
@@ -102,6 +116,12 @@ class InternVLXConfig(PretrainedConfig):
         vision_feature_layer: int = -1,
         projector_type: str = "pixel_shuffle",
         projector_hidden_act: str = "gelu",
+        pvtc_num_layers: int = 1,
+        pvtc_num_heads: int = 16,
+        pvtc_use_local: bool = True,
+        pvtc_use_global: bool = True,
+        pvtc_learnable_cls_scale: bool = True,
+        pvtc_drop_path_rate: float = 0.0,
         **kwargs,
     ):
         if vision_config is None:
@@ -123,6 +143,12 @@ class InternVLXConfig(PretrainedConfig):
         self.vision_feature_layer = vision_feature_layer
         self.projector_type = projector_type
         self.projector_hidden_act = projector_hidden_act
+        self.pvtc_num_layers = pvtc_num_layers
+        self.pvtc_num_heads = pvtc_num_heads
+        self.pvtc_use_local = pvtc_use_local
+        self.pvtc_use_global = pvtc_use_global
+        self.pvtc_learnable_cls_scale = pvtc_learnable_cls_scale
+        self.pvtc_drop_path_rate = pvtc_drop_path_rate
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
@@ -163,12 +189,27 @@ class InternVLXConfig(PretrainedConfig):
             )
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}.")
+        if self.projector_type == "pvtc":
+            self._validate_pvtc()
         num_layers = self.vision_config.num_hidden_layers
         if not -num_layers <= self.vision_feature_layer <= num_layers:
             raise ValueError(
                 f"vision_feature_layer {self.vision_feature_layer} is outside the vision tower's "
                 f"{num_layers} layers (valid: -{num_layers}..{num_layers})."
             )
+
+    def _validate_pvtc(self) -> None:
+        hidden_size = self.text_config.hidden_size
+        if self.pvtc_num_layers < 1:
+            raise ValueError(f"pvtc_num_layers must be ≥ 1, got {self.pvtc_num_layers}.")
+        if self.pvtc_num_heads < 1 or hidden_size % self.pvtc_num_heads:
+            raise ValueError(
+                f"pvtc_num_heads {self.pvtc_num_heads} must divide the language model's hidden size {hidden_size}."
+            )
+        if not (self.pvtc_use_local or self.pvtc_use_global):
+            raise ValueError("PVTC needs at least one path: pvtc_use_local and pvtc_use_global are both False.")
+        if not 0.0 <= self.pvtc_drop_path_rate < 1.0:
+            raise ValueError(f"pvtc_drop_path_rate must be in [0, 1), got {self.pvtc_drop_path_rate}.")
 
 
 InternVLXConfig.register_for_auto_class()

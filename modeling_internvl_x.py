@@ -5,8 +5,10 @@
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, InternVLVisionModel, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
@@ -17,8 +19,8 @@ from .configuration_internvl_x import InternVLXConfig
 def pixel_shuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
     """Merge each `factor`×`factor` window of a patch grid into one token (InternVL's pixel shuffle).
 
-    The channel order is InternVL's: the window's columns vary slowest, its rows fastest, each carrying the `C`
-    channels of one patch, so weights trained with InternVL2's projector apply unchanged.
+    Output token (i, j) is window (i, j); its channels are the window's M² patches in row-major order, `C` each,
+    exactly as in InternVL, so weights trained with InternVL2's projector apply unchanged.
 
     Args:
         features: `(batch, S, S, C)` patch grid, row-major.
@@ -61,7 +63,173 @@ class InternVLXPixelShuffleProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(hidden_states)))
 
 
-PROJECTOR_CLASSES = {"pixel_shuffle": InternVLXPixelShuffleProjector}
+# Epsilon of every RMSNorm inside PVTC, as in the released InternVL-X checkpoints.
+PVTC_NORM_EPS = 1e-6
+
+
+class InternVLXRMSNorm(nn.Module):
+    """RMSNorm computed in float32: `weight · x / sqrt(mean(x²) + eps)`."""
+
+    def __init__(self, hidden_size: int, eps: float = PVTC_NORM_EPS):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden_states.to(dtype)
+
+
+class InternVLXNormLinearSiLU(nn.Module):
+    """RMSNorm → Linear (no bias) → SiLU: PVTC's input MLPs (local query, CLS query, key/value)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.norm = InternVLXRMSNorm(in_features)
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.linear(self.norm(hidden_states)))
+
+
+def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole rows of the first dimension with probability `rate`, rescale the rest."""
+    if rate == 0.0 or not training:
+        return hidden_states
+    keep = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)).bernoulli_(1 - rate)
+    return hidden_states * keep / (1 - rate)
+
+
+class InternVLXWindowAttention(nn.Module):
+    """Point-to-region cross-attention: each window's query attends only to the M² tokens of its own window.
+
+    Windows are the batch dimension of `F.scaled_dot_product_attention`, so no mask is needed.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query_norm = InternVLXRMSNorm(hidden_size)
+        self.key_value_norm = InternVLXRMSNorm(hidden_size)
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor) -> torch.Tensor:
+        """`queries (windows, Q, D)`, `keys_values (windows, M², D)` → `(windows, Q, D)`."""
+        windows, num_queries, hidden_size = queries.shape
+        queries = self.query_norm(queries)
+        keys_values = self.key_value_norm(keys_values)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(windows, -1, self.num_heads, self.head_dim).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(
+            heads(self.q_proj(queries)), heads(self.k_proj(keys_values)), heads(self.v_proj(keys_values))
+        )
+        return self.o_proj(attended.transpose(1, 2).reshape(windows, num_queries, hidden_size))
+
+
+class InternVLXGatedMLP(nn.Module):
+    """RMSNorm → `down_proj(SiLU(gate_proj x) · up_proj x)`, hidden 4·D, no biases (the release's w1, w3, w2)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.norm = InternVLXRMSNorm(hidden_size)
+        self.gate_proj = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        self.down_proj = nn.Linear(4 * hidden_size, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.norm(hidden_states)
+        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class InternVLXWindowCrossAttentionBlock(nn.Module):
+    """`x = q + Attn(norm(q), norm(kv))`, then `x = x + MLP(x)`, with optional stochastic depth on both branches."""
+
+    def __init__(self, hidden_size: int, num_heads: int, drop_path_rate: float):
+        super().__init__()
+        self.attention = InternVLXWindowAttention(hidden_size, num_heads)
+        self.mlp = InternVLXGatedMLP(hidden_size)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor) -> torch.Tensor:
+        """`queries (windows, Q, D)`, `keys_values (windows, M², D)` → `(windows, Q, D)`."""
+        queries = queries + drop_path(self.attention(queries, keys_values), self.drop_path_rate, self.training)
+        return queries + drop_path(self.mlp(queries), self.drop_path_rate, self.training)
+
+
+class InternVLXPVTCProjector(nn.Module):
+    """Projector Visual Token Compressor (paper §3.1).
+
+    With S² ViT patches per tile, M = 1/downsample_ratio, N = S / M and D the language model's width:
+
+    - keys/values: `kv_mlp` on every patch, grouped into the N² non-overlapping M×M windows;
+    - local path: each window pixel-shuffled into one query (`local_mlp`), refined by `local_blocks`;
+    - global path: the CLS token through `cls_mlp`, broadcast to the N×N grid, times `cls_scale`, refined by
+      `global_blocks`;
+    - every query attends only to the M² keys of its own window; the output is F_L + F_G, `(tiles, N², D)`.
+    """
+
+    def __init__(self, config: InternVLXConfig):
+        super().__init__()
+        vision_size = config.vision_config.hidden_size
+        hidden_size = config.text_config.hidden_size
+        self.downsample_factor = config.downsample_factor
+        grid = config.patch_grid_size // self.downsample_factor
+
+        def blocks() -> nn.ModuleList:
+            return nn.ModuleList(
+                InternVLXWindowCrossAttentionBlock(hidden_size, config.pvtc_num_heads, config.pvtc_drop_path_rate)
+                for _ in range(config.pvtc_num_layers)
+            )
+
+        self.kv_mlp = InternVLXNormLinearSiLU(vision_size, hidden_size)
+        if config.pvtc_use_local:
+            self.local_mlp = InternVLXNormLinearSiLU(vision_size * self.downsample_factor**2, hidden_size)
+            self.local_blocks = blocks()
+        if config.pvtc_use_global:
+            self.cls_mlp = InternVLXNormLinearSiLU(vision_size, hidden_size)
+            self.global_blocks = blocks()
+            if config.pvtc_learnable_cls_scale:
+                self.cls_scale = nn.Parameter(torch.ones(1, grid, grid, hidden_size))
+
+    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """`(tiles, 1 + S², C)` ViT states with CLS first → `(tiles, N², D)` visual tokens, row-major."""
+        cls_token, patches = vision_features[:, 0], vision_features[:, 1:]
+        tiles, num_patches, channels = patches.shape
+        side, factor = int(num_patches**0.5), self.downsample_factor
+        grid = side // factor
+        patches = patches.reshape(tiles, side, side, channels)
+
+        keys_values = self.kv_mlp(patches)  # (tiles, S, S, D)
+        hidden_size = keys_values.shape[-1]
+        keys_values = keys_values.view(tiles, grid, factor, grid, factor, hidden_size).transpose(2, 3)
+        keys_values = keys_values.reshape(tiles * grid * grid, factor * factor, hidden_size)
+
+        output = 0
+        if hasattr(self, "local_blocks"):
+            local = self.local_mlp(pixel_shuffle(patches, factor)).reshape(tiles * grid * grid, 1, hidden_size)
+            for block in self.local_blocks:
+                local = block(local, keys_values)
+            output = output + local
+        if hasattr(self, "global_blocks"):
+            queries = self.cls_mlp(cls_token)[:, None, None, :].expand(tiles, grid, grid, hidden_size)
+            if hasattr(self, "cls_scale"):
+                queries = queries * self.cls_scale
+            queries = queries.reshape(tiles * grid * grid, 1, hidden_size)
+            for block in self.global_blocks:
+                queries = block(queries, keys_values)
+            output = output + queries
+        return output.reshape(tiles, grid * grid, hidden_size)
+
+
+PROJECTOR_CLASSES = {"pixel_shuffle": InternVLXPixelShuffleProjector, "pvtc": InternVLXPVTCProjector}
 
 
 @dataclass
@@ -109,6 +277,11 @@ class InternVLXPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, InternVLXPVTCProjector) and hasattr(module, "cls_scale"):
+            init.ones_(module.cls_scale)
 
 
 class InternVLXModel(InternVLXPreTrainedModel):

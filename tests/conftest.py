@@ -29,6 +29,10 @@ class Bundle:
             "modeling_internvl_x.InternVLXForConditionalGeneration", folder
         )
 
+    def module(self, name: str):
+        """Any class of the modeling file, e.g. `bundle.module("InternVLXPVTCProjector")`."""
+        return get_class_from_dynamic_module(f"modeling_internvl_x.{name}", self.folder)
+
     def config(self, **overrides):
         return self.Config(**tiny_config_kwargs(**overrides))
 
