@@ -68,7 +68,7 @@ PVTC_NORM_EPS = 1e-6
 
 
 class InternVLXRMSNorm(nn.Module):
-    """RMSNorm computed in float32: `weight · x / sqrt(mean(x²) + eps)`."""
+    """RMSNorm computed in at least float32: `weight · x / sqrt(mean(x²) + eps)`."""
 
     def __init__(self, hidden_size: int, eps: float = PVTC_NORM_EPS):
         super().__init__()
@@ -77,7 +77,7 @@ class InternVLXRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
-        hidden_states = hidden_states.float()
+        hidden_states = hidden_states.to(torch.promote_types(dtype, torch.float32))
         hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * hidden_states.to(dtype)
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from tests.references import pvtc_reference
 from tests.tiny import image_span, prompt, tiles
 
 C, D, HEADS = 16, 32, 4  # ViT width, LLM width, PVTC heads
@@ -81,48 +81,26 @@ def test_cls_changes_every_output_through_the_global_path_only(bundle):
         assert torch.equal(local_only(y), local_only(x))
 
 
-def rms(x, weight, eps=1e-6):
-    return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+def released_names(module):
+    """`w(name)`: the module's weights under the released checkpoints' names (the test's own table)."""
+    table = {"mlp1": module.local_mlp, "mlp2": module.cls_mlp, "mlp3": module.kv_mlp}
+    parts = {"attn.norm1": "attention.query_norm", "attn.norm2": "attention.key_value_norm",
+             "attn.q": "attention.q_proj", "attn.k": "attention.k_proj", "attn.v": "attention.v_proj",
+             "attn.proj": "attention.o_proj", "mlp.norm": "mlp.norm", "mlp.w1": "mlp.gate_proj",
+             "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj"}  # fmt: skip
 
+    def w(name):
+        if name == "cls_scale":
+            return module.cls_scale
+        head, _, rest = name.partition(".")
+        if head in table:
+            return (table[head].norm if rest == "0" else table[head].linear).weight
+        path = head.removeprefix("attn_")
+        index, _, part = rest.partition(".") if rest[0].isdigit() else ("0", "", rest)
+        blocks = module.local_blocks if path == "local" else module.global_blocks
+        return blocks[int(index)].get_submodule(parts[part]).weight
 
-def reference_block(block, query, keys_values):
-    """One block for one window with explicit per-head softmax: query (D,), keys_values (M², D)."""
-    attn = block.attention
-    q = attn.q_proj.weight @ rms(query, attn.query_norm.weight)
-    kv = rms(keys_values, attn.key_value_norm.weight)
-    k, v = kv @ attn.k_proj.weight.T, kv @ attn.v_proj.weight.T
-    head_dim = D // HEADS
-    heads = []
-    for h in range(HEADS):
-        part = slice(h * head_dim, (h + 1) * head_dim)
-        scores = torch.stack([q[part] @ k[j, part] for j in range(k.shape[0])]) / head_dim**0.5
-        weights = scores.exp() / scores.exp().sum()
-        heads.append(sum(weights[j] * v[j, part] for j in range(k.shape[0])))
-    x = query + attn.o_proj.weight @ torch.cat(heads)
-    mlp = block.mlp
-    h = rms(x, mlp.norm.weight)
-    return x + mlp.down_proj.weight @ (F.silu(mlp.gate_proj.weight @ h) * (mlp.up_proj.weight @ h))
-
-
-def reference_pvtc(module, x, side, factor):
-    """PVTC for one tile written as plain loops over windows."""
-    grid = side // factor
-    cls, patches = x[0], x[1:].reshape(side, side, C)
-    mlp = lambda m, t: F.silu(m.linear.weight @ rms(t, m.norm.weight))  # noqa: E731
-    out = []
-    for row in range(grid):
-        for col in range(grid):
-            window = patches[row * factor : (row + 1) * factor, col * factor : (col + 1) * factor]  # (M, M, C)
-            keys_values = torch.stack([mlp(module.kv_mlp, t) for t in window.reshape(-1, C)])
-            shuffled = window.reshape(-1)  # InternVL's pixel shuffle: the window's patches in row-major order
-            local = mlp(module.local_mlp, shuffled)
-            glob = mlp(module.cls_mlp, cls) * module.cls_scale[0, row, col]
-            for block in module.local_blocks:
-                local = reference_block(block, local, keys_values)
-            for block in module.global_blocks:
-                glob = reference_block(block, glob, keys_values)
-            out.append(local + glob)
-    return torch.stack(out)
+    return w
 
 
 @pytest.mark.parametrize("side,factor,layers", [(8, 2, 1), (8, 4, 2), (4, 1, 1)])
@@ -132,7 +110,8 @@ def test_vectorised_module_equals_loop_reference(bundle, side, factor, layers):
     with torch.no_grad():
         out = module(x)
         for tile in range(2):
-            torch.testing.assert_close(out[tile], reference_pvtc(module, x[tile], side, factor), rtol=0, atol=1e-5)
+            expected = pvtc_reference(released_names(module), x[tile], side, factor, HEADS, layers)
+            torch.testing.assert_close(out[tile], expected, rtol=0, atol=1e-5)
 
 
 def test_local_only_with_zeroed_outputs_is_local_mlp_of_pixel_shuffle(bundle):

@@ -1,0 +1,1 @@
+"""Checkpoint converters into the InternVL-X bundle format (see README, "Converting checkpoints")."""

@@ -1,0 +1,370 @@
+"""Shared machinery of the checkpoint converters: key mappings, streaming shard I/O and verification.
+
+A converter maps each source tensor to zero or more target tensors (`KeyMapper`), streams the source shard by shard,
+writes target shards of bounded size with an index, and refuses to finish unless every source tensor was consumed and
+every target tensor of the InternVL-X model was produced exactly once with the right shape.
+"""
+
+import json
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_FILES = (
+    "configuration_internvl_x.py",
+    "modeling_internvl_x.py",
+    "image_processing_internvl_x.py",
+    "processing_internvl_x.py",
+)
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+Tensors = list[tuple[str, torch.Tensor]]
+
+
+class ConversionError(RuntimeError):
+    """The source does not match what the converter expects; the message lists every mismatch."""
+
+
+# ---- reading -----------------------------------------------------------------------------------------------------
+def source_shards(src: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, in index order when there is an index."""
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [src / name for name in names]
+    single = src / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise ConversionError(f"{src} holds no model.safetensors nor model.safetensors.index.json")
+
+
+def iter_source_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name, tensor)` one tensor at a time (memory-mapped), shard after shard."""
+    for shard in shards:
+        with safe_open(shard, framework="pt") as reader:
+            for name in reader.keys():
+                yield name, reader.get_tensor(name)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# ---- key mapping -------------------------------------------------------------------------------------------------
+@dataclass
+class Rule:
+    """Source keys matching `pattern` become `convert(match, tensor) -> [(target_name, tensor), ...]`."""
+
+    pattern: re.Pattern
+    convert: Callable[[re.Match, torch.Tensor], Tensors]
+
+
+@dataclass
+class KeyMapper:
+    rules: list[Rule] = field(default_factory=list)
+
+    def add(self, pattern: str, convert: Callable[[re.Match, torch.Tensor], Tensors] | str) -> None:
+        """Add a rule; a string `convert` is a `re` replacement template for a plain rename."""
+        if isinstance(convert, str):
+            template = convert
+            convert = lambda m, t: [(m.expand(template), t)]  # noqa: E731
+        self.rules.append(Rule(re.compile(pattern), convert))
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> Tensors | None:
+        for rule in self.rules:
+            match = rule.pattern.fullmatch(name)
+            if match:
+                return rule.convert(match, tensor)
+        return None
+
+
+def split_rows(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    if sum(sizes) != tensor.shape[0]:
+        raise ConversionError(f"cannot split {tuple(tensor.shape)} into rows {sizes}")
+    return [part.contiguous() for part in torch.split(tensor, sizes, dim=0)]
+
+
+def internvit_rules(mapper: KeyMapper, src: str = "vision_model", dst: str = "model.vision_tower") -> None:
+    """OpenGVLab InternViT → `transformers.InternVLVisionModel` (fused qkv split into q, k, v)."""
+    layer = rf"{src}\.encoder\.layers\.(\d+)\."
+    out = rf"{dst}.encoder.layer.\1."
+
+    def qkv(match: re.Match, tensor: torch.Tensor) -> Tensors:
+        suffix = match.group(2)
+        q, k, v = split_rows(tensor, [tensor.shape[0] // 3] * 3)
+        base = f"{dst}.encoder.layer.{match.group(1)}.attention"
+        return [(f"{base}.q_proj.{suffix}", q), (f"{base}.k_proj.{suffix}", k), (f"{base}.v_proj.{suffix}", v)]
+
+    mapper.add(rf"{src}\.embeddings\.class_embedding", rf"{dst}.embeddings.cls_token")
+    mapper.add(rf"{src}\.embeddings\.position_embedding", rf"{dst}.embeddings.position_embeddings")
+    mapper.add(
+        rf"{src}\.embeddings\.patch_embedding\.(weight|bias)", rf"{dst}.embeddings.patch_embeddings.projection.\1"
+    )
+    mapper.add(layer + r"attn\.qkv\.(weight|bias)", qkv)
+    mapper.add(layer + r"attn\.proj\.(weight|bias)", out + r"attention.projection_layer.\2")
+    mapper.add(layer + r"attn\.(q_norm|k_norm)\.(weight|bias)", out + r"attention.\2.\3")
+    mapper.add(layer + r"ls([12])", out + r"lambda_\2")
+    mapper.add(layer + r"norm1\.(weight|bias)", out + r"layernorm_before.\2")
+    mapper.add(layer + r"norm2\.(weight|bias)", out + r"layernorm_after.\2")
+    mapper.add(layer + r"mlp\.(fc[12])\.(weight|bias)", out + r"mlp.\2.\3")
+
+
+def internlm2_rules(mapper: KeyMapper, llm: dict, src: str = "language_model", dst: str = "model.language_model"):
+    """InternLM2 → Llama: split `wqkv` (rows grouped per KV head as [q × heads/kv_heads, k, v]) and rename."""
+    heads, kv_heads = llm["num_attention_heads"], llm["num_key_value_heads"]
+    head_dim = llm["hidden_size"] // heads
+    groups = heads // kv_heads
+    layer = rf"{src}\.model\.layers\.(\d+)\."
+    out = rf"{dst}.layers.\1."
+
+    def wqkv(match: re.Match, tensor: torch.Tensor) -> Tensors:
+        suffix = match.group(2)
+        blocks = tensor.reshape(kv_heads, groups + 2, head_dim, *tensor.shape[1:])
+        q = blocks[:, :groups].reshape(heads * head_dim, *tensor.shape[1:]).contiguous()
+        k = blocks[:, groups].reshape(kv_heads * head_dim, *tensor.shape[1:]).contiguous()
+        v = blocks[:, groups + 1].reshape(kv_heads * head_dim, *tensor.shape[1:]).contiguous()
+        base = f"{dst}.layers.{match.group(1)}.self_attn"
+        return [(f"{base}.q_proj.{suffix}", q), (f"{base}.k_proj.{suffix}", k), (f"{base}.v_proj.{suffix}", v)]
+
+    mapper.add(rf"{src}\.model\.tok_embeddings\.weight", rf"{dst}.embed_tokens.weight")
+    mapper.add(layer + r"attention\.wqkv\.(weight|bias)", wqkv)
+    mapper.add(layer + r"attention\.wo\.(weight|bias)", out + r"self_attn.o_proj.\2")
+    mapper.add(layer + r"feed_forward\.w1\.weight", out + r"mlp.gate_proj.weight")
+    mapper.add(layer + r"feed_forward\.w3\.weight", out + r"mlp.up_proj.weight")
+    mapper.add(layer + r"feed_forward\.w2\.weight", out + r"mlp.down_proj.weight")
+    mapper.add(layer + r"attention_norm\.weight", out + r"input_layernorm.weight")
+    mapper.add(layer + r"ffn_norm\.weight", out + r"post_attention_layernorm.weight")
+    mapper.add(rf"{src}\.model\.norm\.weight", rf"{dst}.norm.weight")
+    mapper.add(rf"{src}\.output\.weight", "lm_head.weight")
+
+
+def hf_decoder_rules(mapper: KeyMapper, src: str = "language_model", dst: str = "model.language_model") -> None:
+    """A Transformers-layout decoder (Qwen2, Llama, ...) stored as `{src}.model.*` + `{src}.lm_head.weight`."""
+    mapper.add(rf"{src}\.model\.(.+)", rf"{dst}.\1")
+    mapper.add(rf"{src}\.lm_head\.weight", "lm_head.weight")
+
+
+def internlm2_to_llama_config(llm: dict) -> dict:
+    """An InternLM2 `llm_config` as a Llama `text_config` (same math after the `wqkv` split)."""
+    heads = llm["num_attention_heads"]
+    config = dict(
+        model_type="llama",
+        hidden_size=llm["hidden_size"],
+        intermediate_size=llm["intermediate_size"],
+        num_hidden_layers=llm["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=llm.get("num_key_value_heads", heads),
+        head_dim=llm["hidden_size"] // heads,
+        hidden_act=llm.get("hidden_act", "silu"),
+        rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
+        vocab_size=llm["vocab_size"],
+        max_position_embeddings=llm.get("max_position_embeddings", 32768),
+        rope_theta=llm.get("rope_theta", 10000.0),
+        attention_bias=bool(llm.get("bias", False)),
+        tie_word_embeddings=bool(llm.get("tie_word_embeddings", False)),
+        bos_token_id=llm.get("bos_token_id", 1),
+        eos_token_id=llm.get("eos_token_id", 2),
+        pad_token_id=llm.get("pad_token_id", 2),
+    )
+    scaling = llm.get("rope_scaling")
+    if scaling:
+        rope_type = scaling.get("rope_type", scaling.get("type"))
+        config["rope_scaling"] = {"rope_type": rope_type, "factor": float(scaling["factor"])}
+    return config
+
+
+def internvit_to_vision_config(vision: dict) -> dict:
+    """An OpenGVLab `InternVisionConfig` dict as `InternVLVisionConfig` kwargs."""
+    return dict(
+        hidden_size=vision["hidden_size"],
+        num_hidden_layers=vision["num_hidden_layers"],
+        num_attention_heads=vision["num_attention_heads"],
+        intermediate_size=vision["intermediate_size"],
+        hidden_act=vision.get("hidden_act", "gelu"),
+        image_size=vision.get("image_size", 448),
+        patch_size=vision.get("patch_size", 14),
+        num_channels=vision.get("num_channels", 3),
+        attention_bias=bool(vision.get("qkv_bias", True)),
+        use_qk_norm=bool(vision.get("qk_normalization", False)),
+        norm_type=vision.get("norm_type", "layer_norm"),
+        layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
+        layer_scale_init_value=vision.get("initializer_factor", 0.1),
+        use_mean_pooling=True,
+    )
+
+
+# ---- writing -----------------------------------------------------------------------------------------------------
+class ShardWriter:
+    """Collects target tensors and writes `model-XXXXX-of-YYYYY.safetensors` files of at most `max_shard_bytes`."""
+
+    def __init__(self, dst: Path, max_shard_bytes: int, dtype: torch.dtype | None):
+        self.dst, self.max_shard_bytes, self.dtype = dst, max_shard_bytes, dtype
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"shard-{len(self.written):05d}.tmp.safetensors"
+        save_file(self.pending, self.dst / name, metadata={"format": "pt"})
+        self.written.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Flush, give the shards their final names and write the index."""
+        self.flush()
+        count = len(self.written)
+        weight_map = {}
+        for i, (tmp, names) in enumerate(self.written):
+            final = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            (self.dst / tmp).rename(self.dst / final)
+            weight_map.update({n: final for n in names})
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+@dataclass
+class ConversionReport:
+    unexpected_source: list[str] = field(default_factory=list)  # source keys no rule consumed
+    unknown_target: list[str] = field(default_factory=list)  # produced names the model does not have
+    duplicate_target: list[str] = field(default_factory=list)
+    misshaped: list[str] = field(default_factory=list)
+    missing_target: list[str] = field(default_factory=list)  # model parameters nobody produced
+
+    def problems(self) -> list[str]:
+        lines = []
+        for label, items in (
+            ("source tensors no rule consumes (unexpected)", self.unexpected_source),
+            ("target tensors the model does not have", self.unknown_target),
+            ("target tensors produced twice", self.duplicate_target),
+            ("mis-shaped tensors", self.misshaped),
+            ("model tensors missing from the source", self.missing_target),
+        ):
+            if items:
+                lines.append(f"{label} ({len(items)}):")
+                lines += [f"  {item}" for item in items]
+        return lines
+
+
+def convert_tensors(
+    shards: list[Path],
+    mapper: KeyMapper,
+    expected: dict[str, torch.Size],
+    writer: ShardWriter,
+    fresh: Callable[[str], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> ConversionReport:
+    """Stream `shards` through `mapper` into `writer`, checking names and shapes against `expected`.
+
+    `fresh(name)` supplies target tensors the source does not have (new modules); without it they are reported missing.
+    """
+    report = ConversionReport()
+    produced: set[str] = set()
+
+    def emit(name: str, tensor: torch.Tensor) -> None:
+        if name not in expected:
+            report.unknown_target.append(name)
+        elif name in produced:
+            report.duplicate_target.append(name)
+        elif tuple(tensor.shape) != tuple(expected[name]):
+            report.misshaped.append(f"{name}: got {tuple(tensor.shape)}, model needs {tuple(expected[name])}")
+        else:
+            produced.add(name)
+            writer.add(name, tensor)
+
+    total = 0
+    for shard in shards:
+        with safe_open(shard, framework="pt") as reader:
+            total += len(reader.keys())
+    for name, tensor in tqdm(iter_source_tensors(shards), total=total, desc="converting", disable=not progress):
+        targets = mapper(name, tensor)
+        if targets is None:
+            report.unexpected_source.append(name)
+            continue
+        for target_name, target_tensor in targets:
+            emit(target_name, target_tensor)
+    for name in sorted(set(expected) - produced):
+        if fresh is None:
+            report.missing_target.append(name)
+        else:
+            emit(name, fresh(name))
+    writer.close()
+    return report
+
+
+def prepare_destination(dst: Path, overwrite: bool, src: Path) -> None:
+    if dst.resolve() == src.resolve():
+        raise ConversionError("--dst must differ from --src: the source is never modified")
+    if dst.exists() and any(dst.iterdir()):
+        if not overwrite:
+            raise ConversionError(f"{dst} is not empty; pass --overwrite to replace its contents")
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+
+
+def copy_bundle_files(dst: Path) -> None:
+    for name in BUNDLE_FILES:
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, dst / name)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def bundle_classes():
+    """The bundle's config and model classes, loaded from this repository as `trust_remote_code` loads them."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    config = get_class_from_dynamic_module("configuration_internvl_x.InternVLXConfig", ROOT)
+    model = get_class_from_dynamic_module("modeling_internvl_x.InternVLXForConditionalGeneration", ROOT)
+    return config, model
+
+
+def expected_shapes(model_class, config) -> dict[str, torch.Size]:
+    """Every tensor of the InternVL-X state dict with its shape, without allocating weights (meta device)."""
+    with torch.device("meta"):
+        model = model_class(config)
+    return {name: tensor.shape for name, tensor in model.state_dict().items()}
+
+
+def fail(lines: list[str]) -> None:
+    print("conversion refused:", file=sys.stderr)
+    for line in lines:
+        print(line, file=sys.stderr)
+    raise SystemExit(1)
