@@ -82,3 +82,25 @@ def test_left_padded_batch_logits_equal_each_prompt_alone(model):
         ]
     for row, logits in enumerate(alone):
         assert (batched[row, -logits.shape[1] :] - logits[0]).abs().max().item() <= 1e-5
+
+
+def test_beam_search_batch_equals_each_prompt_alone_and_sampling_runs(model):
+    prompts = [prompt(2, image_span(1, TOKENS), 3, seed=5), prompt(4, image_span(2, TOKENS), 1, seed=6)]
+    pixel_values = [tiles(1, seed=10), tiles(2, seed=11)]
+    ids, mask = left_pad(prompts)
+    beams = greedy(num_beams=3)
+    with torch.no_grad():
+        batched = model.generate(
+            input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixel_values), generation_config=beams
+        )
+        for row, (p, pv) in enumerate(zip(prompts, pixel_values)):
+            alone = model.generate(input_ids=torch.tensor([p]), pixel_values=pv, generation_config=beams)
+            assert torch.equal(batched[row, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
+        sampling = GenerationConfig(do_sample=True, top_k=5, max_new_tokens=NEW_TOKENS, eos_token_id=None,
+                                    pad_token_id=PAD, suppress_tokens=IMAGE_TOKENS)  # fmt: skip
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            runs.append(model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixel_values),
+                                       generation_config=sampling))  # fmt: skip
+    assert runs[0].shape == (2, ids.shape[1] + NEW_TOKENS) and torch.equal(runs[0], runs[1])
