@@ -100,6 +100,25 @@ class InternVLXConfig(PretrainedConfig):
             Multiply the broadcast CLS query by a learnable `(1, N, N, D)` scale; `False` uses fixed ones.
         pvtc_drop_path_rate (`float`, *optional*, defaults to 0.0):
             Stochastic-depth rate on the residual branches of the PVTC blocks (identity in eval).
+        lvtc_enabled (`bool`, *optional*, defaults to `False`):
+            Layer-wise Visual Token Compression (paper §3.2): layers 0..k-1 see N1² visual tokens per tile, layer k
+            onwards N2² (upsampled + HR projector), with extra LR projectors injected in between.
+        lvtc_expand_layer (`int`, *optional*):
+            k, the decoder layer before which each tile's span is expanded from N1² to N2² tokens. `num_hidden_layers`
+            means never expand. Defaults to 3/4 of the depth (18 of 24 layers, the paper's 2B setting).
+        lvtc_num_lr_projectors (`int`, *optional*, defaults to 2):
+            T. Projector 0 is the main projector (`projector_type`); projectors 1..T-1 are pixel-shuffle MLPs at the
+            same M1 whose tokens are added to the visual span before layers `s + i·j`, j = 0..T-2.
+        lvtc_inject_start (`int`, *optional*):
+            s, the layer of the first injection. Defaults to the middle layer.
+        lvtc_inject_interval (`int`, *optional*, defaults to 1):
+            i, layers between injections.
+        lvtc_upsample_mode (`str`, *optional*, defaults to `"nearest"`):
+            Upsampling of the N1×N1 span to N2×N2 at layer k: `"nearest"` or `"bilinear"`.
+        lvtc_use_hr_projector (`bool`, *optional*, defaults to `True`):
+            Add an HR projector's N2² tokens to the upsampled span at layer k.
+        lvtc_hr_downsample_ratio (`float`, *optional*, defaults to 1.0):
+            1/M2 of the HR projector (1.0: one token per ViT patch, N2 = S). N2 must be a multiple of N1.
     """
 
     model_type = "internvl_x"
@@ -122,6 +141,14 @@ class InternVLXConfig(PretrainedConfig):
         pvtc_use_global: bool = True,
         pvtc_learnable_cls_scale: bool = True,
         pvtc_drop_path_rate: float = 0.0,
+        lvtc_enabled: bool = False,
+        lvtc_expand_layer: int | None = None,
+        lvtc_num_lr_projectors: int = 2,
+        lvtc_inject_start: int | None = None,
+        lvtc_inject_interval: int = 1,
+        lvtc_upsample_mode: str = "nearest",
+        lvtc_use_hr_projector: bool = True,
+        lvtc_hr_downsample_ratio: float = 1.0,
         **kwargs,
     ):
         if vision_config is None:
@@ -149,6 +176,15 @@ class InternVLXConfig(PretrainedConfig):
         self.pvtc_use_global = pvtc_use_global
         self.pvtc_learnable_cls_scale = pvtc_learnable_cls_scale
         self.pvtc_drop_path_rate = pvtc_drop_path_rate
+        num_layers = text_config.num_hidden_layers
+        self.lvtc_enabled = lvtc_enabled
+        self.lvtc_expand_layer = lvtc_expand_layer if lvtc_expand_layer is not None else (3 * num_layers) // 4
+        self.lvtc_num_lr_projectors = lvtc_num_lr_projectors
+        self.lvtc_inject_start = lvtc_inject_start if lvtc_inject_start is not None else num_layers // 2
+        self.lvtc_inject_interval = lvtc_inject_interval
+        self.lvtc_upsample_mode = lvtc_upsample_mode
+        self.lvtc_use_hr_projector = lvtc_use_hr_projector
+        self.lvtc_hr_downsample_ratio = lvtc_hr_downsample_ratio
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
@@ -172,8 +208,23 @@ class InternVLXConfig(PretrainedConfig):
 
     @property
     def tokens_per_tile(self) -> int:
-        """Visual tokens per tile that enter the language model (N² with N = S / M)."""
+        """Visual tokens per tile that enter the language model (N² with N = S / M; N1² when LVTC is on)."""
         return (self.patch_grid_size // self.downsample_factor) ** 2
+
+    @property
+    def lvtc_hr_downsample_factor(self) -> int:
+        """M2: patches per side merged into one token by LVTC's HR projector."""
+        return round(1 / self.lvtc_hr_downsample_ratio)
+
+    @property
+    def lvtc_expanded_tokens_per_tile(self) -> int:
+        """N2²: visual tokens per tile from LVTC's expansion layer on."""
+        return (self.patch_grid_size // self.lvtc_hr_downsample_factor) ** 2
+
+    @property
+    def lvtc_inject_layers(self) -> list[int]:
+        """Layers before which LR projectors 1..T-1 are added: s + i·j, j = 0..T-2."""
+        return [self.lvtc_inject_start + self.lvtc_inject_interval * j for j in range(self.lvtc_num_lr_projectors - 1)]
 
     def _validate(self) -> None:
         image_size = self.tile_size
@@ -191,6 +242,8 @@ class InternVLXConfig(PretrainedConfig):
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}.")
         if self.projector_type == "pvtc":
             self._validate_pvtc()
+        if self.lvtc_enabled:
+            self._validate_lvtc()
         num_layers = self.vision_config.num_hidden_layers
         if not -num_layers <= self.vision_feature_layer <= num_layers:
             raise ValueError(
@@ -210,6 +263,38 @@ class InternVLXConfig(PretrainedConfig):
             raise ValueError("PVTC needs at least one path: pvtc_use_local and pvtc_use_global are both False.")
         if not 0.0 <= self.pvtc_drop_path_rate < 1.0:
             raise ValueError(f"pvtc_drop_path_rate must be in [0, 1), got {self.pvtc_drop_path_rate}.")
+
+    def _validate_lvtc(self) -> None:
+        num_layers = self.text_config.num_hidden_layers
+        k, s, i, t = (self.lvtc_expand_layer, self.lvtc_inject_start, self.lvtc_inject_interval,
+                      self.lvtc_num_lr_projectors)  # fmt: skip
+        if not 0 <= k <= num_layers:
+            raise ValueError(f"lvtc_expand_layer {k} must be in [0, {num_layers}] ({num_layers}: never expand).")
+        if t < 1:
+            raise ValueError(f"lvtc_num_lr_projectors must be ≥ 1, got {t}.")
+        if t > 1:
+            if i < 1:
+                raise ValueError(f"lvtc_inject_interval must be ≥ 1, got {i}.")
+            layers = self.lvtc_inject_layers
+            if s < 0 or layers[-1] >= k:
+                raise ValueError(
+                    f"LR projectors 1..{t - 1} are injected before layers {layers} (s={s}, i={i}); every injection "
+                    f"must come before the expansion layer k={k}, which changes the visual span's length."
+                )
+        if self.lvtc_upsample_mode not in ("nearest", "bilinear"):
+            raise ValueError(f"lvtc_upsample_mode must be 'nearest' or 'bilinear', got {self.lvtc_upsample_mode!r}.")
+        ratio, factor = self.lvtc_hr_downsample_ratio, self.lvtc_hr_downsample_factor
+        if not 0 < ratio <= 1 or abs(1 / ratio - factor) > 1e-6 or self.patch_grid_size % factor:
+            raise ValueError(
+                f"lvtc_hr_downsample_ratio must be 1/M2 with M2 dividing the {self.patch_grid_size}-patch grid, "
+                f"got {ratio}."
+            )
+        if self.downsample_factor % factor:
+            raise ValueError(
+                f"N2 = {self.patch_grid_size // factor} must be a multiple of N1 = "
+                f"{self.patch_grid_size // self.downsample_factor}: M2 = {factor} must divide M1 = "
+                f"{self.downsample_factor}."
+            )
 
 
 InternVLXConfig.register_for_auto_class()

@@ -10,7 +10,8 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, InternVLVisionModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
 from .configuration_internvl_x import InternVLXConfig
@@ -233,6 +234,112 @@ PROJECTOR_CLASSES = {"pixel_shuffle": InternVLXPixelShuffleProjector, "pvtc": In
 
 
 @dataclass
+class LVTCLayout:
+    """Where each token of a short (N1² per tile) sequence sits in the long (N2² per tile) one.
+
+    Built once per prefill from the `<IMG_CONTEXT>` mask. Rows are left-padded to the longest expanded row.
+    """
+
+    text_rows: torch.Tensor  # (num_text,) row of each non-visual token
+    text_short: torch.Tensor  # (num_text,) its short position
+    text_long: torch.Tensor  # (num_text,) its long position
+    tile_rows: torch.Tensor  # (tiles,) row of each tile
+    tile_long: torch.Tensor  # (tiles, N2²) long positions of each tile's expanded span
+    long_mask: torch.Tensor  # (batch, long_len) 1 for real tokens, 0 for padding
+    long_position_ids: torch.Tensor  # (batch, long_len) renumbered positions
+    growth: torch.Tensor  # (batch,) tokens each row gained: its decoded tokens' long position offset
+
+
+@dataclass
+class LVTCCacheState:
+    """What decoding steps need from the prefill: the long prompt's padding mask and each row's growth."""
+
+    short_prompt_length: int
+    long_prompt_mask: torch.Tensor  # (batch, long_len)
+    growth: torch.Tensor  # (batch,)
+
+
+def build_lvtc_layout(
+    image_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    short_tokens: int,
+    long_tokens: int,
+) -> LVTCLayout:
+    """Index the expansion of every tile's `short_tokens` span into `long_tokens` tokens, in place.
+
+    Args:
+        image_mask: `(batch, L)` `<IMG_CONTEXT>` positions; tile t is the t-th run of `short_tokens` of them.
+        attention_mask: `(batch, L)` 1 for real tokens, or None.
+        position_ids: `(batch, L)` short-phase positions.
+    """
+    batch, length = image_mask.shape
+    extra = long_tokens - short_tokens
+    image_mask = image_mask.bool()
+    visual_before = image_mask.long().cumsum(1) - image_mask.long()  # visual tokens before each position
+    visual_per_row = visual_before[:, -1] + image_mask[:, -1].long()
+    coords = image_mask.nonzero()  # (visual, 2) row-major: tile t is rows t·N1² .. (t+1)·N1² - 1
+    if coords.shape[0] % short_tokens:
+        raise ValueError(f"{coords.shape[0]} image tokens are not a whole number of {short_tokens}-token tiles.")
+    coords = coords.view(-1, short_tokens, 2)
+    steps = torch.arange(short_tokens, device=coords.device)
+    if not bool(((coords[..., 0] == coords[:, :1, 0]) & (coords[..., 1] == coords[:, :1, 1] + steps)).all()):
+        raise ValueError(f"LVTC needs each tile's {short_tokens} `<IMG_CONTEXT>` tokens contiguous in one row.")
+    if bool((visual_per_row % short_tokens).any()):
+        raise ValueError(
+            f"every row must hold whole tiles of {short_tokens} image tokens, got {visual_per_row.tolist()}"
+        )
+
+    growth = visual_per_row // short_tokens * extra
+    long_length = length + int(growth.max())
+    shift = (visual_before // short_tokens) * extra + (long_length - length - growth)[:, None]
+    long_index = torch.arange(length, device=image_mask.device) + shift  # long position of each short position
+
+    text_rows, text_short = (~image_mask).nonzero(as_tuple=True)
+    tile_rows, tile_starts = coords[:, 0, 0], coords[:, 0, 1]
+    long_steps = torch.arange(long_tokens, device=coords.device)
+    tile_long = long_index[tile_rows, tile_starts][:, None] + long_steps
+
+    real = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
+    long_mask = image_mask.new_zeros(batch, long_length)
+    long_mask[text_rows, long_index[text_rows, text_short]] = real[text_rows, text_short]
+    long_mask[tile_rows[:, None], tile_long] = True
+    long_position_ids = position_ids.new_zeros(batch, long_length)
+    visual_shift = (visual_before // short_tokens) * extra
+    long_position_ids[text_rows, long_index[text_rows, text_short]] = (position_ids + visual_shift)[
+        text_rows, text_short
+    ]
+    tile_position = (position_ids + visual_shift)[tile_rows, tile_starts]
+    long_position_ids[tile_rows[:, None], tile_long] = tile_position[:, None] + long_steps
+    return LVTCLayout(
+        text_rows=text_rows,
+        text_short=text_short,
+        text_long=long_index[text_rows, text_short],
+        tile_rows=tile_rows,
+        tile_long=tile_long,
+        long_mask=long_mask.long(),
+        long_position_ids=long_position_ids,
+        growth=growth,
+    )
+
+
+def phase_attention_mask(
+    key_padding: torch.Tensor, query_length: int, past_length: int, dtype: torch.dtype, implementation: str
+) -> torch.Tensor:
+    """Causal mask over `key_padding (batch, kv)` for queries at `past_length + i`, as sdpa (bool) or eager (float).
+
+    Every query may attend to itself, so padding queries never see an empty row (no NaN); real queries always do.
+    """
+    keys = torch.arange(key_padding.shape[1], device=key_padding.device)
+    queries = torch.arange(query_length, device=key_padding.device)[:, None] + past_length
+    allowed = (keys <= queries)[None, None] & key_padding.bool()[:, None, None, :]
+    allowed = allowed | (keys == queries)[None, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@dataclass
 class InternVLXModelOutputWithPast(BaseModelOutputWithPast):
     """
     Outputs of [`InternVLXModel`].
@@ -296,7 +403,22 @@ class InternVLXModel(InternVLXPreTrainedModel):
         self.vision_tower = InternVLVisionModel(config.vision_config)
         self.multi_modal_projector = PROJECTOR_CLASSES[config.projector_type](config)
         self.language_model = AutoModel.from_config(config.text_config)
+        if config.lvtc_enabled:
+            self.lvtc_lr_projectors = nn.ModuleList(
+                InternVLXPixelShuffleProjector(config) for _ in range(config.lvtc_num_lr_projectors - 1)
+            )
+            if config.lvtc_use_hr_projector and config.lvtc_expand_layer < config.text_config.num_hidden_layers:
+                self.lvtc_hr_projector = InternVLXPixelShuffleProjector(config, config.lvtc_hr_downsample_factor)
         self.post_init()
+
+    def visual_token_schedule(self, num_tiles: int) -> list[int]:
+        """Visual tokens each decoder layer processes for `num_tiles` tiles (N1² per tile, N2² from layer k on)."""
+        num_layers = self.config.text_config.num_hidden_layers
+        short = num_tiles * self.config.tokens_per_tile
+        if not self.config.lvtc_enabled:
+            return [short] * num_layers
+        k = self.config.lvtc_expand_layer
+        return [short] * k + [num_tiles * self.config.lvtc_expanded_tokens_per_tile] * (num_layers - k)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -350,27 +472,186 @@ class InternVLXModel(InternVLXPreTrainedModel):
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
 
-    def run_language_model(
+    def run_lvtc(
         self,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.LongTensor | None,
         past_key_values: Cache | None,
         use_cache: bool | None,
+        image_mask: torch.Tensor | None,
+        vision_features: torch.Tensor | None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Run the decoder on `inputs_embeds (B, L, D)`; returns final states `(B, L, D)` aligned with the input.
+        """Drive the decoder layers under the LVTC schedule (paper Algorithm 1).
 
-        This is where the decoder-layer loop is driven. Without LVTC it is the language model's own forward.
+        Layers 0..k-1 run on the input sequence `(B, L, D)`, with LR projectors 1..T-1 added to the visual span
+        before layers s + i·j. Before layer k every tile's N1² span is replaced in place by N2² tokens
+        (`upsample2d(span) + HR_projector(vit)`); layers k.. run on that longer sequence (rows left-padded to the
+        longest, positions renumbered contiguously, RoPE recomputed). The final states are mapped back: text tokens
+        keep their own, each tile's N2² states are average-pooled to N1², so the output is `(B, L, D)` again.
+
+        With a cache, layers < k cache the short sequence and layers ≥ k the long one; the prefill stores each
+        row's growth on the cache so decoded tokens get the next position of each phase.
+
+        `hidden_states` (with `output_hidden_states`): the input of every layer then the final normed state;
+        entries of layers ≥ k (and the last) are in the long layout `(B, L_long, D)`.
         """
-        return self.language_model(
-            inputs_embeds=inputs_embeds,
+        config, text_config, model = self.config, self.config.text_config, self.language_model
+        implementation = text_config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"LVTC runs with attn_implementation 'sdpa' or 'eager', not {implementation!r}.")
+        if output_attentions:
+            raise ValueError("output_attentions is not available with LVTC (the two phases have different lengths).")
+        batch, length, _ = inputs_embeds.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=text_config)
+        past_short = past_key_values.get_seq_length() if past_key_values is not None else 0
+        prefill = past_short == 0
+        if vision_features is not None and not prefill:
+            raise ValueError("LVTC cannot add images to an already cached sequence; run the whole prompt at once.")
+        if position_ids is None:
+            position_ids = torch.arange(past_short, past_short + length, device=inputs_embeds.device)
+            position_ids = position_ids.unsqueeze(0).expand(batch, -1)
+        k, num_layers = config.lvtc_expand_layer, text_config.num_hidden_layers
+        layers = model.layers[:num_layers]
+        layer_inputs = dict(past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        all_hidden_states = [] if output_hidden_states else None
+
+        # Short phase: layers 0..k-1 on N1² tokens per tile, with the extra LR projectors injected.
+        hidden_states = inputs_embeds
+        injections = {}
+        if vision_features is not None:
+            image_positions = image_mask.nonzero(as_tuple=True)
+            for layer_index, projector in zip(config.lvtc_inject_layers, self.lvtc_lr_projectors):
+                injections[layer_index] = projector(vision_features).flatten(0, 1)
+        causal_mask = create_causal_mask(
+            config=text_config,
+            inputs_embeds=hidden_states,
             attention_mask=attention_mask,
-            position_ids=position_ids,
             past_key_values=past_key_values,
-            use_cache=use_cache,
-            **kwargs,
+            position_ids=position_ids,
         )
+        position_embeddings = model.rotary_emb(hidden_states, position_ids)
+        for layer_index, layer in enumerate(layers[:k]):
+            if layer_index in injections:
+                added = hidden_states[image_positions] + injections[layer_index].to(hidden_states.dtype)
+                hidden_states = hidden_states.index_put(image_positions, added)
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                **layer_inputs,
+            )
+
+        # Long phase: layers k.. on N2² tokens per tile.
+        layout = None
+        if k < num_layers:
+            if prefill:
+                if image_mask is None:
+                    image_mask = torch.zeros(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+                layout = build_lvtc_layout(
+                    image_mask,
+                    attention_mask,
+                    position_ids,
+                    config.tokens_per_tile,
+                    config.lvtc_expanded_tokens_per_tile,
+                )
+                hidden_states = self.expand_visual_spans(hidden_states, layout, image_mask, vision_features)
+                long_position_ids, key_padding, past_long = layout.long_position_ids, layout.long_mask, 0
+                if past_key_values is not None:
+                    past_key_values.internvl_x_lvtc = LVTCCacheState(length, layout.long_mask, layout.growth)
+            else:
+                past_long = past_key_values.get_seq_length(k)
+                state = getattr(past_key_values, "internvl_x_lvtc", None)
+                if state is None:  # prefilled elsewhere without images: both phases have the same layout
+                    state = LVTCCacheState(
+                        0, inputs_embeds.new_ones(batch, 0, dtype=torch.long), position_ids.new_zeros(batch)
+                    )
+                long_position_ids = position_ids + state.growth[:, None]
+                appended = (
+                    attention_mask[:, state.short_prompt_length :]
+                    if attention_mask is not None
+                    else state.long_prompt_mask.new_ones(batch, past_long + length - state.long_prompt_mask.shape[1])
+                )
+                key_padding = torch.cat([state.long_prompt_mask, appended.to(state.long_prompt_mask.dtype)], dim=1)
+            long_mask = phase_attention_mask(
+                key_padding, hidden_states.shape[1], past_long, hidden_states.dtype, implementation
+            )
+            position_embeddings = model.rotary_emb(hidden_states, long_position_ids)
+            for layer in layers[k:]:
+                if all_hidden_states is not None:
+                    all_hidden_states.append(hidden_states)
+                hidden_states = layer(
+                    hidden_states,
+                    attention_mask=long_mask,
+                    position_ids=long_position_ids,
+                    position_embeddings=position_embeddings,
+                    **layer_inputs,
+                )
+
+        hidden_states = model.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
+        if layout is not None:
+            hidden_states = self.pool_visual_spans(hidden_states, layout, image_mask, length)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+        )
+
+    def expand_visual_spans(
+        self,
+        hidden_states: torch.Tensor,
+        layout: LVTCLayout,
+        image_mask: torch.Tensor,
+        vision_features: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`(B, L, D)` → `(B, L_long, D)`: each tile's N1×N1 span upsampled to N2×N2 (+ HR tokens), in place."""
+        batch, _, hidden_size = hidden_states.shape
+        long_states = hidden_states.new_zeros(batch, layout.long_mask.shape[1], hidden_size)
+        long_states = long_states.index_put(
+            (layout.text_rows, layout.text_long), hidden_states[layout.text_rows, layout.text_short]
+        )
+        tiles = layout.tile_rows.shape[0]
+        if tiles == 0:
+            return long_states
+        short_side = int(self.config.tokens_per_tile**0.5)
+        long_side = int(self.config.lvtc_expanded_tokens_per_tile**0.5)
+        spans = hidden_states[image_mask].view(tiles, short_side, short_side, hidden_size).permute(0, 3, 1, 2)
+        upsampled = F.interpolate(spans, size=(long_side, long_side), mode=self.config.lvtc_upsample_mode)
+        upsampled = upsampled.permute(0, 2, 3, 1).reshape(tiles, long_side * long_side, hidden_size)
+        if hasattr(self, "lvtc_hr_projector"):
+            upsampled = upsampled + self.lvtc_hr_projector(vision_features).to(upsampled.dtype)
+        rows = layout.tile_rows[:, None].expand_as(layout.tile_long)
+        return long_states.index_put((rows, layout.tile_long), upsampled)
+
+    def pool_visual_spans(
+        self, hidden_states: torch.Tensor, layout: LVTCLayout, image_mask: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        """`(B, L_long, D)` → `(B, L, D)`: text tokens keep their states, each tile's N2² states are average-pooled
+        to N1²."""
+        batch, _, hidden_size = hidden_states.shape
+        short_states = hidden_states.new_zeros(batch, length, hidden_size)
+        short_states = short_states.index_put(
+            (layout.text_rows, layout.text_short), hidden_states[layout.text_rows, layout.text_long]
+        )
+        tiles = layout.tile_rows.shape[0]
+        if tiles == 0:
+            return short_states
+        short_side = int(self.config.tokens_per_tile**0.5)
+        long_side = int(self.config.lvtc_expanded_tokens_per_tile**0.5)
+        spans = hidden_states[layout.tile_rows[:, None], layout.tile_long]
+        spans = spans.view(tiles, long_side, long_side, hidden_size).permute(0, 3, 1, 2)
+        pooled = F.avg_pool2d(spans, kernel_size=long_side // short_side).permute(0, 2, 3, 1)
+        return short_states.index_put(image_mask.nonzero(as_tuple=True), pooled.reshape(-1, hidden_size))
 
     def forward(
         self,
@@ -394,7 +675,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        image_features = None
+        image_features = vision_features = image_mask = None
         if pixel_values is not None:
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
             if not image_mask.any():
@@ -402,14 +683,15 @@ class InternVLXModel(InternVLXPreTrainedModel):
                     f"pixel_values with {pixel_values.shape[0]} tiles were given but the text has no image token "
                     f"(id {self.config.image_token_id}); expand each `<image>` with the processor."
                 )
-            image_features = self.get_image_features(pixel_values)
+            vision_features = self.get_vision_features(pixel_values)
+            image_features = self.multi_modal_projector(vision_features)
             inputs_embeds = self.merge_image_features(inputs_embeds, image_mask, image_features)
         elif input_ids is not None and (past_key_values is None or past_key_values.get_seq_length() == 0):
             num_tokens = int((input_ids == self.config.image_token_id).sum())
             if num_tokens:
                 raise ValueError(f"the text has {num_tokens} image tokens but no pixel_values were given.")
 
-        outputs = self.run_language_model(
+        language_inputs = dict(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -417,6 +699,10 @@ class InternVLXModel(InternVLXPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
+        if self.config.lvtc_enabled:
+            outputs = self.run_lvtc(image_mask=image_mask, vision_features=vision_features, **language_inputs)
+        else:
+            outputs = self.language_model(**language_inputs)
         return InternVLXModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,

@@ -15,6 +15,9 @@ def test_repo_root_config_loads_with_auto_config():
     assert config.vision_config.hidden_size == 1024 and config.vision_config.num_hidden_layers == 24
     assert config.text_config.hidden_size == 2048 and config.text_config.num_key_value_heads == 8
     assert config.text_config.vocab_size == 92553
+    assert config.projector_type == "pvtc" and config.tokens_per_tile == 256
+    assert config.lvtc_enabled and config.lvtc_expand_layer == 18 and config.lvtc_expanded_tokens_per_tile == 1024
+    assert config.lvtc_inject_layers == [12]
     assert set(config.auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"}
 
 
