@@ -12,6 +12,7 @@ import ctypes
 import gc
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -187,6 +188,7 @@ def prefill_component_flops(config, classes, tiles: int, text_tokens: int) -> di
     head on the last position (`logits_to_keep=1`, as in `generate`). Writing visual tokens into the sequence is a
     copy, so these parts add up to the whole forward.
     """
+    config._attn_implementation = "eager"  # attention as explicit matmuls, so every FLOP is counted alike
     with torch.device("meta"):
         model = classes.ForConditionalGeneration(config)
     pixel_values = torch.empty(tiles, 3, config.tile_size, config.tile_size, device="meta")
@@ -261,6 +263,135 @@ def pvtc_suite(args) -> dict:
     }
     shapes = {"tiles": tiles, "text_tokens": text_tokens, "visual_tokens": tiles * config.tokens_per_tile,
               "flops_widths": "real 2B (ViT 1024, LLM 2048)",
+              "timing_widths": "real 2B" if args.device == "cuda" else "reduced (ViT 256, LLM 512)"}  # fmt: skip
+    return {"rows": rows, "ratios": ratios, "shapes": shapes, "flops": flops}
+
+
+LVTC_VARIANTS = {
+    # name: (config overrides, visual tokens per tile in layers 0..k-1 → k..L-1)
+    "LR-only (256)": dict(),
+    "HR-only (1024)": dict(downsample_ratio=1.0),
+    "LVTC 256→1024": dict(lvtc_enabled=True, lvtc_num_lr_projectors=1, lvtc_use_hr_projector=False),
+    "LVTC + HR": dict(lvtc_enabled=True, lvtc_num_lr_projectors=1, lvtc_use_hr_projector=True),
+    "LVTC + multi": dict(lvtc_enabled=True, lvtc_num_lr_projectors=2, lvtc_use_hr_projector=False),
+    "LVTC + HR + multi": dict(lvtc_enabled=True, lvtc_num_lr_projectors=2, lvtc_use_hr_projector=True),
+}
+
+
+def lvtc_config(classes, device: str, quick: bool, overrides: dict):
+    layers = 4 if quick else 24
+    return classes.Config(**geometry(device, quick, projector_type="pixel_shuffle", lvtc_expand_layer=(3 * layers) // 4,
+                                     lvtc_inject_start=layers // 2, **overrides))  # fmt: skip
+
+
+def prompt_ids(config, tiles: int, text_tokens: int) -> list[int]:
+    ids = [1] + [5] * (text_tokens // 2 - 1) + [config.image_start_token_id]
+    ids += [config.image_token_id] * (tiles * config.tokens_per_tile) + [config.image_end_token_id]
+    return ids + [7] * (text_tokens - len(ids) + tiles * config.tokens_per_tile)
+
+
+def full_width_flops(classes, quick: bool, overrides: dict, tiles: int, text_tokens: int) -> dict:
+    """Prefill FLOPs at the real 2B widths: a CPU forward with zero weights and eager attention under
+    `FlopCounterMode` (LVTC's layout depends on the token ids, so it cannot run on the meta device)."""
+    config = lvtc_config(classes, "cuda", quick, overrides)
+    config._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = classes.ForConditionalGeneration(config)
+    model = model.to_empty(device="cpu").eval()
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        tensor.data.zero_()
+    for module in model.modules():  # rotary frequencies are buffers computed at init: recompute them
+        if hasattr(module, "original_inv_freq") and hasattr(module, "rope_init_fn"):
+            inv_freq, _ = module.rope_init_fn(module.config, "cpu")
+            module.inv_freq.copy_(inv_freq)
+    input_ids = torch.tensor([prompt_ids(config, tiles, text_tokens)])
+    pixel_values = torch.zeros(tiles, 3, config.tile_size, config.tile_size)
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=input_ids, pixel_values=pixel_values, logits_to_keep=1)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    decoder = sum(v for name, v in counts.items() if re.search(r"\.language_model\.layers\.\d+$", name))
+    return {"prefill": counter.get_total_flops(), "decoder": decoder}
+
+
+@suite("lvtc")
+def lvtc_suite(args) -> dict:
+    """LR-only, HR-only and LVTC variants: prefill FLOPs (real widths), prefill / train-step / decode time, memory."""
+    classes = bundle_classes()
+    tiles, text_tokens, decode_tokens = 1, 64, 16
+    flops = {name: full_width_flops(classes, args.quick, o, tiles, text_tokens) for name, o in LVTC_VARIANTS.items()}
+
+    dtype = getattr(torch, args.dtype)
+    models, inputs = {}, {}
+    for name, overrides in LVTC_VARIANTS.items():
+        config = lvtc_config(classes, args.device, args.quick, overrides)
+        torch.manual_seed(0)
+        models[name] = classes.ForConditionalGeneration(config).to(args.device, dtype).eval()
+        ids = torch.tensor([prompt_ids(config, tiles, text_tokens)], device=args.device)
+        inputs[name] = dict(
+            input_ids=ids,
+            pixel_values=torch.randn(tiles, 3, config.tile_size, config.tile_size, device=args.device, dtype=dtype),
+        )
+
+    def prefill(name):
+        with torch.no_grad():
+            return models[name](**inputs[name], use_cache=True, logits_to_keep=1)
+
+    def train_step(name):
+        model = models[name]
+        labels = inputs[name]["input_ids"].masked_fill(inputs[name]["input_ids"] == model.config.image_token_id, -100)
+        with torch.enable_grad():
+            model(**inputs[name], labels=labels, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def decode(name, cache):
+        next_ids = torch.full((1, 1), 11, device=args.device)
+        with torch.no_grad():
+            for _ in range(decode_tokens):
+                cache = models[name](input_ids=next_ids, past_key_values=cache, use_cache=True).past_key_values
+
+    names = list(models)
+    prefill_s = interleaved_medians({n: (lambda n=n: prefill(n)) for n in names}, args.device, args.repeats)
+    train_s = interleaved_medians({n: (lambda n=n: train_step(n)) for n in names}, args.device, args.repeats)
+    decode_s = {
+        n: median_time(
+            lambda cache, n=n: decode(n, cache), args.device, args.repeats, setup=lambda n=n: prefill(n).past_key_values
+        )
+        / decode_tokens  # fmt: skip
+        for n in names
+    }
+    memory = {n: peak_memory_mb(lambda n=n: prefill(n), args.device) for n in names}
+
+    hr = "HR-only (1024)"
+    rows = []
+    for n in names:
+        schedule = models[n].model.visual_token_schedule(tiles)
+        rows.append(
+            {
+                "variant": n,
+                "visual tokens (first → last layer)": f"{schedule[0]} → {schedule[-1]}",
+                "decoder TFLOPs": flops[n]["decoder"] / 1e12,
+                "decoder FLOPs / HR-only": flops[n]["decoder"] / flops[hr]["decoder"],
+                "prefill TFLOPs": flops[n]["prefill"] / 1e12,
+                "prefill FLOPs / HR-only": flops[n]["prefill"] / flops[hr]["prefill"],
+                "prefill ms": prefill_s[n] * 1e3,
+                "prefill time / HR-only": prefill_s[n] / prefill_s[hr],
+                "train step ms": train_s[n] * 1e3,
+                "decode ms/token": decode_s[n] * 1e3,
+                "prefill peak MB": memory[n],
+            }
+        )
+    full = "LVTC + HR + multi"
+    ratios = {
+        "decoder_flops_lvtc_over_hr": flops[full]["decoder"] / flops[hr]["decoder"],
+        "prefill_flops_lvtc_over_hr": flops[full]["prefill"] / flops[hr]["prefill"],
+        "prefill_time_lvtc_over_hr": prefill_s[full] / prefill_s[hr],
+        "decode_time_lvtc_over_lr": decode_s[full] / decode_s["LR-only (256)"],
+        "train_step_lvtc_over_hr": train_s[full] / train_s[hr],
+    }
+    shapes = {"tiles": tiles, "text_tokens": text_tokens, "decode_tokens": decode_tokens,
+              "expand_layer": models[full].config.lvtc_expand_layer,
+              "layers": models[full].config.text_config.num_hidden_layers,
+              "flops_widths": "real 2B (ViT 1024, LLM 2048), eager attention",
               "timing_widths": "real 2B" if args.device == "cuda" else "reduced (ViT 256, LLM 512)"}  # fmt: skip
     return {"rows": rows, "ratios": ratios, "shapes": shapes, "flops": flops}
 
