@@ -15,6 +15,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
 from .configuration_internvl_x import InternVLXConfig
+from .processing_internvl_x import CHAT_END_TOKEN, CHAT_TEMPLATE, expand_image_placeholders
 
 
 def pixel_shuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
@@ -662,6 +663,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        num_patches: torch.LongTensor | None = None,
         **kwargs,
     ) -> InternVLXModelOutputWithPast:
         """
@@ -669,9 +671,15 @@ class InternVLXModel(InternVLXPreTrainedModel):
             input_ids: `(batch, seq)` token ids; each tile's visual tokens sit on `<IMG_CONTEXT>` positions.
             pixel_values: `(num_tiles, 3, H, W)` tiles of all images of the batch, in order of appearance.
             attention_mask: `(batch, seq)`, 1 for real tokens, 0 for padding.
+            num_patches: tiles per image as the processor returns them; checked against `pixel_values` when given.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if pixel_values is not None and num_patches is not None and int(sum(num_patches)) != pixel_values.shape[0]:
+            raise ValueError(
+                f"num_patches {[int(n) for n in num_patches]} add up to {int(sum(num_patches))} tiles but "
+                f"pixel_values holds {pixel_values.shape[0]}."
+            )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -750,6 +758,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        num_patches: torch.LongTensor | None = None,
         **kwargs,
     ) -> InternVLXCausalLMOutputWithPast:
         """
@@ -768,6 +777,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            num_patches=num_patches,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -790,6 +800,95 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
         )
+
+    # ---- InternVL2-compatible chat API -------------------------------------------------------------------------------
+    def _chat_inputs(self, tokenizer, questions: list[str], histories: list, num_patches_list: list[int]) -> dict:
+        """Render InternLM2-chat prompts, expand each `<image>` by its tiles and tokenize (left-padded)."""
+        processor = tokenizer if hasattr(tokenizer, "image_processor") else None
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        if processor is not None and processor.image_seq_length != self.config.tokens_per_tile:
+            raise ValueError(
+                f"the processor expands each tile into {processor.image_seq_length} tokens but this model takes "
+                f"{self.config.tokens_per_tile} per tile; rebuild the processor with image_seq_length="
+                f"{self.config.tokens_per_tile}."
+            )
+        texts = []
+        for question, history in zip(questions, histories):
+            messages = []
+            for previous_question, answer in history or []:
+                messages += [{"role": "user", "content": previous_question}, {"role": "assistant", "content": answer}]
+            messages.append({"role": "user", "content": question})
+            text = tokenizer.apply_chat_template(
+                messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+            )
+            texts.append(text)
+        texts = expand_image_placeholders(texts, num_patches_list, self.config.tokens_per_tile)
+        return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+
+    def batch_chat(
+        self,
+        tokenizer,
+        pixel_values: torch.Tensor | None,
+        questions: list[str],
+        generation_config: dict,
+        num_patches_list: list[int] | None = None,
+        history=None,
+        return_history: bool = False,
+        **_unused,
+    ) -> list[str]:
+        """InternVL2's `batch_chat`: one question per image (`num_patches_list` tiles each), answers in order.
+
+        `tokenizer` may be the tokenizer or the `InternVLXProcessor`; `generation_config` is a dict of `generate`
+        arguments. Generation stops at `<|im_end|>`.
+        """
+        if history is not None or return_history:
+            raise ValueError("batch_chat does not keep a history; call chat() for multi-round conversations.")
+        if pixel_values is not None:
+            num_patches_list = num_patches_list or [1] * len(questions)
+            questions = [q if "<image>" in q else "<image>\n" + q for q in questions]
+        return self._generate_answers(tokenizer, pixel_values, questions, [None] * len(questions),
+                                      num_patches_list or [], generation_config)  # fmt: skip
+
+    def chat(
+        self,
+        tokenizer,
+        pixel_values: torch.Tensor | None,
+        question: str,
+        generation_config: dict,
+        history: list[tuple[str, str]] | None = None,
+        return_history: bool = False,
+        num_patches_list: list[int] | None = None,
+        verbose: bool = False,
+        **_unused,
+    ):
+        """InternVL2's `chat`: answer `question` about `pixel_values (tiles, 3, H, W)`, optionally after `history`.
+
+        In a first round `<image>\n` is prepended when there are tiles and the question has no `<image>`; later
+        rounds keep the image where the history has it. Returns the answer, or `(answer, history)` with
+        `return_history=True`.
+        """
+        if not history and pixel_values is not None and "<image>" not in question:
+            question = "<image>\n" + question
+        if num_patches_list is None:
+            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+        answer = self._generate_answers(tokenizer, pixel_values, [question], [history], num_patches_list,
+                                        generation_config)[0]  # fmt: skip
+        if verbose:
+            print(question, "\n", answer)
+        history = [*(history or []), (question, answer)]
+        return (answer, history) if return_history else answer
+
+    def _generate_answers(self, tokenizer, pixel_values, questions, histories, num_patches_list, generation_config):
+        inputs = self._chat_inputs(tokenizer, questions, histories, num_patches_list).to(self.device)
+        text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        generation_config = dict(generation_config)
+        generation_config.setdefault("eos_token_id", text_tokenizer.convert_tokens_to_ids(CHAT_END_TOKEN))
+        generation_config.setdefault("pad_token_id", text_tokenizer.pad_token_id)
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.device, self.dtype)
+        output = self.generate(**inputs, pixel_values=pixel_values, **generation_config)
+        answers = text_tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [answer.split(CHAT_END_TOKEN)[0].strip() for answer in answers]
 
 
 InternVLXModel.register_for_auto_class("AutoModel")

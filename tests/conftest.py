@@ -29,6 +29,10 @@ class Bundle:
             "modeling_internvl_x.InternVLXForConditionalGeneration", folder
         )
 
+    def function(self, module: str, name: str):
+        """Any top-level name of a bundle file, e.g. `bundle.function("processing_internvl_x", "prepare_tokenizer")`."""
+        return get_class_from_dynamic_module(f"{module}.{name}", self.folder)
+
     def module(self, name: str):
         """Any class of the modeling file, e.g. `bundle.module("InternVLXPVTCProjector")`."""
         return get_class_from_dynamic_module(f"modeling_internvl_x.{name}", self.folder)

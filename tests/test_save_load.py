@@ -21,6 +21,14 @@ def test_repo_root_config_loads_with_auto_config():
     assert set(config.auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"}
 
 
+def test_repo_root_image_processor_loads_with_auto_image_processor():
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(ROOT, trust_remote_code=True)
+    assert type(processor).__name__ == "InternVLXImageProcessor"
+    assert processor.image_size == 448 and processor.max_patches == 1
+
+
 def test_save_and_reload_through_auto_classes(bundle, tmp_path):
     model = bundle.model(seed=8)
     model.save_pretrained(tmp_path)

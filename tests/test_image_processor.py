@@ -1,0 +1,164 @@
+"""RVTC image processor: the paper's worked examples, agreement with Transformers' InternVL tiling, properties."""
+
+import random
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+from tests.conftest import ROOT
+
+SIZE = 448
+
+
+@pytest.fixture(scope="module")
+def processor_class():
+    return get_class_from_dynamic_module("image_processing_internvl_x.InternVLXImageProcessor", ROOT)
+
+
+@pytest.fixture(scope="module")
+def tile_grid():
+    return get_class_from_dynamic_module("image_processing_internvl_x.tile_grid", ROOT)
+
+
+def tiles_of(grid) -> int:
+    return grid[0] * grid[1]
+
+
+@pytest.mark.parametrize(
+    "width,height,expected",
+    [
+        (80, 20, {"ratio": 4, "area": 1, "edge": 1}),  # paper §3.3: a 4:1 sliver gets 4 tiles by ratio matching
+        (345, 372, {"ratio": 1, "area": 1, "edge": 1}),
+        (900, 300, {"ratio": 3, "area": 2, "edge": 3}),  # area: ceil(270000 / 200704) = 2; edge: 3 · 1 = 3
+        (1000, 1000, {"ratio": 4, "area": 4, "edge": 4}),  # 1×1 and 2×2 tie on ratio; the image covers > ½ of 2×2
+        (2000, 500, {"ratio": 4, "area": 4, "edge": 4}),  # caps 6, 5 and 6 all admit the exact 4×1 grid
+    ],
+)
+def test_worked_examples(processor_class, width, height, expected):
+    processor = processor_class(image_size=SIZE, max_patches=6)
+    for slicing, tiles in expected.items():
+        grid = processor.get_tile_grid(height, width, {"slicing": slicing})
+        assert tiles_of(grid) == tiles, (slicing, grid)
+        patches = processor.get_number_of_image_patches(height, width, {"slicing": slicing})
+        assert patches == tiles + (tiles > 1)
+
+
+def test_ratio_grid_equals_transformers_internvl_on_random_sizes(tile_grid):
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    rng = random.Random(0)
+    for _ in range(2500):
+        width, height = rng.randint(1, 8000), rng.randint(1, 8000)
+        max_patches = rng.choice([1, 6, 12])
+        ours = tile_grid(width, height, SIZE, 1, max_patches, "ratio")
+        assert ours == tuple(get_optimal_tiled_canvas((height, width), (SIZE, SIZE), 1, max_patches)), (width, height)
+
+
+def test_tile_pixels_equal_transformers_internvl_processor(processor_class):
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    reference = GotOcr2ImageProcessor(
+        crop_to_patches=True, size={"height": SIZE, "width": SIZE}, max_patches=6, image_mean=mean, image_std=std
+    )
+    ours = processor_class(image_size=SIZE, max_patches=6, image_mean=mean, image_std=std)
+    rng = np.random.default_rng(0)
+    for width, height in [(1000, 300), (500, 700), (448, 448), (90, 1200)]:
+        image = PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        expected = reference(image, return_tensors="pt")
+        got = ours(image)
+        assert got["num_patches"].tolist() == [len(expected["pixel_values"])]
+        torch.testing.assert_close(got["pixel_values"], expected["pixel_values"], rtol=0, atol=1e-4)
+
+
+sizes = st.tuples(st.integers(1, 3000), st.integers(1, 3000))
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=sizes, max_patches=st.integers(1, 12))
+def test_area_tiles_at_most_edge_tiles_at_most_ratio_tiles(tile_grid, size, max_patches):
+    tiles = {mode: tiles_of(tile_grid(*size, SIZE, 1, max_patches, mode)) for mode in ("area", "edge", "ratio")}
+    assert tiles["area"] <= tiles["edge"] <= tiles["ratio"] <= max_patches
+
+
+@settings(max_examples=25, deadline=None)
+@given(images=st.lists(sizes.map(lambda s: (s[0] % 200 + 1, s[1] % 200 + 1)), min_size=1, max_size=3),
+       slicing=st.sampled_from(["ratio", "area", "edge"]))  # fmt: skip
+def test_every_tile_is_square_and_num_patches_add_up(processor_class, images, slicing):
+    processor = processor_class(image_size=28, max_patches=6, slicing=slicing)
+    batch = [PIL.Image.new("RGB", size, color=(10, 200, 30)) for size in images]
+    out = processor(batch)
+    assert out["pixel_values"].shape[1:] == (3, 28, 28)
+    assert int(out["num_patches"].sum()) == len(out["pixel_values"])
+    expected = [processor.get_number_of_image_patches(h, w) for (w, h) in images]
+    assert out["num_patches"].tolist() == expected
+
+
+def rgb_array(height=30, width=50, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_equivalent_inputs_give_equal_pixels(processor_class):
+    processor = processor_class(image_size=28, max_patches=4)
+    array = rgb_array()
+    reference = processor(PIL.Image.fromarray(array))["pixel_values"]
+    for variant in (
+        array,
+        np.ascontiguousarray(array.transpose(2, 0, 1)),
+        torch.from_numpy(array).permute(2, 0, 1),
+        np.concatenate([array, np.full((30, 50, 1), 128, np.uint8)], axis=-1),  # RGBA: alpha dropped
+        [PIL.Image.fromarray(array)],
+    ):
+        torch.testing.assert_close(processor(variant)["pixel_values"], reference, rtol=0, atol=1e-6)
+    # Floats in [0, 1] are resized without 8-bit rounding: on a smooth image, within one level of the uint8 path
+    # (on noise, uint8 bicubic clamps its intermediate pass and the two kernels legitimately differ).
+    smooth = np.stack([*np.meshgrid(np.linspace(0, 255, 50), np.linspace(40, 200, 30)), np.full((30, 50), 90.0)], -1)
+    smooth = smooth.round().astype(np.uint8)
+    one_level = 1 / (255 * min(processor.image_std))
+    as_float = processor(smooth.astype(np.float32) / 255.0)["pixel_values"]
+    torch.testing.assert_close(as_float, processor(smooth)["pixel_values"], rtol=0, atol=one_level)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16", "1"])
+def test_every_pil_mode_becomes_rgb_tiles(processor_class, mode):
+    image = PIL.Image.fromarray(rgb_array()).convert("RGB")
+    if mode == "I;16":
+        image = PIL.Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)
+        assert image.mode == "I;16"
+    else:
+        image = image.convert(mode)
+    out = processor_class(image_size=28, max_patches=4)(image)
+    assert out["pixel_values"].shape == (int(out["num_patches"][0]), 3, 28, 28)
+    assert torch.isfinite(out["pixel_values"]).all()
+    if mode in ("L", "I;16"):  # gray images: 16-bit scaled down equals 8-bit
+        gray = processor_class(image_size=28, max_patches=4)(PIL.Image.fromarray(rgb_array()).convert("L"))
+        torch.testing.assert_close(out["pixel_values"], gray["pixel_values"], rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "image,message",
+    [
+        (np.zeros((0, 10, 3), np.uint8), "zero size"),
+        (np.zeros((10, 10, 5), np.uint8), "channel axis"),
+        (np.zeros((2, 10, 10, 3), np.uint8), "got shape"),
+        (np.zeros((10, 10, 3), np.int64), "unsupported image dtype"),
+        ("not an image", "unsupported image type"),
+    ],
+)
+def test_bad_images_are_refused(processor_class, image, message):
+    with pytest.raises(ValueError, match=message):
+        processor_class(image_size=28)(image)
+
+
+def test_bad_options_are_refused(processor_class):
+    with pytest.raises(ValueError, match="min_patches=3, max_patches=2"):
+        processor_class(min_patches=3, max_patches=2)
+    with pytest.raises(ValueError, match="slicing must be one of"):
+        processor_class()(rgb_array(), slicing="diagonal")
+    with pytest.raises(ValueError, match="unknown image processor arguments"):
+        processor_class()(rgb_array(), crop_size=3)

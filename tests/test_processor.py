@@ -1,0 +1,159 @@
+"""Processor, chat template, the image-text-to-text pipeline and InternVL2's chat API, end to end."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+from tests.tokenizer import build_tokenizer
+
+SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+GREEDY = dict(max_new_tokens=6, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def chat_dir(bundle, tmp_path_factory):
+    """A tiny model saved with its tokenizer, image processor and processor, as a Hub folder would hold them."""
+    prepare_tokenizer = bundle.function("processing_internvl_x", "prepare_tokenizer")
+    tokenizer = build_tokenizer(prepare_tokenizer)
+    config = bundle.config(
+        text=dict(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+    )
+    prepare_tokenizer(tokenizer, config)
+    torch.manual_seed(0)
+    model = bundle.ForConditionalGeneration(config)
+    image_processor = bundle.function("image_processing_internvl_x", "InternVLXImageProcessor")(
+        image_size=config.tile_size, max_patches=4
+    )
+    processor = bundle.function("processing_internvl_x", "InternVLXProcessor")(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=config.tokens_per_tile
+    )
+    folder = tmp_path_factory.mktemp("chat_bundle")
+    processor.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(chat_dir):
+    processor = AutoProcessor.from_pretrained(chat_dir, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(chat_dir, trust_remote_code=True).eval()
+    return processor, model
+
+
+def image(width=120, height=60, seed=0):
+    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_processor_files_and_classes(chat_dir, loaded):
+    processor, model = loaded
+    assert type(processor).__name__ == "InternVLXProcessor"
+    assert type(processor.image_processor).__name__ == "InternVLXImageProcessor"
+    assert processor.image_seq_length == model.config.tokens_per_tile
+    for name in ("processing_internvl_x.py", "image_processing_internvl_x.py", "modeling_internvl_x.py"):
+        assert (chat_dir / name).exists()
+
+
+def test_placeholders_expand_to_tiles_times_tokens(loaded):
+    processor, model = loaded
+    out = processor(images=[image(), image(50, 50)], text=["<image>\nfirst <image>\nsecond", "no image here"])
+    tiles = out["num_patches"].tolist()
+    assert tiles == [3, 1]  # 120×60 at 56-pixel tiles and max 4 → 2×1 grid + thumbnail
+    assert len(out["pixel_values"]) == sum(tiles)
+    per_row = (out["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert per_row == [sum(tiles) * model.config.tokens_per_tile, 0]
+    assert out["attention_mask"][1, 0] == 0 and out["attention_mask"][:, -1].all()  # left padding
+
+
+def test_placeholder_and_image_counts_must_match(loaded):
+    processor, _ = loaded
+    with pytest.raises(ValueError, match=r"2 `<image>` placeholders \(per sample: \[2\]\) but 1 images"):
+        processor(images=[image()], text="<image> and <image>")
+    with pytest.raises(ValueError, match="1 `<image>` placeholders but no images"):
+        processor(text="<image> alone")
+
+
+def test_chat_template_is_internlm2_chat(loaded):
+    processor, _ = loaded
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    expected = f"<s><|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n"
+    assert text == expected + "<|im_start|>assistant\n"
+    custom = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert (
+        processor.apply_chat_template(custom)
+        == "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    )
+
+
+def generate_from_messages(processor, model, messages):
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert (inputs["input_ids"][0] == processor.tokenizer.bos_token_id).sum() == 1  # one BOS, from the template
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        output = model.generate(**inputs, eos_token_id=end, pad_token_id=processor.tokenizer.pad_token_id, **GREEDY)
+    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+    return inputs, answer.split("<|im_end|>")[0].strip()
+
+
+def test_generate_from_chat_template_with_an_image(loaded):
+    processor, model = loaded
+    messages = [{"role": "user", "content": [{"type": "image", "image": image()}, {"type": "text", "text": "What?"}]}]
+    inputs, answer = generate_from_messages(processor, model, messages)
+    assert inputs["pixel_values"].shape == (3, 3, 56, 56)
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 3 * model.config.tokens_per_tile
+    assert isinstance(answer, str)
+
+
+def test_chat_and_batch_chat_equal_the_processor_and_generate_path(loaded):
+    processor, model = loaded
+    pixel_values = processor.load_image(image())
+    with torch.no_grad():
+        answer, history = model.chat(processor, pixel_values, "What?", GREEDY, return_history=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image()}, {"type": "text", "text": "What?"}]}]
+    assert answer == generate_from_messages(processor, model, messages)[1]
+    assert history == [("<image>\nWhat?", answer)]
+
+    with torch.no_grad():
+        second = model.chat(processor.tokenizer, pixel_values, "And then?", GREEDY, history=history)
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+    assert second == generate_from_messages(processor, model, messages)[1]
+
+    images = [image(seed=1), image(50, 50, seed=2)]
+    tiles = [processor.load_image(img) for img in images]
+    with torch.no_grad():
+        answers = model.batch_chat(processor, torch.cat(tiles), ["One?", "Two?"], GREEDY,
+                                   num_patches_list=[len(t) for t in tiles])  # fmt: skip
+    for img, question, got in zip(images, ["One?", "Two?"], answers):
+        one = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": question}]}]
+        assert got == generate_from_messages(processor, model, one)[1]
+
+
+def test_chat_refuses_a_processor_built_for_another_token_count(loaded, bundle):
+    processor, model = loaded
+    other = bundle.function("processing_internvl_x", "InternVLXProcessor")(
+        image_processor=processor.image_processor, tokenizer=processor.tokenizer, image_seq_length=16
+    )
+    with pytest.raises(ValueError, match="16 tokens but this model takes 4 per tile"):
+        model.chat(other, processor.load_image(image()), "What?", GREEDY)
+
+
+def test_image_text_to_text_pipeline(chat_dir):
+    pipe = pipeline("image-text-to-text", model=str(chat_dir), trust_remote_code=True)
+    message = [{"role": "user", "content": [{"type": "image", "image": image()}, {"type": "text", "text": "What?"}]}]
+    out = pipe(text=message, max_new_tokens=4, return_full_text=False)
+    assert isinstance(out[0]["generated_text"], str)
+    batch = pipe(text=[message, [{"role": "user", "content": [{"type": "image", "image": image(seed=3)},
+                                                               {"type": "text", "text": "Two?"}]}]],
+                 max_new_tokens=4, return_full_text=False)  # fmt: skip
+    assert len(batch) == 2 and all(isinstance(item[0]["generated_text"], str) for item in batch)
+    text_only = pipe(text=[{"role": "user", "content": [{"type": "text", "text": "Hello"}]}], max_new_tokens=4)
+    assert isinstance(text_only[0]["generated_text"], list | str)
