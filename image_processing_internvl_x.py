@@ -221,13 +221,18 @@ class InternVLXImageProcessor(BaseImageProcessor):
         tiles, num_patches = [], []
         for image in flat:
             image_tiles = self.tile(to_rgb_tensor(image), options)
-            tiles += [t.float() for t in image_tiles]
+            tiles += image_tiles
             num_patches.append(len(image_tiles))
         size = options["image_size"]
-        pixel_values = torch.stack(tiles) if tiles else torch.empty(0, 3, size, size)
-        mean = torch.tensor(options["image_mean"]).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(options["image_std"]).view(1, 3, 1, 1) * 255.0
-        pixel_values = (pixel_values - mean) / std
+        if not tiles:
+            pixel_values = torch.empty(0, 3, size, size)
+        else:
+            same_dtype = all(tile.dtype == tiles[0].dtype for tile in tiles)
+            pixel_values = (torch.stack(tiles) if same_dtype else torch.stack([t.float() for t in tiles])).float()
+            # (x / 255 - mean) / std as one in-place multiply-subtract
+            std = torch.tensor(options["image_std"]).view(1, 3, 1, 1)
+            mean = torch.tensor(options["image_mean"]).view(1, 3, 1, 1)
+            pixel_values.mul_(1.0 / (255.0 * std)).sub_(mean / std)
         return BatchFeature(
             data={"pixel_values": pixel_values, "num_patches": torch.tensor(num_patches, dtype=torch.long)},
             tensor_type=return_tensors,
