@@ -112,3 +112,111 @@ def released_internvl_x(folder: Path, seed: int = 0, pvtc_layers: int = 1, shard
                   downsample_ratio=0.5, select_layer=-1, ps_version="v2", template="internlm2-chat")  # fmt: skip
     write_checkpoint(folder, t, config, shards)
     return dict(t)
+
+
+INTERNLM2_SPECIALS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+SAMPLE_TEXT = [
+    "What digit is in the top-left? Read the digits left to right.",
+    "你好，世界。这是一张图片。请描述图像中的内容。",
+    "0123456789 3.14159 2026-11-22",
+    "multiple   spaces\tand tabs\n\nnew lines  ",
+    "Mixed 中文 and English 42 ✓ émoji 🙂",
+]
+
+
+def train_sentencepiece(folder: Path, add_dummy_prefix: bool = True, remove_extra_whitespaces: bool = False) -> int:
+    """Train a small BPE sentencepiece model with byte fallback (as InternLM2's) and write InternLM2-style tokenizer
+    files: `tokenizer.model`, `tokenizer_config.json` (remote tokenizer class, added tokens) and the special-token map.
+    Returns the vocabulary size including the added tokens."""
+    import io
+
+    import sentencepiece as spm
+
+    corpus = SAMPLE_TEXT * 30 + ["The image shows a cat on a red chair next to a window."] * 30
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, user_defined_symbols=["<|im_end|>", "<|im_start|>"], add_dummy_prefix=add_dummy_prefix,
+        remove_extra_whitespaces=remove_extra_whitespaces, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2,
+    )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    size = processor.get_piece_size()
+    added = {str(processor.piece_to_id(t)): {"content": t, "special": True} for t in ("<|im_end|>", "<|im_start|>")}
+    added.update({str(size + i): {"content": t, "special": True} for i, t in enumerate(INTERNLM2_SPECIALS)})
+    tokenizer_config = {
+        "tokenizer_class": "InternLM2Tokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
+        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": added, "model_max_length": 4096,
+    }  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, ensure_ascii=False))
+    special_map = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special_map))
+    return size + len(INTERNLM2_SPECIALS)
+
+
+QWEN2 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=64, intermediate_size=128,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+             max_position_embeddings=512, tie_word_embeddings=True, use_sliding_window=False)  # fmt: skip
+
+
+def qwen2_tensors(t: RandomTensors, llm: dict, prefix: str = "language_model") -> None:
+    h, inter, vocab = llm["hidden_size"], llm["intermediate_size"], llm["vocab_size"]
+    head_dim = h // llm["num_attention_heads"]
+    kv = llm["num_key_value_heads"] * head_dim
+    t.put(f"{prefix}.model.embed_tokens.weight", vocab, h)
+    for i in range(llm["num_hidden_layers"]):
+        layer = f"{prefix}.model.layers.{i}"
+        for name, rows in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
+            t.put(f"{layer}.self_attn.{name}.weight", rows, h)
+            t.put(f"{layer}.self_attn.{name}.bias", rows)
+        t.put(f"{layer}.self_attn.o_proj.weight", h, h)
+        t.put(f"{layer}.mlp.gate_proj.weight", inter, h)
+        t.put(f"{layer}.mlp.up_proj.weight", inter, h)
+        t.put(f"{layer}.mlp.down_proj.weight", h, inter)
+        t.put(f"{layer}.input_layernorm.weight", h, mean=1.0)
+        t.put(f"{layer}.post_attention_layernorm.weight", h, mean=1.0)
+    t.put(f"{prefix}.model.norm.weight", h, mean=1.0)
+    if not llm.get("tie_word_embeddings"):
+        t.put(f"{prefix}.lm_head.weight", vocab, h)
+
+
+def mlp1_tensors(t: RandomTensors, c: int, d: int, factor: int = 2) -> None:
+    width = c * factor * factor
+    t.put("mlp1.0.weight", width, mean=1.0)
+    t.put("mlp1.0.bias", width)
+    t.put("mlp1.1.weight", d, width)
+    t.put("mlp1.1.bias", d)
+    t.put("mlp1.3.weight", d, d)
+    t.put("mlp1.3.bias", d)
+
+
+def internvl2_checkpoint(folder: Path, llm: str = "internlm2", seed: int = 0, shards: int = 3, **tokenizer_options):
+    """A tiny OpenGVLab-format InternVL2 checkpoint (InternViT + mlp1 + InternLM2 or Qwen2) with its tokenizer."""
+    t = RandomTensors(seed)
+    if llm == "internlm2":
+        vocab = train_sentencepiece(folder, **tokenizer_options)
+        llm_config = dict(INTERNLM2, vocab_size=vocab)
+        internlm2_tensors(t, llm_config)
+        template = "internlm2-chat"
+    else:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        from tests.conftest import ROOT
+        from tests.tokenizer import build_tokenizer
+
+        prepare = get_class_from_dynamic_module("processing_internvl_x.prepare_tokenizer", ROOT)
+        tokenizer = build_tokenizer(prepare)
+        tokenizer.save_pretrained(folder)
+        llm_config = dict(QWEN2, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        qwen2_tensors(t, llm_config)
+        template = "Hermes-2"
+    internvit_tensors(t)
+    mlp1_tensors(t, VISION["hidden_size"], llm_config["hidden_size"])
+    config = dict(architectures=["InternVLChatModel"], vision_config=VISION, llm_config=llm_config,
+                  downsample_ratio=0.5, select_layer=-1, ps_version="v2", template=template)  # fmt: skip
+    write_checkpoint(folder, t, config, shards)
+    return dict(t), config
