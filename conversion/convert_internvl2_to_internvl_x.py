@@ -119,6 +119,7 @@ def vision_config_of(config: dict, kind: str) -> dict:
 def target_config(src_config: dict, kind: str, args, token_ids: dict) -> dict:
     text = text_config_of(src_config, kind)
     layers = text["num_hidden_layers"]
+    expand = (3 * layers) // 4  # the paper's k = 3/4 of the depth; the extra LR projector enters at the middle
     config = dict(
         vision_config=vision_config_of(src_config, kind),
         text_config=text,
@@ -126,9 +127,9 @@ def target_config(src_config: dict, kind: str, args, token_ids: dict) -> dict:
         vision_feature_layer=src_config.get("select_layer", src_config.get("vision_feature_layer", -1)),
         projector_type=args.projector,
         lvtc_enabled=args.lvtc,
-        lvtc_expand_layer=(3 * layers) // 4,
-        lvtc_num_lr_projectors=2,
-        lvtc_inject_start=layers // 2,
+        lvtc_expand_layer=expand,
+        lvtc_num_lr_projectors=2 if expand >= 1 else 1,
+        lvtc_inject_start=min(layers // 2, max(expand - 1, 0)),
         architectures=["InternVLXForConditionalGeneration"],
         **token_ids,
     )
@@ -166,14 +167,14 @@ def hr_projector_from(projector: dict, channels: int, m1: int, m2: int) -> dict:
     ln_w, ln_b = projector["layer_norm.weight"], projector["layer_norm.bias"]
     w1, b1 = projector["linear_1.weight"], projector["linear_1.bias"]
     out = w1.shape[0]
-    weight = torch.zeros(out, channels * m2 * m2, dtype=torch.float32)
-    bias = b1.float() + w1.float() @ ln_b.float()
+    weight = torch.zeros(out, channels * m2 * m2, dtype=torch.float64)
+    bias = b1.double() + w1.double() @ ln_b.double()
     for r in range(m1):
         for c in range(m1):
             src = slice((r * m1 + c) * channels, (r * m1 + c + 1) * channels)
             dst_index = (r % m2) * m2 + (c % m2)
             dst = slice(dst_index * channels, (dst_index + 1) * channels)
-            weight[:, dst] += w1[:, src].float() * ln_w[src].float()
+            weight[:, dst] += w1[:, src].double() * ln_w[src].double()
     dtype = w1.dtype
     return {
         "layer_norm.weight": torch.ones(channels * m2 * m2, dtype=dtype),
@@ -190,17 +191,18 @@ def derived_tensors(config, captured: dict) -> dict[str, torch.Tensor]:
     missing = [p for p in PROJECTOR_PARTS if p not in captured]
     if missing:
         raise ConversionError(f"the source projector lacks {missing}")
-    out = {}
+    out = {}  # every target gets its own copy: safetensors refuses tensors that share memory
+    captured = {part: tensor.clone() for part, tensor in captured.items()}
     if config.projector_type == "pixel_shuffle":
         out.update({f"model.multi_modal_projector.{p}": t for p, t in captured.items()})
     if config.lvtc_enabled:
         for j in range(config.lvtc_num_lr_projectors - 1):
-            out.update({f"model.lvtc_lr_projectors.{j}.{p}": t for p, t in captured.items()})
+            out.update({f"model.lvtc_lr_projectors.{j}.{p}": t.clone() for p, t in captured.items()})
         if config.lvtc_use_hr_projector and config.lvtc_expand_layer < config.text_config.num_hidden_layers:
             hr = hr_projector_from(
                 captured, config.vision_config.hidden_size, config.downsample_factor, config.lvtc_hr_downsample_factor
             )
-            out.update({f"model.lvtc_hr_projector.{p}": t for p, t in hr.items()})
+            out.update({f"model.lvtc_hr_projector.{p}": t.clone() for p, t in hr.items()})
     return out
 
 
@@ -354,6 +356,7 @@ def convert(args) -> Path:
         image_processor=image_processor, tokenizer=tokenizer, image_seq_length=config.tokens_per_tile
     )
     processor.save_pretrained(dst)
+    image_processor.save_pretrained(dst)  # preprocessor_config.json, for AutoImageProcessor on its own
     write_model_card(dst, args.src, config, args, llm)
     print(
         f"wrote {dst}: projector {config.projector_type}, LVTC {'on' if config.lvtc_enabled else 'off'}, "

@@ -101,7 +101,9 @@ def build_fast_tokenizer(src: Path) -> PreTrainedTokenizerFast:
     """The source's tokenizer, fast, with its special tokens; remote tokenizer code is never run."""
     config_file = src / "tokenizer_config.json"
     tokenizer_config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    remote = "auto_map" in tokenizer_config or "InternLM2" in str(tokenizer_config.get("tokenizer_class", ""))
+    remote = "AutoTokenizer" in (tokenizer_config.get("auto_map") or {}) or str(
+        tokenizer_config.get("tokenizer_class", "")
+    ).startswith("InternLM2")
     if not remote:
         return AutoTokenizer.from_pretrained(src)
     if not (src / "tokenizer.model").exists():

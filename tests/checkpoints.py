@@ -124,7 +124,9 @@ SAMPLE_TEXT = [
 ]
 
 
-def train_sentencepiece(folder: Path, add_dummy_prefix: bool = True, remove_extra_whitespaces: bool = False) -> int:
+def train_sentencepiece(
+    folder: Path, add_dummy_prefix: bool = True, remove_extra_whitespaces: bool = False, normalization: str = "identity"
+) -> int:
     """Train a small BPE sentencepiece model with byte fallback (as InternLM2's) and write InternLM2-style tokenizer
     files: `tokenizer.model`, `tokenizer_config.json` (remote tokenizer class, added tokens) and the special-token map.
     Returns the vocabulary size including the added tokens."""
@@ -137,7 +139,8 @@ def train_sentencepiece(folder: Path, add_dummy_prefix: bool = True, remove_extr
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True,
         character_coverage=1.0, user_defined_symbols=["<|im_end|>", "<|im_start|>"], add_dummy_prefix=add_dummy_prefix,
-        remove_extra_whitespaces=remove_extra_whitespaces, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        remove_extra_whitespaces=remove_extra_whitespaces, split_digits=True, normalization_rule_name=normalization,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         minloglevel=2,
     )  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)

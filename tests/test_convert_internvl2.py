@@ -109,7 +109,8 @@ def test_llm_attention_equals_internlm2_from_fused_wqkv(internlm2):
         INTERNLM2["num_key_value_heads"],
         INTERNLM2["rope_theta"],
     )
-    torch.testing.assert_close(ours[0], expected, rtol=0, atol=1e-10)
+    # float64 throughout except the model's rotary tables, which Transformers computes in float32
+    torch.testing.assert_close(ours[0], expected, rtol=0, atol=1e-6)
 
 
 def internvit_layer(x, t, prefix, heads):
@@ -158,20 +159,27 @@ def test_pixel_shuffle_conversion_equals_native_internvl(internlm2):
         )
 
 
-@pytest.mark.parametrize("dummy_prefix,strip_spaces", [(True, False), (False, False), (True, True)])
-def test_tokenizer_round_trips_like_sentencepiece(tmp_path, dummy_prefix, strip_spaces):
+@pytest.mark.parametrize(
+    "dummy_prefix,strip_spaces,rule",
+    [(True, False, "identity"), (False, False, "identity"), (True, True, "nmt_nfkc"), (False, False, "nfkc")],
+)
+def test_tokenizer_round_trips_like_sentencepiece(tmp_path, dummy_prefix, strip_spaces, rule):
     import sentencepiece as spm
 
     from conversion.tokenizer import build_fast_tokenizer
     from tests.checkpoints import train_sentencepiece
 
-    train_sentencepiece(tmp_path, add_dummy_prefix=dummy_prefix, remove_extra_whitespaces=strip_spaces)
+    train_sentencepiece(
+        tmp_path, add_dummy_prefix=dummy_prefix, remove_extra_whitespaces=strip_spaces, normalization=rule
+    )
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     fast = build_fast_tokenizer(tmp_path)
     for text in SAMPLE_TEXT + ["", " leading space", "trailing space ", "tab\tsep", "ΑΒΓ кириллица 漢字かな"]:
         ids = sp.encode(text)
         assert fast(text, add_special_tokens=False)["input_ids"] == ids, text
         assert fast.decode(ids) == sp.decode(ids), text
+        if rule == "identity" and not strip_spaces:
+            assert fast.decode(ids) == text  # nothing normalized away: the exact text comes back
     for token in ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"):
         ids = fast(f"a{token}b", add_special_tokens=False)["input_ids"]
         assert fast.convert_tokens_to_ids(token) in ids and len(fast.tokenize(token)) == 1
@@ -205,7 +213,7 @@ def test_lvtc_projectors_start_from_internvl2(internlm2, tmp_path):
     window = patches[..., None, :].expand(2, side, side, 4, channels).reshape(2, side * side, 4 * channels)
     hidden = F.layer_norm(window, (4 * channels,), t["mlp1.0.weight"], t["mlp1.0.bias"])
     expected = F.gelu(hidden @ t["mlp1.1.weight"].T + t["mlp1.1.bias"]) @ t["mlp1.3.weight"].T + t["mlp1.3.bias"]
-    torch.testing.assert_close(hr, expected, rtol=0, atol=1e-9)
+    torch.testing.assert_close(hr, expected, rtol=0, atol=1e-5)  # the folded weights are stored in float32
 
 
 def test_pvtc_is_freshly_initialised_and_reproducible(internlm2, tmp_path):
