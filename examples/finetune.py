@@ -158,7 +158,8 @@ class ChatCollator:
         for row, sample in enumerate(samples):
             n = len(sample["input_ids"])
             span = slice(longest - n, longest) if self.padding_side == "left" else slice(0, n)
-            input_ids[row, span], labels[row, span], attention_mask[row, span] = sample["input_ids"], sample["labels"], 1
+            input_ids[row, span], labels[row, span] = sample["input_ids"], sample["labels"]
+            attention_mask[row, span] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
         with_images = [s for s in samples if "pixel_values" in s]
         if with_images:
@@ -186,7 +187,7 @@ def configure_trainable(model, args: ModelArguments):
             r=args.lora_rank,
             lora_alpha=args.lora_alpha or 2 * args.lora_rank,
             target_modules=rf"{scope}\..*\.{targets}",
-            modules_to_save=[p.split(".")[1] for p in PROJECTOR_PREFIXES if _has_prefix(model, p)],
+            modules_to_save=projector_modules(model),
         )
         model = get_peft_model(model, config)
     if args.freeze_vision:
@@ -196,8 +197,15 @@ def configure_trainable(model, args: ModelArguments):
     return model
 
 
-def _has_prefix(model, prefix: str) -> bool:
-    return any(name.startswith(prefix) for name, _ in model.named_parameters())
+def projector_modules(model) -> list[str]:
+    """Names of the projector modules (LVTC's LR projectors one by one: PEFT wraps modules, not lists)."""
+    names = []
+    for name, _ in model.named_modules():
+        if name in ("model.multi_modal_projector", "model.lvtc_hr_projector") or (
+            name.startswith("model.lvtc_lr_projectors.") and name.count(".") == 2
+        ):
+            names.append(name)
+    return names
 
 
 def main(argv=None) -> None:

@@ -50,6 +50,35 @@ def bundle() -> Bundle:
     return Bundle(ROOT)
 
 
+def make_chat_bundle(bundle: Bundle, folder: Path, seed: int = 0, max_patches: int = 4, **overrides) -> Path:
+    """A tiny model saved with its trained tokenizer, image processor and processor, as a Hub folder holds them."""
+    from tests.tokenizer import build_tokenizer
+
+    prepare_tokenizer = bundle.function("processing_internvl_x", "prepare_tokenizer")
+    tokenizer = build_tokenizer(prepare_tokenizer)
+    text = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    text.update(overrides.pop("text", {}))
+    config = bundle.config(text=text, **overrides)
+    prepare_tokenizer(tokenizer, config)
+    torch.manual_seed(seed)
+    model = bundle.ForConditionalGeneration(config)
+    image_processor = bundle.function("image_processing_internvl_x", "InternVLXImageProcessor")(
+        image_size=config.tile_size, max_patches=max_patches
+    )
+    processor = bundle.function("processing_internvl_x", "InternVLXProcessor")(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=config.tokens_per_tile
+    )
+    processor.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_dir(bundle, tmp_path_factory) -> Path:
+    return make_chat_bundle(bundle, tmp_path_factory.mktemp("chat_bundle"))
+
+
 def pytest_report_header(config):
     import transformers
 

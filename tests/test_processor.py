@@ -6,38 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-from tests.tokenizer import build_tokenizer
-
 SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 GREEDY = dict(max_new_tokens=6, do_sample=False)
-
-
-@pytest.fixture(scope="module")
-def chat_dir(bundle, tmp_path_factory):
-    """A tiny model saved with its tokenizer, image processor and processor, as a Hub folder would hold them."""
-    prepare_tokenizer = bundle.function("processing_internvl_x", "prepare_tokenizer")
-    tokenizer = build_tokenizer(prepare_tokenizer)
-    config = bundle.config(
-        text=dict(
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
-    )
-    prepare_tokenizer(tokenizer, config)
-    torch.manual_seed(0)
-    model = bundle.ForConditionalGeneration(config)
-    image_processor = bundle.function("image_processing_internvl_x", "InternVLXImageProcessor")(
-        image_size=config.tile_size, max_patches=4
-    )
-    processor = bundle.function("processing_internvl_x", "InternVLXProcessor")(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=config.tokens_per_tile
-    )
-    folder = tmp_path_factory.mktemp("chat_bundle")
-    processor.save_pretrained(folder)
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,185 @@
+"""examples/finetune.py: data, labels, collator, stages, LoRA, and real Trainer runs (one and two processes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from examples import finetune
+from tests.conftest import ROOT, make_chat_bundle
+
+
+def write_dataset(folder, samples: int = 12, seed: int = 0):
+    """Images whose colour decides the answer, multi-turn lines and text-only lines, in InternVL's format."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(samples):
+        red = i % 2 == 0
+        size = (120, 60) if i % 3 else (60, 60)
+        pixels = np.zeros((size[1], size[0], 3), np.uint8) + rng.integers(0, 30, (size[1], size[0], 3), dtype=np.uint8)
+        pixels[..., 0 if red else 2] += 200
+        PIL.Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
+        answer = "red" if red else "blue"
+        if i % 4 == 3:
+            lines.append(
+                {"conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello"}]}
+            )
+        elif i % 4 == 2:
+            lines.append({"image": f"{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": answer},
+                {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": f"yes, {answer}"}]})  # fmt: skip
+        else:
+            lines.append({"image": f"{i}.png", "conversations": [
+                {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": answer}]})  # fmt: skip
+    (folder / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    (folder / "meta.json").write_text(json.dumps({"colours": {"annotation": "data.jsonl", "root": "images"}}))
+    return folder / "meta.json"
+
+
+@pytest.fixture(scope="module")
+def lvtc_dir(bundle, tmp_path_factory):
+    return make_chat_bundle(bundle, tmp_path_factory.mktemp("lvtc_bundle"), text=dict(num_hidden_layers=4),
+                            lvtc_enabled=True, lvtc_expand_layer=3, lvtc_inject_start=1)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+def test_labels_supervise_only_the_replies_of_a_multi_turn_sample(lvtc_dir, data):
+    processor = AutoProcessor.from_pretrained(lvtc_dir, trust_remote_code=True)
+    dataset = finetune.ChatDataset(finetune.read_meta(data), processor)
+    sample = dataset[2]  # image + two rounds
+    tokenizer = processor.tokenizer
+    supervised = sample["labels"][sample["labels"] != -100]
+    assert tokenizer.decode(supervised) == "red<|im_end|>yes, red<|im_end|>"
+    tiles = len(sample["pixel_values"])
+    assert (sample["input_ids"] == processor.image_token_id).sum() == tiles * processor.image_seq_length
+    # the tokens spell out exactly the chat template's rendering of the conversation
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+                {"role": "assistant", "content": "red"}, {"role": "user", "content": "Sure?"},
+                {"role": "assistant", "content": "yes, red"}]  # fmt: skip
+    rendered = processor.apply_chat_template(messages)
+    expanded = rendered.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (tiles * processor.image_seq_length) + "</img>")
+    assert tokenizer.decode(sample["input_ids"]) == expanded
+    assert sample["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_image_is_placed_in_the_first_turn_when_the_text_has_no_placeholder(lvtc_dir, data):
+    processor = AutoProcessor.from_pretrained(lvtc_dir, trust_remote_code=True)
+    sample = finetune.ChatDataset(finetune.read_meta(data), processor)[0]
+    text = processor.tokenizer.decode(sample["input_ids"])
+    assert "<|im_start|>user\n<img>" in text and text.count("<img>") == 1
+
+
+def test_collator_on_a_mixed_batch(lvtc_dir, data):
+    processor = AutoProcessor.from_pretrained(lvtc_dir, trust_remote_code=True)
+    dataset = finetune.ChatDataset(finetune.read_meta(data), processor)
+    samples = [dataset[0], dataset[3], dataset[1]]  # image, text only, image
+    pad = processor.tokenizer.pad_token_id
+    for side in ("right", "left"):
+        batch = finetune.ChatCollator(pad, padding_side=side)(samples)
+        lengths = [len(s["input_ids"]) for s in samples]
+        assert batch["input_ids"].shape == (3, max(lengths))
+        assert batch["attention_mask"].sum(1).tolist() == lengths
+        short = lengths.index(min(lengths))
+        padded = batch["attention_mask"][short] == 0
+        assert (batch["input_ids"][short][padded] == pad).all() and (batch["labels"][short][padded] == -100).all()
+        assert padded[0 if side == "left" else -1]
+        assert torch.equal(batch["pixel_values"], torch.cat([samples[0]["pixel_values"], samples[2]["pixel_values"]]))
+        assert batch["num_patches"].tolist() == [len(samples[0]["pixel_values"]), len(samples[2]["pixel_values"])]
+    text_only = finetune.ChatCollator(pad)([dataset[3], dataset[7]])
+    assert "pixel_values" not in text_only and "num_patches" not in text_only
+    model = AutoModelForImageTextToText.from_pretrained(lvtc_dir, trust_remote_code=True)
+    assert torch.isfinite(model(**finetune.ChatCollator(pad)(samples)).loss)
+
+
+def run(args):
+    finetune.main([str(a) for a in args])
+
+
+def common_args(model_dir, data, out, steps):
+    return ["--model_name_or_path", model_dir, "--meta_path", data, "--output_dir", out, "--max_steps", steps,
+            "--per_device_train_batch_size", 4, "--learning_rate", 3e-3, "--use_cpu", "--report_to", "none",
+            "--save_strategy", "no", "--logging_steps", 1, "--seed", 0]  # fmt: skip
+
+
+def test_stage_1_changes_only_the_projectors(lvtc_dir, data, tmp_path):
+    before = load_file(lvtc_dir / "model.safetensors")
+    run(common_args(lvtc_dir, data, tmp_path, 3) + ["--stage", 1])
+    after = load_file(tmp_path / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    projector_prefixes = finetune.PROJECTOR_PREFIXES
+    assert changed and all(name.startswith(projector_prefixes) for name in changed)
+    assert any(name.startswith("model.lvtc_hr_projector.") for name in changed)
+    assert any(name.startswith("model.multi_modal_projector.") for name in changed)
+
+
+def test_full_stage_2_lowers_the_loss_with_gradient_checkpointing(lvtc_dir, data, tmp_path):
+    run(common_args(lvtc_dir, data, tmp_path, 40) + ["--stage", 2, "--gradient_checkpointing",
+                                                     "--lr_scheduler_type", "constant"])  # fmt: skip
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if (
+        tmp_path / "trainer_state.json").exists() else None  # fmt: skip
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)
+    original = AutoModelForImageTextToText.from_pretrained(lvtc_dir, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    batch = finetune.ChatCollator(processor.tokenizer.pad_token_id)(
+        [finetune.ChatDataset(finetune.read_meta(data), processor)[i] for i in range(8)]
+    )
+    with torch.no_grad():
+        assert model(**batch).loss < 0.5 * original(**batch).loss
+    assert history is None or history  # trainer_state.json is only written with checkpoints
+
+
+def test_lora_stage_2_trains_and_merges_into_a_reloadable_model(lvtc_dir, data, tmp_path):
+    run(common_args(lvtc_dir, data, tmp_path, 5) + ["--stage", 2, "--lora_rank", 4, "--freeze_vision"])
+    assert (tmp_path / "adapter_config.json").exists()
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", trust_remote_code=True)
+    original = AutoModelForImageTextToText.from_pretrained(lvtc_dir, trust_remote_code=True)
+    assert type(merged).__name__ == "InternVLXForConditionalGeneration"
+    merged_state, original_state = merged.state_dict(), original.state_dict()
+    assert merged_state.keys() == original_state.keys()
+    changed = {n for n in merged_state if not torch.equal(merged_state[n], original_state[n])}
+    assert any(".language_model.layers." in n and "q_proj" in n for n in changed)  # merged LoRA deltas
+    assert any(n.startswith("model.multi_modal_projector.") for n in changed)  # projectors fully trained
+    assert not any(".vision_tower." in n for n in changed)  # --freeze_vision
+
+
+def test_two_process_torchrun(lvtc_dir, data, tmp_path):
+    python_path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)  # keep `make test-min`'s
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        str(ROOT / "examples" / "finetune.py"),
+    ] + [str(a) for a in common_args(lvtc_dir, data, tmp_path, 4)]
+    command += [
+        "--ddp_backend",
+        "gloo",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "checkpoint-4", trust_remote_code=True)
+    assert reloaded.config.lvtc_enabled
