@@ -14,6 +14,9 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SLICING_MODES = ("ratio", "area", "edge")
+# Options every call may override (`processor(images, text, max_patches=12)` passes them through).
+IMAGE_PROCESSOR_OPTIONS = ("image_size", "min_patches", "max_patches", "use_thumbnail", "slicing", "image_mean",
+                           "image_std")  # fmt: skip
 
 
 def tile_cap(width: int, height: int, tile_size: int, max_patches: int, slicing: str) -> int:
@@ -141,18 +144,7 @@ class InternVLXImageProcessor(BaseImageProcessor):
         self._options({})  # validate
 
     def _options(self, overrides: dict) -> dict:
-        options = {
-            name: overrides.get(name, getattr(self, name))
-            for name in (
-                "image_size",
-                "min_patches",
-                "max_patches",
-                "use_thumbnail",
-                "slicing",
-                "image_mean",
-                "image_std",
-            )
-        }
+        options = {name: overrides.get(name, getattr(self, name)) for name in IMAGE_PROCESSOR_OPTIONS}
         if options["slicing"] not in SLICING_MODES:
             raise ValueError(f"slicing must be one of {SLICING_MODES}, got {options['slicing']!r}.")
         if not 1 <= options["min_patches"] <= options["max_patches"]:
@@ -203,8 +195,7 @@ class InternVLXImageProcessor(BaseImageProcessor):
             `BatchFeature` with `pixel_values (total_tiles, 3, size, size)` and `num_patches`, the tiles of each
             image in order.
         """
-        unknown = set(kwargs) - {"image_size", "min_patches", "max_patches", "use_thumbnail", "slicing",
-                                 "image_mean", "image_std", "do_convert_rgb", "device"}  # fmt: skip
+        unknown = set(kwargs) - {*IMAGE_PROCESSOR_OPTIONS, "do_convert_rgb", "device"}
         if unknown:
             raise ValueError(f"unknown image processor arguments: {sorted(unknown)}")
         options = self._options(kwargs)

@@ -608,6 +608,11 @@ class InternVLXModel(InternVLXPreTrainedModel):
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
         )
 
+    def lvtc_span_sides(self) -> tuple[int, int]:
+        """(N1, N2): tokens per side of a tile's span before and from the expansion layer."""
+        grid = self.config.patch_grid_size
+        return grid // self.config.downsample_factor, grid // self.config.lvtc_hr_downsample_factor
+
     def expand_visual_spans(
         self,
         hidden_states: torch.Tensor,
@@ -624,8 +629,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         tiles = layout.tile_rows.shape[0]
         if tiles == 0:
             return long_states
-        short_side = int(self.config.tokens_per_tile**0.5)
-        long_side = int(self.config.lvtc_expanded_tokens_per_tile**0.5)
+        short_side, long_side = self.lvtc_span_sides()
         spans = hidden_states[image_mask].view(tiles, short_side, short_side, hidden_size).permute(0, 3, 1, 2)
         upsampled = F.interpolate(spans, size=(long_side, long_side), mode=self.config.lvtc_upsample_mode)
         upsampled = upsampled.permute(0, 2, 3, 1).reshape(tiles, long_side * long_side, hidden_size)
@@ -647,8 +651,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         tiles = layout.tile_rows.shape[0]
         if tiles == 0:
             return short_states
-        short_side = int(self.config.tokens_per_tile**0.5)
-        long_side = int(self.config.lvtc_expanded_tokens_per_tile**0.5)
+        short_side, long_side = self.lvtc_span_sides()
         spans = hidden_states[layout.tile_rows[:, None], layout.tile_long]
         spans = spans.view(tiles, long_side, long_side, hidden_size).permute(0, 3, 1, 2)
         pooled = F.avg_pool2d(spans, kernel_size=long_side // short_side).permute(0, 2, 3, 1)

@@ -8,6 +8,8 @@ import torch
 from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .image_processing_internvl_x import IMAGE_PROCESSOR_OPTIONS
+
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_START_TOKEN = "<img>"
 IMAGE_END_TOKEN = "</img>"
@@ -39,16 +41,6 @@ CHAT_TEMPLATE = (
     "{{ '<|im_end|>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-IMAGE_PROCESSOR_KWARGS = (
-    "image_size",
-    "min_patches",
-    "max_patches",
-    "use_thumbnail",
-    "slicing",
-    "image_mean",
-    "image_std",
 )
 
 
@@ -127,7 +119,7 @@ class InternVLXProcessor(ProcessorMixin):
         if text is None:
             raise ValueError("InternVLXProcessor needs `text` (with one `<image>` per image).")
         text = [text] if isinstance(text, str) else list(text)
-        image_kwargs = {k: kwargs.pop(k) for k in IMAGE_PROCESSOR_KWARGS if k in kwargs}
+        image_kwargs = {k: kwargs.pop(k) for k in IMAGE_PROCESSOR_OPTIONS if k in kwargs}
         for key in ("images_kwargs", "text_kwargs"):
             nested = kwargs.pop(key, None) or {}
             (image_kwargs if key == "images_kwargs" else kwargs).update(nested)

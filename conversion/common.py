@@ -36,6 +36,7 @@ TOKENIZER_FILES = (
 )
 
 Tensors = list[tuple[str, torch.Tensor]]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class ConversionError(RuntimeError):

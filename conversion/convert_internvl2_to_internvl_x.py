@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conversion.common import (  # noqa: E402
+    DTYPES,
     ROOT,
     ConversionError,
     KeyMapper,
@@ -47,7 +48,6 @@ from conversion.common import (  # noqa: E402
 )
 from conversion.tokenizer import build_fast_tokenizer  # noqa: E402
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PROJECTOR_PARTS = (
     "layer_norm.weight",
     "layer_norm.bias",

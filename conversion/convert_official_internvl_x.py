@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conversion.common import (  # noqa: E402
+    DTYPES,
     ConversionError,
     KeyMapper,
     ShardWriter,
@@ -36,7 +37,6 @@ from conversion.common import (  # noqa: E402
     source_shards,
 )
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BLOCK_PARTS = {
     "attn.norm1": "attention.query_norm",
     "attn.norm2": "attention.key_value_norm",

@@ -119,8 +119,10 @@ class ChatDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         record, root = self.records[index]
         paths = record.get("image") or []
-        paths = [paths] if isinstance(paths, str) else paths
-        images = [PIL.Image.open(root / path).convert("RGB") for path in paths]
+        paths = paths if isinstance(paths, list) else [paths]
+        # paths relative to the root; in-memory PIL images (generated data) are used as they are
+        images = [p.convert("RGB") if isinstance(p, PIL.Image.Image) else PIL.Image.open(root / p).convert("RGB")
+                  for p in paths]  # fmt: skip
         sample = {}
         num_patches = []
         if images:

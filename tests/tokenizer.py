@@ -1,7 +1,6 @@
-"""A small byte-level BPE tokenizer trained in the test session (nothing downloaded), with InternVL-X's tokens."""
+"""The test tokenizer: `examples/tiny_tokenizer.py` trained on a small multilingual corpus."""
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from examples.tiny_tokenizer import train_tokenizer
 
 CORPUS = [
     "What digit is in the top-left? Read the digits left to right.",
@@ -12,18 +11,5 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer(prepare_tokenizer) -> PreTrainedTokenizerFast:
-    """Train the tokenizer, wrap it for Transformers and add the InternVL-X special tokens with `prepare_tokenizer`."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
-    )
-    prepare_tokenizer(fast)
-    return fast
+def build_tokenizer(prepare_tokenizer):
+    return train_tokenizer(CORPUS, prepare_tokenizer)
