@@ -45,10 +45,10 @@ def place(canvas: PIL.Image.Image, digit: PIL.Image.Image, box: tuple[int, int, 
     canvas.paste(scaled, (x, y))
 
 
-def make_sample(pool: DigitPool, rng: random.Random, kind: str | None = None) -> dict:
-    """One image with a question and its answer: `{"image", "question", "answer"}`."""
+def make_sample(pool: DigitPool, rng: random.Random, kind: str | None = None, canvas=None) -> dict:
+    """One image with a question and its answer: `{"image", "question", "answer"}` (`canvas`: a fixed (W, H))."""
     kind = kind or rng.choice(KINDS)
-    width, height = rng.choice(CANVASES)
+    width, height = canvas or rng.choice(CANVASES)
     canvas = PIL.Image.new("L", (width, height), 0)
     if kind == "single":
         digit, label = pool.sample(rng)

@@ -68,16 +68,20 @@ def build(variant: str, seed: int):
 
 
 class GeneratedRecords:
-    """`size` task samples generated on demand from `pool`, the same for the same `seed` and index."""
+    """`size` task samples generated on demand from `pool`, the same for the same `seed` and index; with `single`,
+    only single digits on one 64-pixel tile (the curriculum that first teaches the vision tower the digits)."""
 
-    def __init__(self, pool: DigitPool, size: int, seed: int):
-        self.pool, self.size, self.seed = pool, size, seed
+    def __init__(self, pool: DigitPool, size: int, seed: int, single: bool = False):
+        self.pool, self.size, self.seed, self.single = pool, size, seed, single
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int):
-        return as_record(make_sample(self.pool, random.Random(self.seed * 1_000_003 + index))), Path(".")
+        rng = random.Random(self.seed * 1_000_003 + index)
+        if self.single:
+            return as_record(make_sample(self.pool, rng, "single", canvas=(64, 64))), Path(".")
+        return as_record(make_sample(self.pool, rng)), Path(".")
 
 
 def evaluate(model, processor, samples: list[dict], batch_size: int = 32) -> dict:
@@ -120,22 +124,28 @@ def held_out(count: int, seed: int = 12345) -> list[dict]:
 
 
 def train(variant: str, seed: int, steps: int, output: Path | None, batch_size: int = 8, lr: float = 1e-3,
-          eval_samples: int = 300) -> dict:  # fmt: skip
+          eval_samples: int = 300, warmup_steps: int = 0) -> dict:  # fmt: skip
     from transformers import Trainer, TrainingArguments
 
     torch.set_num_threads(torch.get_num_threads())
     model, processor = build(variant, seed)
-    dataset = ChatDataset(GeneratedRecords(DigitPool("train"), steps * batch_size, seed), processor)
     work = Path(output or f"/tmp/digits-{variant}-{seed}")
-    args = TrainingArguments(
-        output_dir=str(work / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
-        lr_scheduler_type="cosine", warmup_steps=min(200, steps // 10), weight_decay=0.01, logging_steps=50,
-        save_strategy="no", report_to=[], use_cpu=True, seed=seed, dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=ChatCollator(processor.tokenizer.pad_token_id))  # fmt: skip
+    collator = ChatCollator(processor.tokenizer.pad_token_id)
+
+    def trainer_for(records: GeneratedRecords, max_steps: int, schedule: str) -> Trainer:
+        args = TrainingArguments(
+            output_dir=str(work / "trainer"), max_steps=max_steps, per_device_train_batch_size=batch_size,
+            learning_rate=lr, lr_scheduler_type=schedule, warmup_steps=min(200, max_steps // 10), weight_decay=0.01,
+            logging_steps=50, save_strategy="no", report_to=[], use_cpu=True, seed=seed, remove_unused_columns=False,
+        )  # fmt: skip
+        return Trainer(model=model, args=args, train_dataset=ChatDataset(records, processor), data_collator=collator)
+
+    pool = DigitPool("train")
     start = time.perf_counter()
+    if warmup_steps:  # curriculum: single digits on one tile first
+        trainer_for(GeneratedRecords(pool, warmup_steps * batch_size, seed + 1, single=True), warmup_steps,
+                    "constant_with_warmup").train()  # fmt: skip
+    trainer = trainer_for(GeneratedRecords(pool, steps * batch_size, seed), steps, "cosine")
     trainer.train()
     seconds = time.perf_counter() - start
     metrics = evaluate(model, processor, held_out(eval_samples))
@@ -180,11 +190,19 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="where to save the trained checkpoint")
     parser.add_argument("--eval-samples", type=int, default=300)
+    parser.add_argument("--curriculum-steps", type=int, default=0, help="first steps on single digits, one tile")
     parser.add_argument("--write-examples", type=Path, default=None, help="only pick example images for a checkpoint")
     args = parser.parse_args(argv)
     if args.write_examples:
         return write_examples(args.write_examples)
-    metrics = train(args.variant, args.seed, args.steps, args.output, eval_samples=args.eval_samples)
+    metrics = train(
+        args.variant,
+        args.seed,
+        args.steps,
+        args.output,
+        eval_samples=args.eval_samples,
+        warmup_steps=args.curriculum_steps,
+    )
     print(json.dumps(metrics, indent=2))
 
 
