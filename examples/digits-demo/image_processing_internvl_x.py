@@ -1,0 +1,235 @@
+# Copyright 2026 The InternVL-X for Transformers authors.
+# Licensed under the Apache License, Version 2.0.
+"""InternVL-X image processor: InternVL's dynamic tiling with the paper's RVTC tile caps (area / edge matching)."""
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import PIL.Image
+import torch
+from torchvision.transforms.v2 import functional as tvF
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SLICING_MODES = ("ratio", "area", "edge")
+# Options every call may override (`processor(images, text, max_patches=12)` passes them through).
+IMAGE_PROCESSOR_OPTIONS = ("image_size", "min_patches", "max_patches", "use_thumbnail", "slicing", "image_mean",
+                           "image_std")  # fmt: skip
+
+
+def tile_cap(width: int, height: int, tile_size: int, max_patches: int, slicing: str) -> int:
+    """Most tiles an image may get: `max_patches` (ratio), capped by `ceil(W·H / size²)` (area) or by
+    `ceil(W / size) · ceil(H / size)` (edge), as in RVTC (paper §3.3)."""
+    if slicing == "ratio":
+        return max_patches
+    if slicing == "area":
+        return min(max_patches, math.ceil(width * height / tile_size**2))
+    if slicing == "edge":
+        return min(max_patches, math.ceil(width / tile_size) * math.ceil(height / tile_size))
+    raise ValueError(f"slicing must be one of {SLICING_MODES}, got {slicing!r}.")
+
+
+@lru_cache(maxsize=4096)
+def tile_grid(width: int, height: int, tile_size: int, min_patches: int, max_patches: int, slicing: str):
+    """`(columns, rows)` of the tile grid for a `width`×`height` image.
+
+    InternVL's matching: among grids with `min_patches ≤ c·r ≤ cap`, ordered by c·r, take the one whose c/r is
+    closest to W/H; on a tie keep the later (larger) grid while the image area exceeds half of the grid's area.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"cannot tile an image of {width}×{height} pixels.")
+    if not 1 <= min_patches <= max_patches:
+        raise ValueError(
+            f"need 1 ≤ min_patches ≤ max_patches, got min_patches={min_patches}, max_patches={max_patches}."
+        )
+    cap = max(min_patches, tile_cap(width, height, tile_size, max_patches, slicing))
+    grids = sorted(
+        ((c, r) for c in range(1, cap + 1) for r in range(1, cap + 1) if min_patches <= c * r <= cap),
+        key=lambda grid: grid[0] * grid[1],
+    )
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for columns, rows in grids:
+        diff = abs(aspect - columns / rows)
+        if diff < best_diff:
+            best, best_diff = (columns, rows), diff
+        elif diff == best_diff and area > 0.5 * tile_size * tile_size * columns * rows:
+            best = (columns, rows)
+    return best
+
+
+def to_rgb_tensor(image) -> torch.Tensor:
+    """Any supported image → `(3, H, W)` tensor, uint8 (0..255) or float32 (0..255 scale).
+
+    PIL images of any mode are converted to RGB (alpha dropped, 16-bit scaled to 8-bit); arrays and tensors may be
+    HW, HWC or CHW with 1, 3 or 4 channels, uint8, uint16 or floating point in [0, 1].
+    """
+    if isinstance(image, PIL.Image.Image):
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            array = np.asarray(image, dtype=np.float32)
+            scale = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+            image = PIL.Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"image has zero size {image.width}×{image.height}.")
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    if isinstance(image, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(image.astype(np.float32) if image.dtype == np.uint16 else image))
+        if image.dtype == np.uint16:
+            tensor = tensor / 65535.0
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+    else:
+        raise ValueError(f"unsupported image type {type(image).__name__}: pass PIL images, numpy arrays or tensors.")
+
+    if tensor.dim() == 2:
+        tensor = tensor[None]
+    if tensor.dim() != 3:
+        raise ValueError(f"image arrays must be (H, W), (H, W, C) or (C, H, W); got shape {tuple(tensor.shape)}.")
+    if tensor.shape[0] in (1, 3, 4) and tensor.shape[-1] not in (1, 3, 4):
+        pass  # channels first
+    elif tensor.shape[-1] in (1, 3, 4):
+        tensor = tensor.permute(2, 0, 1)
+    else:
+        raise ValueError(f"cannot find a channel axis of size 1, 3 or 4 in image shape {tuple(tensor.shape)}.")
+    if tensor.shape[1] == 0 or tensor.shape[2] == 0:
+        raise ValueError(f"image has zero size {tensor.shape[2]}×{tensor.shape[1]}.")
+    if tensor.dtype == torch.uint8:
+        pass
+    elif tensor.is_floating_point():
+        tensor = tensor.float() * 255.0  # floating-point images are read as [0, 1]
+    else:
+        raise ValueError(f"unsupported image dtype {tensor.dtype}: use uint8, uint16 or floating point.")
+    tensor = tensor[:3] if tensor.shape[0] == 4 else tensor
+    return (tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor).contiguous()
+
+
+class InternVLXImageProcessor(BaseImageProcessor):
+    r"""
+    Splits each image into `image_size`×`image_size` tiles (plus a thumbnail when there is more than one tile) and
+    normalizes them.
+
+    Args:
+        image_size (`int`, *optional*, defaults to 448): side of a tile in pixels.
+        min_patches (`int`, *optional*, defaults to 1): fewest tiles per image.
+        max_patches (`int`, *optional*, defaults to 6): most tiles per image (6 for the -HD models, 1 for plain ones).
+        use_thumbnail (`bool`, *optional*, defaults to `True`): append the whole image resized to one tile when the
+            image was split into more than one tile.
+        slicing (`str`, *optional*, defaults to `"ratio"`): `"ratio"` (InternVL), `"area"` or `"edge"` (RVTC).
+        image_mean, image_std (`tuple[float]`, *optional*): normalization, ImageNet by default.
+    """
+
+    model_input_names = ["pixel_values", "num_patches"]
+
+    def __init__(
+        self,
+        image_size: int = 448,
+        min_patches: int = 1,
+        max_patches: int = 6,
+        use_thumbnail: bool = True,
+        slicing: str = "ratio",
+        image_mean: tuple[float, ...] = IMAGENET_MEAN,
+        image_std: tuple[float, ...] = IMAGENET_STD,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.image_size = image_size
+        self.min_patches = min_patches
+        self.max_patches = max_patches
+        self.use_thumbnail = use_thumbnail
+        self.slicing = slicing
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self._options({})  # validate
+
+    def _options(self, overrides: dict) -> dict:
+        options = {name: overrides.get(name, getattr(self, name)) for name in IMAGE_PROCESSOR_OPTIONS}
+        if options["slicing"] not in SLICING_MODES:
+            raise ValueError(f"slicing must be one of {SLICING_MODES}, got {options['slicing']!r}.")
+        if not 1 <= options["min_patches"] <= options["max_patches"]:
+            raise ValueError(
+                f"need 1 ≤ min_patches ≤ max_patches, got min_patches={options['min_patches']}, "
+                f"max_patches={options['max_patches']}."
+            )
+        return options
+
+    def get_tile_grid(self, height: int, width: int, images_kwargs: dict | None = None) -> tuple[int, int]:
+        """`(columns, rows)` of tiles for an image of `height`×`width` pixels."""
+        o = self._options(images_kwargs or {})
+        return tile_grid(width, height, o["image_size"], o["min_patches"], o["max_patches"], o["slicing"])
+
+    def get_number_of_image_patches(self, height: int, width: int, images_kwargs: dict | None = None) -> int:
+        """Tiles `preprocess` produces for an image of `height`×`width` pixels, thumbnail included."""
+        columns, rows = self.get_tile_grid(height, width, images_kwargs)
+        use_thumbnail = (images_kwargs or {}).get("use_thumbnail", self.use_thumbnail)
+        return columns * rows + int(use_thumbnail and columns * rows > 1)
+
+    def tile(self, image: torch.Tensor, options: dict) -> list[torch.Tensor]:
+        """`(3, H, W)` → list of `(3, size, size)` tiles, row-major, then the thumbnail if any."""
+        size = options["image_size"]
+        height, width = image.shape[-2:]
+        columns, rows = tile_grid(
+            width, height, size, options["min_patches"], options["max_patches"], options["slicing"]
+        )
+        bicubic = tvF.InterpolationMode.BICUBIC
+        resized = tvF.resize(image, [rows * size, columns * size], interpolation=bicubic, antialias=True)
+        tiles = [
+            resized[:, r * size : (r + 1) * size, c * size : (c + 1) * size]
+            for r in range(rows)
+            for c in range(columns)
+        ]
+        if options["use_thumbnail"] and len(tiles) > 1:
+            tiles.append(tvF.resize(image, [size, size], interpolation=bicubic, antialias=True))
+        return tiles
+
+    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+        """
+        Args:
+            images: a PIL image (any mode), numpy array or tensor (HWC or CHW; uint8, uint16 or float in [0, 1]), or a
+                (nested) list of them.
+            kwargs: per-call overrides of `image_size`, `min_patches`, `max_patches`, `use_thumbnail`, `slicing`,
+                `image_mean`, `image_std`.
+
+        Returns:
+            `BatchFeature` with `pixel_values (total_tiles, 3, size, size)` and `num_patches`, the tiles of each
+            image in order.
+        """
+        unknown = set(kwargs) - {*IMAGE_PROCESSOR_OPTIONS, "do_convert_rgb", "device"}
+        if unknown:
+            raise ValueError(f"unknown image processor arguments: {sorted(unknown)}")
+        options = self._options(kwargs)
+        flat = []
+
+        def collect(item):
+            if isinstance(item, (list, tuple)):
+                for element in item:
+                    collect(element)
+            else:
+                flat.append(item)
+
+        collect(images)
+        tiles, num_patches = [], []
+        for image in flat:
+            image_tiles = self.tile(to_rgb_tensor(image), options)
+            tiles += image_tiles
+            num_patches.append(len(image_tiles))
+        size = options["image_size"]
+        if not tiles:
+            pixel_values = torch.empty(0, 3, size, size)
+        else:
+            same_dtype = all(tile.dtype == tiles[0].dtype for tile in tiles)
+            pixel_values = (torch.stack(tiles) if same_dtype else torch.stack([t.float() for t in tiles])).float()
+            # (x / 255 - mean) / std as one in-place multiply-subtract
+            std = torch.tensor(options["image_std"]).view(1, 3, 1, 1)
+            mean = torch.tensor(options["image_mean"]).view(1, 3, 1, 1)
+            pixel_values.mul_(1.0 / (255.0 * std)).sub_(mean / std)
+        return BatchFeature(
+            data={"pixel_values": pixel_values, "num_patches": torch.tensor(num_patches, dtype=torch.long)},
+            tensor_type=return_tensors,
+        )
+
+
+InternVLXImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = ["InternVLXImageProcessor"]

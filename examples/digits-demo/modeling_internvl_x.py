@@ -1,0 +1,900 @@
+# Copyright 2026 The InternVL-X for Transformers authors.
+# Licensed under the Apache License, Version 2.0.
+"""InternVL-X: InternVL2 with visual-token compression (PVTC, LVTC, RVTC)."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, InternVLVisionModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+
+from .configuration_internvl_x import InternVLXConfig
+from .processing_internvl_x import CHAT_END_TOKEN, CHAT_TEMPLATE, expand_image_placeholders
+
+
+def pixel_shuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """Merge each `factor`×`factor` window of a patch grid into one token (InternVL's pixel shuffle).
+
+    Output token (i, j) is window (i, j); its channels are the window's M² patches in row-major order, `C` each,
+    exactly as in InternVL, so weights trained with InternVL2's projector apply unchanged.
+
+    Args:
+        features: `(batch, S, S, C)` patch grid, row-major.
+        factor: M, patches per side merged into one token; must divide S.
+
+    Returns:
+        `(batch, S / M, S / M, C · M²)`.
+    """
+    batch, rows, cols, channels = features.shape
+    if rows % factor or cols % factor:
+        raise ValueError(f"a {rows}×{cols} patch grid cannot be pixel-shuffled by {factor}: {factor} must divide it.")
+    features = features.reshape(batch, rows, cols // factor, channels * factor).transpose(1, 2)
+    features = features.reshape(batch, cols // factor, rows // factor, channels * factor * factor)
+    return features.transpose(1, 2).contiguous()
+
+
+class InternVLXPixelShuffleProjector(nn.Module):
+    """InternVL2's projector (`mlp1`): pixel shuffle by M, then LayerNorm → Linear → act → Linear.
+
+    Parameter names equal `transformers.InternVLMultiModalProjector`'s.
+    """
+
+    def __init__(self, config: InternVLXConfig, downsample_factor: int | None = None):
+        super().__init__()
+        self.downsample_factor = downsample_factor or config.downsample_factor
+        merged_size = config.vision_config.hidden_size * self.downsample_factor**2
+        text_size = config.text_config.hidden_size
+        self.layer_norm = nn.LayerNorm(merged_size)
+        self.linear_1 = nn.Linear(merged_size, text_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_size, text_size)
+
+    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """`(tiles, 1 + S², C)` ViT states with CLS first → `(tiles, (S / M)², D)` visual tokens, row-major."""
+        patches = vision_features[:, 1:]
+        tiles, num_patches, channels = patches.shape
+        side = int(num_patches**0.5)
+        grid = pixel_shuffle(patches.reshape(tiles, side, side, channels), self.downsample_factor)
+        hidden_states = self.layer_norm(grid.reshape(tiles, -1, grid.shape[-1]))
+        return self.linear_2(self.act(self.linear_1(hidden_states)))
+
+
+# Epsilon of every RMSNorm inside PVTC, as in the released InternVL-X checkpoints.
+PVTC_NORM_EPS = 1e-6
+
+
+class InternVLXRMSNorm(nn.Module):
+    """RMSNorm computed in at least float32: `weight · x / sqrt(mean(x²) + eps)`."""
+
+    def __init__(self, hidden_size: int, eps: float = PVTC_NORM_EPS):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.promote_types(dtype, torch.float32))
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden_states.to(dtype)
+
+
+class InternVLXNormLinearSiLU(nn.Module):
+    """RMSNorm → Linear (no bias) → SiLU: PVTC's input MLPs (local query, CLS query, key/value)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.norm = InternVLXRMSNorm(in_features)
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.linear(self.norm(hidden_states)))
+
+
+def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole rows of the first dimension with probability `rate`, rescale the rest."""
+    if rate == 0.0 or not training:
+        return hidden_states
+    keep = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)).bernoulli_(1 - rate)
+    return hidden_states * keep / (1 - rate)
+
+
+class InternVLXWindowAttention(nn.Module):
+    """Point-to-region cross-attention: each window's query attends only to the M² tokens of its own window.
+
+    Windows are the batch dimension of `F.scaled_dot_product_attention`, so no mask is needed.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query_norm = InternVLXRMSNorm(hidden_size)
+        self.key_value_norm = InternVLXRMSNorm(hidden_size)
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor) -> torch.Tensor:
+        """`queries (windows, Q, D)`, `keys_values (windows, M², D)` → `(windows, Q, D)`."""
+        windows, num_queries, hidden_size = queries.shape
+        queries = self.query_norm(queries)
+        keys_values = self.key_value_norm(keys_values)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(windows, -1, self.num_heads, self.head_dim).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(
+            heads(self.q_proj(queries)), heads(self.k_proj(keys_values)), heads(self.v_proj(keys_values))
+        )
+        return self.o_proj(attended.transpose(1, 2).reshape(windows, num_queries, hidden_size))
+
+
+class InternVLXGatedMLP(nn.Module):
+    """RMSNorm → `down_proj(SiLU(gate_proj x) · up_proj x)`, hidden 4·D, no biases (the release's w1, w3, w2)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.norm = InternVLXRMSNorm(hidden_size)
+        self.gate_proj = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        self.down_proj = nn.Linear(4 * hidden_size, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.norm(hidden_states)
+        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class InternVLXWindowCrossAttentionBlock(nn.Module):
+    """`x = q + Attn(norm(q), norm(kv))`, then `x = x + MLP(x)`, with optional stochastic depth on both branches."""
+
+    def __init__(self, hidden_size: int, num_heads: int, drop_path_rate: float):
+        super().__init__()
+        self.attention = InternVLXWindowAttention(hidden_size, num_heads)
+        self.mlp = InternVLXGatedMLP(hidden_size)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor) -> torch.Tensor:
+        """`queries (windows, Q, D)`, `keys_values (windows, M², D)` → `(windows, Q, D)`."""
+        queries = queries + drop_path(self.attention(queries, keys_values), self.drop_path_rate, self.training)
+        return queries + drop_path(self.mlp(queries), self.drop_path_rate, self.training)
+
+
+class InternVLXPVTCProjector(nn.Module):
+    """Projector Visual Token Compressor (paper §3.1).
+
+    With S² ViT patches per tile, M = 1/downsample_ratio, N = S / M and D the language model's width:
+
+    - keys/values: `kv_mlp` on every patch, grouped into the N² non-overlapping M×M windows;
+    - local path: each window pixel-shuffled into one query (`local_mlp`), refined by `local_blocks`;
+    - global path: the CLS token through `cls_mlp`, broadcast to the N×N grid, times `cls_scale`, refined by
+      `global_blocks`;
+    - every query attends only to the M² keys of its own window; the output is F_L + F_G, `(tiles, N², D)`.
+    """
+
+    def __init__(self, config: InternVLXConfig):
+        super().__init__()
+        vision_size = config.vision_config.hidden_size
+        hidden_size = config.text_config.hidden_size
+        self.downsample_factor = config.downsample_factor
+        grid = config.patch_grid_size // self.downsample_factor
+
+        def blocks() -> nn.ModuleList:
+            return nn.ModuleList(
+                InternVLXWindowCrossAttentionBlock(hidden_size, config.pvtc_num_heads, config.pvtc_drop_path_rate)
+                for _ in range(config.pvtc_num_layers)
+            )
+
+        self.kv_mlp = InternVLXNormLinearSiLU(vision_size, hidden_size)
+        if config.pvtc_use_local:
+            self.local_mlp = InternVLXNormLinearSiLU(vision_size * self.downsample_factor**2, hidden_size)
+            self.local_blocks = blocks()
+        if config.pvtc_use_global:
+            self.cls_mlp = InternVLXNormLinearSiLU(vision_size, hidden_size)
+            self.global_blocks = blocks()
+            if config.pvtc_learnable_cls_scale:
+                self.cls_scale = nn.Parameter(torch.ones(1, grid, grid, hidden_size))
+
+    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """`(tiles, 1 + S², C)` ViT states with CLS first → `(tiles, N², D)` visual tokens, row-major."""
+        cls_token, patches = vision_features[:, 0], vision_features[:, 1:]
+        tiles, num_patches, channels = patches.shape
+        side, factor = int(num_patches**0.5), self.downsample_factor
+        grid = side // factor
+        patches = patches.reshape(tiles, side, side, channels)
+
+        keys_values = self.kv_mlp(patches)  # (tiles, S, S, D)
+        hidden_size = keys_values.shape[-1]
+        keys_values = keys_values.view(tiles, grid, factor, grid, factor, hidden_size).transpose(2, 3)
+        keys_values = keys_values.reshape(tiles * grid * grid, factor * factor, hidden_size)
+
+        output = 0
+        if hasattr(self, "local_blocks"):
+            local = self.local_mlp(pixel_shuffle(patches, factor)).reshape(tiles * grid * grid, 1, hidden_size)
+            for block in self.local_blocks:
+                local = block(local, keys_values)
+            output = output + local
+        if hasattr(self, "global_blocks"):
+            queries = self.cls_mlp(cls_token)[:, None, None, :].expand(tiles, grid, grid, hidden_size)
+            if hasattr(self, "cls_scale"):
+                queries = queries * self.cls_scale
+            queries = queries.reshape(tiles * grid * grid, 1, hidden_size)
+            for block in self.global_blocks:
+                queries = block(queries, keys_values)
+            output = output + queries
+        return output.reshape(tiles, grid * grid, hidden_size)
+
+
+PROJECTOR_CLASSES = {"pixel_shuffle": InternVLXPixelShuffleProjector, "pvtc": InternVLXPVTCProjector}
+
+
+@dataclass
+class LVTCLayout:
+    """Where each token of a short (N1² per tile) sequence sits in the long (N2² per tile) one.
+
+    Built once per prefill from the `<IMG_CONTEXT>` mask. Rows are left-padded to the longest expanded row.
+    """
+
+    text_rows: torch.Tensor  # (num_text,) row of each non-visual token
+    text_short: torch.Tensor  # (num_text,) its short position
+    text_long: torch.Tensor  # (num_text,) its long position
+    tile_rows: torch.Tensor  # (tiles,) row of each tile
+    tile_long: torch.Tensor  # (tiles, N2²) long positions of each tile's expanded span
+    long_mask: torch.Tensor  # (batch, long_len) 1 for real tokens, 0 for padding
+    long_position_ids: torch.Tensor  # (batch, long_len) renumbered positions
+    growth: torch.Tensor  # (batch,) tokens each row gained: its decoded tokens' long position offset
+
+
+@dataclass
+class LVTCCacheState:
+    """What decoding steps need from the prefill: the long prompt's padding mask and each row's growth."""
+
+    short_prompt_length: int
+    long_prompt_mask: torch.Tensor  # (batch, long_len)
+    growth: torch.Tensor  # (batch,)
+
+
+def build_lvtc_layout(
+    image_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    short_tokens: int,
+    long_tokens: int,
+) -> LVTCLayout:
+    """Index the expansion of every tile's `short_tokens` span into `long_tokens` tokens, in place.
+
+    Args:
+        image_mask: `(batch, L)` `<IMG_CONTEXT>` positions; tile t is the t-th run of `short_tokens` of them.
+        attention_mask: `(batch, L)` 1 for real tokens, or None.
+        position_ids: `(batch, L)` short-phase positions.
+    """
+    batch, length = image_mask.shape
+    extra = long_tokens - short_tokens
+    image_mask = image_mask.bool()
+    visual_before = image_mask.long().cumsum(1) - image_mask.long()  # visual tokens before each position
+    visual_per_row = visual_before[:, -1] + image_mask[:, -1].long()
+    coords = image_mask.nonzero()  # (visual, 2) row-major: tile t is rows t·N1² .. (t+1)·N1² - 1
+    if coords.shape[0] % short_tokens:
+        raise ValueError(f"{coords.shape[0]} image tokens are not a whole number of {short_tokens}-token tiles.")
+    coords = coords.view(-1, short_tokens, 2)
+    steps = torch.arange(short_tokens, device=coords.device)
+    if not bool(((coords[..., 0] == coords[:, :1, 0]) & (coords[..., 1] == coords[:, :1, 1] + steps)).all()):
+        raise ValueError(f"LVTC needs each tile's {short_tokens} `<IMG_CONTEXT>` tokens contiguous in one row.")
+    if bool((visual_per_row % short_tokens).any()):
+        raise ValueError(
+            f"every row must hold whole tiles of {short_tokens} image tokens, got {visual_per_row.tolist()}"
+        )
+
+    growth = visual_per_row // short_tokens * extra
+    long_length = length + int(growth.max())
+    shift = (visual_before // short_tokens) * extra + (long_length - length - growth)[:, None]
+    long_index = torch.arange(length, device=image_mask.device) + shift  # long position of each short position
+
+    text_rows, text_short = (~image_mask).nonzero(as_tuple=True)
+    tile_rows, tile_starts = coords[:, 0, 0], coords[:, 0, 1]
+    long_steps = torch.arange(long_tokens, device=coords.device)
+    tile_long = long_index[tile_rows, tile_starts][:, None] + long_steps
+
+    real = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
+    long_mask = image_mask.new_zeros(batch, long_length)
+    long_mask[text_rows, long_index[text_rows, text_short]] = real[text_rows, text_short]
+    long_mask[tile_rows[:, None], tile_long] = True
+    long_position_ids = position_ids.new_zeros(batch, long_length)
+    visual_shift = (visual_before // short_tokens) * extra
+    long_position_ids[text_rows, long_index[text_rows, text_short]] = (position_ids + visual_shift)[
+        text_rows, text_short
+    ]
+    tile_position = (position_ids + visual_shift)[tile_rows, tile_starts]
+    long_position_ids[tile_rows[:, None], tile_long] = tile_position[:, None] + long_steps
+    return LVTCLayout(
+        text_rows=text_rows,
+        text_short=text_short,
+        text_long=long_index[text_rows, text_short],
+        tile_rows=tile_rows,
+        tile_long=tile_long,
+        long_mask=long_mask.long(),
+        long_position_ids=long_position_ids,
+        growth=growth,
+    )
+
+
+def phase_attention_mask(
+    key_padding: torch.Tensor, query_length: int, past_length: int, dtype: torch.dtype, implementation: str
+) -> torch.Tensor:
+    """Causal mask over `key_padding (batch, kv)` for queries at `past_length + i`, as sdpa (bool) or eager (float).
+
+    Every query may attend to itself, so padding queries never see an empty row (no NaN); real queries always do.
+    """
+    keys = torch.arange(key_padding.shape[1], device=key_padding.device)
+    queries = torch.arange(query_length, device=key_padding.device)[:, None] + past_length
+    allowed = (keys <= queries)[None, None] & key_padding.bool()[:, None, None, :]
+    allowed = allowed | (keys == queries)[None, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@dataclass
+class InternVLXModelOutputWithPast(BaseModelOutputWithPast):
+    """
+    Outputs of [`InternVLXModel`].
+
+    image_hidden_states (`torch.FloatTensor` of shape `(num_tiles, tokens_per_tile, hidden_size)`, *optional*):
+        Visual tokens produced by the projector for the tiles of this forward pass.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class InternVLXCausalLMOutputWithPast(ModelOutput):
+    """
+    Outputs of [`InternVLXForConditionalGeneration`].
+
+    loss (`torch.FloatTensor` of shape `()`, *optional*): shifted next-token cross entropy, when `labels` are given.
+    logits (`torch.FloatTensor` of shape `(batch, kept_positions, vocab_size)`): scores aligned with `input_ids`.
+    past_key_values (`Cache`, *optional*): the key/value cache for the next decoding step.
+    hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*): per-layer states of the language model.
+    image_hidden_states (`torch.FloatTensor` of shape `(num_tiles, tokens_per_tile, hidden_size)`, *optional*):
+        Visual tokens produced by the projector.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class InternVLXPreTrainedModel(PreTrainedModel):
+    config_class = InternVLXConfig
+    config: InternVLXConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["InternVLVisionLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, InternVLXPVTCProjector) and hasattr(module, "cls_scale"):
+            init.ones_(module.cls_scale)
+
+
+class InternVLXModel(InternVLXPreTrainedModel):
+    """Vision tower + projector + language model, without the LM head.
+
+    The sub-module names (`vision_tower`, `multi_modal_projector`, `language_model`) equal those of
+    `transformers.InternVLModel`, so its checkpoints load without renaming.
+    """
+
+    def __init__(self, config: InternVLXConfig):
+        super().__init__(config)
+        self.vision_tower = InternVLVisionModel(config.vision_config)
+        self.multi_modal_projector = PROJECTOR_CLASSES[config.projector_type](config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        if config.lvtc_enabled:
+            self.lvtc_lr_projectors = nn.ModuleList(
+                InternVLXPixelShuffleProjector(config) for _ in range(config.lvtc_num_lr_projectors - 1)
+            )
+            if config.lvtc_use_hr_projector and config.lvtc_expand_layer < config.text_config.num_hidden_layers:
+                self.lvtc_hr_projector = InternVLXPixelShuffleProjector(config, config.lvtc_hr_downsample_factor)
+        self.post_init()
+
+    def visual_token_schedule(self, num_tiles: int) -> list[int]:
+        """Visual tokens each decoder layer processes for `num_tiles` tiles (N1² per tile, N2² from layer k on)."""
+        num_layers = self.config.text_config.num_hidden_layers
+        short = num_tiles * self.config.tokens_per_tile
+        if not self.config.lvtc_enabled:
+            return [short] * num_layers
+        k = self.config.lvtc_expand_layer
+        return [short] * k + [num_tiles * self.config.lvtc_expanded_tokens_per_tile] * (num_layers - k)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        size = self.config.tile_size
+        expected = (self.config.vision_config.num_channels, size, size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (num_tiles, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(tiles, 3, H, W)` → ViT hidden state `(tiles, 1 + S², C)` of `config.vision_feature_layer`, CLS first."""
+        self._check_pixel_values(pixel_values)
+        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
+        if self.config.vision_feature_layer == -1:
+            return self.vision_tower(pixel_values=pixel_values).last_hidden_state
+        outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+        return outputs.hidden_states[self.config.vision_feature_layer]
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(tiles, 3, H, W)` → visual tokens `(tiles, tokens_per_tile, D)` that enter the language model."""
+        return self.multi_modal_projector(self.get_vision_features(pixel_values))
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq)` boolean mask of the `<IMG_CONTEXT>` positions."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    def merge_image_features(
+        self, inputs_embeds: torch.Tensor, image_mask: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Write `image_features (tiles, T, D)` into the `<IMG_CONTEXT>` positions of `inputs_embeds (B, L, D)`."""
+        num_tokens = int(image_mask.sum())
+        tiles, tokens_per_tile, _ = image_features.shape
+        if num_tokens != tiles * tokens_per_tile:
+            raise ValueError(
+                f"the text has {num_tokens} image tokens (id {self.config.image_token_id}) but pixel_values give "
+                f"{tiles} tiles × {tokens_per_tile} tokens = {tiles * tokens_per_tile} image features; each tile "
+                f"needs exactly {tokens_per_tile} `<IMG_CONTEXT>` tokens."
+            )
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
+
+    def run_lvtc(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        past_key_values: Cache | None,
+        use_cache: bool | None,
+        image_mask: torch.Tensor | None,
+        vision_features: torch.Tensor | None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Drive the decoder layers under the LVTC schedule (paper Algorithm 1).
+
+        Layers 0..k-1 run on the input sequence `(B, L, D)`, with LR projectors 1..T-1 added to the visual span
+        before layers s + i·j. Before layer k every tile's N1² span is replaced in place by N2² tokens
+        (`upsample2d(span) + HR_projector(vit)`); layers k.. run on that longer sequence (rows left-padded to the
+        longest, positions renumbered contiguously, RoPE recomputed). The final states are mapped back: text tokens
+        keep their own, each tile's N2² states are average-pooled to N1², so the output is `(B, L, D)` again.
+
+        With a cache, layers < k cache the short sequence and layers ≥ k the long one; the prefill stores each
+        row's growth on the cache so decoded tokens get the next position of each phase.
+
+        `hidden_states` (with `output_hidden_states`): the input of every layer then the final normed state;
+        entries of layers ≥ k (and the last) are in the long layout `(B, L_long, D)`.
+        """
+        config, text_config, model = self.config, self.config.text_config, self.language_model
+        implementation = text_config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"LVTC runs with attn_implementation 'sdpa' or 'eager', not {implementation!r}.")
+        if output_attentions:
+            raise ValueError("output_attentions is not available with LVTC (the two phases have different lengths).")
+        batch, length, _ = inputs_embeds.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=text_config)
+        past_short = past_key_values.get_seq_length() if past_key_values is not None else 0
+        prefill = past_short == 0
+        if vision_features is not None and not prefill:
+            raise ValueError("LVTC cannot add images to an already cached sequence; run the whole prompt at once.")
+        if position_ids is None:
+            position_ids = torch.arange(past_short, past_short + length, device=inputs_embeds.device)
+            position_ids = position_ids.unsqueeze(0).expand(batch, -1)
+        k, num_layers = config.lvtc_expand_layer, text_config.num_hidden_layers
+        layers = model.layers[:num_layers]
+        layer_inputs = dict(past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        all_hidden_states = [] if output_hidden_states else None
+
+        # Short phase: layers 0..k-1 on N1² tokens per tile, with the extra LR projectors injected.
+        hidden_states = inputs_embeds
+        injections = {}
+        if vision_features is not None:
+            image_positions = image_mask.nonzero(as_tuple=True)
+            for layer_index, projector in zip(config.lvtc_inject_layers, self.lvtc_lr_projectors):
+                injections[layer_index] = projector(vision_features).flatten(0, 1)
+        causal_mask = create_causal_mask(
+            config=text_config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        position_embeddings = model.rotary_emb(hidden_states, position_ids)
+        for layer_index, layer in enumerate(layers[:k]):
+            if layer_index in injections:
+                added = hidden_states[image_positions] + injections[layer_index].to(hidden_states.dtype)
+                hidden_states = hidden_states.index_put(image_positions, added)
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                **layer_inputs,
+            )
+
+        # Long phase: layers k.. on N2² tokens per tile.
+        layout = None
+        if k < num_layers:
+            if prefill:
+                if image_mask is None:
+                    image_mask = torch.zeros(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+                layout = build_lvtc_layout(
+                    image_mask,
+                    attention_mask,
+                    position_ids,
+                    config.tokens_per_tile,
+                    config.lvtc_expanded_tokens_per_tile,
+                )
+                hidden_states = self.expand_visual_spans(hidden_states, layout, image_mask, vision_features)
+                long_position_ids, key_padding, past_long = layout.long_position_ids, layout.long_mask, 0
+                if past_key_values is not None:
+                    past_key_values.internvl_x_lvtc = LVTCCacheState(length, layout.long_mask, layout.growth)
+            else:
+                past_long = past_key_values.get_seq_length(k)
+                state = getattr(past_key_values, "internvl_x_lvtc", None)
+                if state is None:  # prefilled elsewhere without images: both phases have the same layout
+                    state = LVTCCacheState(
+                        0, inputs_embeds.new_ones(batch, 0, dtype=torch.long), position_ids.new_zeros(batch)
+                    )
+                long_position_ids = position_ids + state.growth[:, None]
+                appended = (
+                    attention_mask[:, state.short_prompt_length :]
+                    if attention_mask is not None
+                    else state.long_prompt_mask.new_ones(batch, past_long + length - state.long_prompt_mask.shape[1])
+                )
+                key_padding = torch.cat([state.long_prompt_mask, appended.to(state.long_prompt_mask.dtype)], dim=1)
+            long_mask = phase_attention_mask(
+                key_padding, hidden_states.shape[1], past_long, hidden_states.dtype, implementation
+            )
+            position_embeddings = model.rotary_emb(hidden_states, long_position_ids)
+            for layer in layers[k:]:
+                if all_hidden_states is not None:
+                    all_hidden_states.append(hidden_states)
+                hidden_states = layer(
+                    hidden_states,
+                    attention_mask=long_mask,
+                    position_ids=long_position_ids,
+                    position_embeddings=position_embeddings,
+                    **layer_inputs,
+                )
+
+        hidden_states = model.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
+        if layout is not None:
+            hidden_states = self.pool_visual_spans(hidden_states, layout, image_mask, length)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+        )
+
+    def lvtc_span_sides(self) -> tuple[int, int]:
+        """(N1, N2): tokens per side of a tile's span before and from the expansion layer."""
+        grid = self.config.patch_grid_size
+        return grid // self.config.downsample_factor, grid // self.config.lvtc_hr_downsample_factor
+
+    def expand_visual_spans(
+        self,
+        hidden_states: torch.Tensor,
+        layout: LVTCLayout,
+        image_mask: torch.Tensor,
+        vision_features: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`(B, L, D)` → `(B, L_long, D)`: each tile's N1×N1 span upsampled to N2×N2 (+ HR tokens), in place."""
+        batch, _, hidden_size = hidden_states.shape
+        long_states = hidden_states.new_zeros(batch, layout.long_mask.shape[1], hidden_size)
+        long_states = long_states.index_put(
+            (layout.text_rows, layout.text_long), hidden_states[layout.text_rows, layout.text_short]
+        )
+        tiles = layout.tile_rows.shape[0]
+        if tiles == 0:
+            return long_states
+        short_side, long_side = self.lvtc_span_sides()
+        spans = hidden_states[image_mask].view(tiles, short_side, short_side, hidden_size).permute(0, 3, 1, 2)
+        upsampled = F.interpolate(spans, size=(long_side, long_side), mode=self.config.lvtc_upsample_mode)
+        upsampled = upsampled.permute(0, 2, 3, 1).reshape(tiles, long_side * long_side, hidden_size)
+        if hasattr(self, "lvtc_hr_projector"):
+            upsampled = upsampled + self.lvtc_hr_projector(vision_features).to(upsampled.dtype)
+        rows = layout.tile_rows[:, None].expand_as(layout.tile_long)
+        return long_states.index_put((rows, layout.tile_long), upsampled)
+
+    def pool_visual_spans(
+        self, hidden_states: torch.Tensor, layout: LVTCLayout, image_mask: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        """`(B, L_long, D)` → `(B, L, D)`: text tokens keep their states, each tile's N2² states are average-pooled
+        to N1²."""
+        batch, _, hidden_size = hidden_states.shape
+        short_states = hidden_states.new_zeros(batch, length, hidden_size)
+        short_states = short_states.index_put(
+            (layout.text_rows, layout.text_short), hidden_states[layout.text_rows, layout.text_long]
+        )
+        tiles = layout.tile_rows.shape[0]
+        if tiles == 0:
+            return short_states
+        short_side, long_side = self.lvtc_span_sides()
+        spans = hidden_states[layout.tile_rows[:, None], layout.tile_long]
+        spans = spans.view(tiles, long_side, long_side, hidden_size).permute(0, 3, 1, 2)
+        pooled = F.avg_pool2d(spans, kernel_size=long_side // short_side).permute(0, 2, 3, 1)
+        return short_states.index_put(image_mask.nonzero(as_tuple=True), pooled.reshape(-1, hidden_size))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        num_patches: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> InternVLXModelOutputWithPast:
+        """
+        Args:
+            input_ids: `(batch, seq)` token ids; each tile's visual tokens sit on `<IMG_CONTEXT>` positions.
+            pixel_values: `(num_tiles, 3, H, W)` tiles of all images of the batch, in order of appearance.
+            attention_mask: `(batch, seq)`, 1 for real tokens, 0 for padding.
+            num_patches: tiles per image as the processor returns them; checked against `pixel_values` when given.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if pixel_values is not None and num_patches is not None and int(sum(num_patches)) != pixel_values.shape[0]:
+            raise ValueError(
+                f"num_patches {[int(n) for n in num_patches]} add up to {int(sum(num_patches))} tiles but "
+                f"pixel_values holds {pixel_values.shape[0]}."
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = vision_features = image_mask = None
+        if pixel_values is not None:
+            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+            if not image_mask.any():
+                raise ValueError(
+                    f"pixel_values with {pixel_values.shape[0]} tiles were given but the text has no image token "
+                    f"(id {self.config.image_token_id}); expand each `<image>` with the processor."
+                )
+            vision_features = self.get_vision_features(pixel_values)
+            image_features = self.multi_modal_projector(vision_features)
+            inputs_embeds = self.merge_image_features(inputs_embeds, image_mask, image_features)
+        elif input_ids is not None and (past_key_values is None or past_key_values.get_seq_length() == 0):
+            num_tokens = int((input_ids == self.config.image_token_id).sum())
+            if num_tokens:
+                raise ValueError(f"the text has {num_tokens} image tokens but no pixel_values were given.")
+
+        language_inputs = dict(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        if self.config.lvtc_enabled:
+            outputs = self.run_lvtc(image_mask=image_mask, vision_features=vision_features, **language_inputs)
+        else:
+            outputs = self.language_model(**language_inputs)
+        return InternVLXModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixin):
+    """InternVL-X with a language-modelling head: chat, `generate`, and training with `labels`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: InternVLXConfig):
+        super().__init__(config)
+        self.model = InternVLXModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(tiles, 3, H, W)` → visual tokens `(tiles, tokens_per_tile, D)`."""
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_patches: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> InternVLXCausalLMOutputWithPast:
+        """
+        Args:
+            labels: `(batch, seq)` target ids aligned with `input_ids` (shifted inside the loss); -100 is ignored.
+            logits_to_keep: compute logits only for the last `logits_to_keep` positions (0: all), or for the
+                positions of a 1-D index tensor.
+
+        Returns logits `(batch, seq, vocab)` aligned with `input_ids` (or the kept positions).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            num_patches=num_patches,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return InternVLXCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    # ---- InternVL2-compatible chat API -------------------------------------------------------------------------------
+    def _chat_inputs(self, tokenizer, questions: list[str], histories: list, num_patches_list: list[int]) -> dict:
+        """Render InternLM2-chat prompts, expand each `<image>` by its tiles and tokenize (left-padded)."""
+        processor = tokenizer if hasattr(tokenizer, "image_processor") else None
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        if processor is not None and processor.image_seq_length != self.config.tokens_per_tile:
+            raise ValueError(
+                f"the processor expands each tile into {processor.image_seq_length} tokens but this model takes "
+                f"{self.config.tokens_per_tile} per tile; rebuild the processor with image_seq_length="
+                f"{self.config.tokens_per_tile}."
+            )
+        texts = []
+        for question, history in zip(questions, histories):
+            messages = []
+            for previous_question, answer in history or []:
+                messages += [{"role": "user", "content": previous_question}, {"role": "assistant", "content": answer}]
+            messages.append({"role": "user", "content": question})
+            text = tokenizer.apply_chat_template(
+                messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+            )
+            texts.append(text)
+        texts = expand_image_placeholders(texts, num_patches_list, self.config.tokens_per_tile)
+        return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+
+    def batch_chat(
+        self,
+        tokenizer,
+        pixel_values: torch.Tensor | None,
+        questions: list[str],
+        generation_config: dict,
+        num_patches_list: list[int] | None = None,
+        history=None,
+        return_history: bool = False,
+        **_unused,
+    ) -> list[str]:
+        """InternVL2's `batch_chat`: one question per image (`num_patches_list` tiles each), answers in order.
+
+        `tokenizer` may be the tokenizer or the `InternVLXProcessor`; `generation_config` is a dict of `generate`
+        arguments. Generation stops at `<|im_end|>`.
+        """
+        if history is not None or return_history:
+            raise ValueError("batch_chat does not keep a history; call chat() for multi-round conversations.")
+        if pixel_values is not None:
+            num_patches_list = num_patches_list or [1] * len(questions)
+            questions = [q if "<image>" in q else "<image>\n" + q for q in questions]
+        return self._generate_answers(tokenizer, pixel_values, questions, [None] * len(questions),
+                                      num_patches_list or [], generation_config)  # fmt: skip
+
+    def chat(
+        self,
+        tokenizer,
+        pixel_values: torch.Tensor | None,
+        question: str,
+        generation_config: dict,
+        history: list[tuple[str, str]] | None = None,
+        return_history: bool = False,
+        num_patches_list: list[int] | None = None,
+        verbose: bool = False,
+        **_unused,
+    ):
+        """InternVL2's `chat`: answer `question` about `pixel_values (tiles, 3, H, W)`, optionally after `history`.
+
+        In a first round `<image>\n` is prepended when there are tiles and the question has no `<image>`; later
+        rounds keep the image where the history has it. Returns the answer, or `(answer, history)` with
+        `return_history=True`.
+        """
+        if not history and pixel_values is not None and "<image>" not in question:
+            question = "<image>\n" + question
+        if num_patches_list is None:
+            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+        answer = self._generate_answers(tokenizer, pixel_values, [question], [history], num_patches_list,
+                                        generation_config)[0]  # fmt: skip
+        if verbose:
+            print(question, "\n", answer)
+        history = [*(history or []), (question, answer)]
+        return (answer, history) if return_history else answer
+
+    def _generate_answers(self, tokenizer, pixel_values, questions, histories, num_patches_list, generation_config):
+        inputs = self._chat_inputs(tokenizer, questions, histories, num_patches_list).to(self.device)
+        text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        generation_config = dict(generation_config)
+        generation_config.setdefault("eos_token_id", text_tokenizer.convert_tokens_to_ids(CHAT_END_TOKEN))
+        generation_config.setdefault("pad_token_id", text_tokenizer.pad_token_id)
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.device, self.dtype)
+        output = self.generate(**inputs, pixel_values=pixel_values, **generation_config)
+        answers = text_tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [answer.split(CHAT_END_TOKEN)[0].strip() for answer in answers]
+
+
+InternVLXModel.register_for_auto_class("AutoModel")
+InternVLXForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = ["InternVLXPreTrainedModel", "InternVLXModel", "InternVLXForConditionalGeneration"]

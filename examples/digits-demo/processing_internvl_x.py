@@ -1,0 +1,177 @@
+# Copyright 2026 The InternVL-X for Transformers authors.
+# Licensed under the Apache License, Version 2.0.
+"""InternVL-X processor: tokenizer + tiling image processor + the InternLM2 (ChatML) chat template."""
+
+import re
+
+import torch
+from transformers.image_processing_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .image_processing_internvl_x import IMAGE_PROCESSOR_OPTIONS
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_START_TOKEN = "<img>"
+IMAGE_END_TOKEN = "</img>"
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+CHAT_START_TOKEN = "<|im_start|>"
+CHAT_END_TOKEN = "<|im_end|>"
+SPECIAL_TOKENS = (CHAT_END_TOKEN, CHAT_START_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
+DEFAULT_SYSTEM_MESSAGE = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
+
+# InternLM2 chat format: <|im_start|>role\n...<|im_end|>\n, the InternVL2 system message unless one is given; every
+# image item becomes an `<image>` placeholder on its own line, which the processor expands into image tokens.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system = messages[0]['content'] if messages[0]['content'] is string "
+    "else messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system = '" + DEFAULT_SYSTEM_MESSAGE + "' %}{%- endif %}"
+    "{{ '<|im_start|>system\\n' + system + '<|im_end|>\\n' }}"
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{ message['content'] }}"
+    "{%- else %}{%- for item in message['content'] %}"
+    "{%- if item['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{%- elif item['type'] == 'text' %}{{ item['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def prepare_tokenizer(tokenizer, config=None) -> dict[str, int]:
+    """Add the InternVL-X special tokens the tokenizer lacks and return their ids.
+
+    With `config` (an `InternVLXConfig`), record the image token ids in it. If the vocabulary grew past the model's
+    embedding size, resize the model's embeddings (`model.resize_token_embeddings(len(tokenizer))`).
+    """
+    missing = [token for token in SPECIAL_TOKENS if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    if config is not None:
+        config.image_token_id = ids[IMAGE_CONTEXT_TOKEN]
+        config.image_start_token_id = ids[IMAGE_START_TOKEN]
+        config.image_end_token_id = ids[IMAGE_END_TOKEN]
+    return ids
+
+
+def expand_image_placeholders(text: list[str], num_patches: list[int], tokens_per_tile: int) -> list[str]:
+    """Replace the i-th `<image>` (counted across the batch) by `<img>` + `<IMG_CONTEXT>` × (tokens_per_tile ×
+    num_patches[i]) + `</img>`."""
+    counts = [sample.count(IMAGE_PLACEHOLDER) for sample in text]
+    if sum(counts) != len(num_patches):
+        raise ValueError(
+            f"the text has {sum(counts)} `<image>` placeholders (per sample: {counts}) but {len(num_patches)} "
+            f"images were given; put one `<image>` where each image belongs."
+        )
+    tiles = iter(num_patches)
+
+    def span(_match: re.Match) -> str:
+        return IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * (tokens_per_tile * next(tiles)) + IMAGE_END_TOKEN
+
+    return [re.sub(re.escape(IMAGE_PLACEHOLDER), span, sample) for sample in text]
+
+
+class InternVLXProcessor(ProcessorMixin):
+    r"""
+    Tokenizer + [`InternVLXImageProcessor`] + chat template.
+
+    Every `<image>` in the text becomes `<img>` + `<IMG_CONTEXT>` × (`image_seq_length` × tiles of that image) +
+    `</img>`, where `image_seq_length` is the number of visual tokens per tile that *enter* the language model
+    (`config.tokens_per_tile`: N1² when LVTC is on). Batches are left-padded.
+
+    Args:
+        image_processor ([`InternVLXImageProcessor`]): tiling and normalization.
+        tokenizer: a tokenizer holding `<img>`, `</img>`, `<IMG_CONTEXT>`, `<|im_start|>`, `<|im_end|>`
+            (see `prepare_tokenizer`).
+        chat_template (`str`, *optional*): defaults to the InternLM2 chat format with InternVL2's system message.
+        image_seq_length (`int`, *optional*, defaults to 256): visual tokens per tile.
+    """
+
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length: int = 256, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
+        self.image_seq_length = image_seq_length
+        missing = [token for token in SPECIAL_TOKENS if token not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(f"the tokenizer lacks {missing}; run `prepare_tokenizer(tokenizer)` first.")
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+        self.chat_end_token_id = tokenizer.convert_tokens_to_ids(CHAT_END_TOKEN)
+
+    def __call__(self, images=None, text=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+        """
+        Args:
+            images: images of the whole batch in order of their `<image>` placeholders (a flat or per-sample list).
+            text: a string or a list of strings holding one `<image>` per image.
+            kwargs: image-processor options (`max_patches`, `slicing`, ...) and tokenizer options.
+
+        Returns:
+            `BatchFeature` with `input_ids`, `attention_mask` and, with images, `pixel_values` and `num_patches`.
+        """
+        if text is None:
+            raise ValueError("InternVLXProcessor needs `text` (with one `<image>` per image).")
+        text = [text] if isinstance(text, str) else list(text)
+        image_kwargs = {k: kwargs.pop(k) for k in IMAGE_PROCESSOR_OPTIONS if k in kwargs}
+        for key in ("images_kwargs", "text_kwargs"):
+            nested = kwargs.pop(key, None) or {}
+            (image_kwargs if key == "images_kwargs" else kwargs).update(nested)
+        data = {}
+        if images is not None and not (isinstance(images, (list, tuple)) and not _flatten(images)):
+            image_inputs = self.image_processor(_flatten(images), return_tensors="pt", **image_kwargs)
+            num_patches = image_inputs["num_patches"].tolist()
+            text = expand_image_placeholders(text, num_patches, self.image_seq_length)
+            data = {"pixel_values": image_inputs["pixel_values"], "num_patches": image_inputs["num_patches"]}
+        elif any(IMAGE_PLACEHOLDER in sample for sample in text):
+            count = sum(sample.count(IMAGE_PLACEHOLDER) for sample in text)
+            raise ValueError(f"the text has {count} `<image>` placeholders but no images were given.")
+
+        kwargs.setdefault("padding", len(text) > 1)
+        kwargs.setdefault("padding_side", "left")
+        for unused in ("videos", "audio"):
+            kwargs.pop(unused, None)
+        text_inputs = self.tokenizer(text, return_tensors=return_tensors, **kwargs)
+        return BatchFeature(data={**text_inputs, **data}, tensor_type=return_tensors)
+
+    def load_image(self, image, **image_kwargs) -> torch.Tensor:
+        """InternVL's `load_image`: a path or image → `pixel_values (tiles, 3, size, size)`.
+
+        `image_kwargs` override the image processor's options, e.g. `max_patches=12` or `slicing="edge"`.
+        """
+        if isinstance(image, str):
+            import PIL.Image
+
+            image = PIL.Image.open(image)
+        return self.image_processor(image, return_tensors="pt", **image_kwargs)["pixel_values"]
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """Decode generated ids to text (what the `image-text-to-text` pipeline shows)."""
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    @property
+    def model_input_names(self):
+        return list(self.tokenizer.model_input_names) + ["pixel_values", "num_patches"]
+
+
+def _flatten(images) -> list:
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in _flatten(item)]
+    return [images]
+
+
+InternVLXProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["InternVLXProcessor", "prepare_tokenizer", "expand_image_placeholders", "CHAT_TEMPLATE"]
