@@ -94,8 +94,6 @@ class InternVLXProcessor(ProcessorMixin):
         image_seq_length (`int`, *optional*, defaults to 256): visual tokens per tile.
     """
 
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length: int = 256, **kwargs):
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
