@@ -94,7 +94,6 @@ class InternVLXProcessor(ProcessorMixin):
         image_seq_length (`int`, *optional*, defaults to 256): visual tokens per tile.
     """
 
-
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length: int = 256, **kwargs):
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
         self.image_seq_length = image_seq_length
