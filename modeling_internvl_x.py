@@ -536,20 +536,20 @@ class InternVLXModel(InternVLXPreTrainedModel):
             past_key_values=past_key_values,
             position_ids=position_ids,
         )
+
+        def run_layer(layer, hidden, mask, positions, rotary) -> torch.Tensor:
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden)
+            return layer(
+                hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary, **layer_inputs
+            )
+
         position_embeddings = model.rotary_emb(hidden_states, position_ids)
         for layer_index, layer in enumerate(layers[:k]):
             if layer_index in injections:
                 added = hidden_states[image_positions] + injections[layer_index].to(hidden_states.dtype)
                 hidden_states = hidden_states.index_put(image_positions, added)
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden_states)
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=causal_mask,
-                position_ids=position_ids,
-                position_embeddings=position_embeddings,
-                **layer_inputs,
-            )
+            hidden_states = run_layer(layer, hidden_states, causal_mask, position_ids, position_embeddings)
 
         # Long phase: layers k.. on N2² tokens per tile.
         layout = None
@@ -587,15 +587,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
             )
             position_embeddings = model.rotary_emb(hidden_states, long_position_ids)
             for layer in layers[k:]:
-                if all_hidden_states is not None:
-                    all_hidden_states.append(hidden_states)
-                hidden_states = layer(
-                    hidden_states,
-                    attention_mask=long_mask,
-                    position_ids=long_position_ids,
-                    position_embeddings=position_embeddings,
-                    **layer_inputs,
-                )
+                hidden_states = run_layer(layer, hidden_states, long_mask, long_position_ids, position_embeddings)
 
         hidden_states = model.norm(hidden_states)
         if all_hidden_states is not None:
