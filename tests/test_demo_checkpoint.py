@@ -13,7 +13,7 @@ BUNDLE_FILES = ("configuration_internvl_x.py", "modeling_internvl_x.py", "proces
 
 @pytest.mark.parametrize("name", BUNDLE_FILES)
 def test_demo_checkpoint_carries_the_current_bundle_code(name):
-    # trust_remote_code runs the checkpoint's copy: refresh it (cp NAME examples/digits-demo/) when the bundle changes
+    # the checkpoint links to the repository files (trust_remote_code copies through the link), so they never drift
     assert (DEMO / name).read_text() == (ROOT / name).read_text()
 
 
