@@ -39,6 +39,13 @@ def suite(name):
 
 
 # ---- timing and memory -------------------------------------------------------------------------------------------
+def built_on(device: str, dtype: torch.dtype, model_class, config):
+    """`model_class(config)` initialised directly on `device` (seconds on a GPU for the 2B widths), cast, in eval."""
+    with torch.device(device):
+        model = model_class(config)
+    return model.to(dtype).eval()
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -58,15 +65,17 @@ def median_time(fn, device: str, repeats: int, warmup: int = 2, setup=None) -> f
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict, device: str, repeats: int, setup=None) -> dict:
-    """Median time of each callable, measured round-robin so drift of the machine hits every entry alike."""
-    for fn in fns.values():  # warm-up
+def interleaved_medians(fns: dict, device: str, repeats: int, setups: dict | None = None) -> dict:
+    """Median time of each callable, measured round-robin so drift of the machine hits every entry alike;
+    `setups[name]()` (untimed) gives the argument of `fns[name]` before each call."""
+    setups = setups or {}
+    for name, fn in fns.items():  # warm-up
         for _ in range(2):
-            fn(setup()) if setup else fn()
+            fn(setups[name]()) if name in setups else fn()
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            samples[name].append(median_time(fn, device, repeats=1, warmup=0, setup=setup))
+            samples[name].append(median_time(fn, device, repeats=1, warmup=0, setup=setups.get(name)))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -107,22 +116,21 @@ def baseline_suite(args) -> dict:
     classes = bundle_classes()
     config = classes.Config(**geometry(args.device, args.quick, projector_type="pixel_shuffle"))
     torch.manual_seed(0)
-    ours = classes.ForConditionalGeneration(config)
-    native = InternVLForConditionalGeneration(
-        InternVLConfig(
-            vision_config=config.vision_config.to_dict(),
-            text_config=config.text_config.to_dict(),
-            image_token_id=config.image_token_id,
-            downsample_ratio=config.downsample_ratio,
-            tie_word_embeddings=False,
-        )
-    )
-    native.load_state_dict(ours.state_dict(), strict=True)
     dtype = getattr(torch, args.dtype)
-    models = {"ours": ours.to(args.device, dtype).eval(), "native": native.to(args.device, dtype).eval()}
+    ours = built_on(args.device, dtype, classes.ForConditionalGeneration, config)
+    native_config = InternVLConfig(
+        vision_config=config.vision_config.to_dict(),
+        text_config=config.text_config.to_dict(),
+        image_token_id=config.image_token_id,
+        downsample_ratio=config.downsample_ratio,
+        tie_word_embeddings=False,
+    )
+    native = built_on(args.device, dtype, InternVLForConditionalGeneration, native_config)
+    native.load_state_dict(ours.state_dict(), strict=True)
+    models = {"ours": ours, "native": native}
 
     prompt_tokens, decode_tokens = 64, 16
-    tiles = 1
+    tiles = args.tiles
     ids = [1] + [5] * (prompt_tokens // 2) + [config.image_start_token_id]
     ids += [config.image_token_id] * (tiles * config.tokens_per_tile) + [config.image_end_token_id]
     ids += [7] * (prompt_tokens - prompt_tokens // 2 - 2)
@@ -140,17 +148,13 @@ def baseline_suite(args) -> dict:
                 cache = model(input_ids=next_ids, past_key_values=cache, use_cache=True).past_key_values
 
     prefill_s = interleaved_medians({n: (lambda m=m: prefill(m)) for n, m in models.items()}, args.device, args.repeats)
-    decode_s = {}
-    for name, model in models.items():
-        decode_s[name] = (
-            median_time(
-                lambda cache, m=model: decode(m, cache),
-                args.device,
-                args.repeats,
-                setup=lambda m=model: prefill(m).past_key_values,
-            )
-            / decode_tokens
-        )
+    decode_s = interleaved_medians(
+        {n: (lambda cache, m=m: decode(m, cache)) for n, m in models.items()},
+        args.device,
+        args.repeats,
+        setups={n: (lambda m=m: prefill(m).past_key_values) for n, m in models.items()},
+    )
+    decode_s = {name: seconds / decode_tokens for name, seconds in decode_s.items()}
     memory = {}
     for name, model in models.items():
         memory[name] = peak_memory_mb(lambda m=model: prefill(m), args.device)
@@ -209,7 +213,7 @@ def prefill_component_flops(config, classes, tiles: int, text_tokens: int) -> di
 def pvtc_suite(args) -> dict:
     """PVTC vs the pixel-shuffle projector: FLOPs (real 2B widths) and time, alone and as a share of a prefill."""
     classes = bundle_classes()
-    tiles, text_tokens = 1, 64
+    tiles, text_tokens = args.tiles, 64
     flops = {
         kind: prefill_component_flops(
             classes.Config(**geometry("cuda", args.quick, projector_type=kind)), classes, tiles, text_tokens
@@ -222,7 +226,7 @@ def pvtc_suite(args) -> dict:
     for kind in ("pixel_shuffle", "pvtc"):
         config = classes.Config(**geometry(args.device, args.quick, projector_type=kind))
         torch.manual_seed(0)
-        models[kind] = classes.ForConditionalGeneration(config).to(args.device, dtype).eval()
+        models[kind] = built_on(args.device, dtype, classes.ForConditionalGeneration, config)
     config = models["pvtc"].config
     ids = [1] + [5] * (text_tokens // 2) + [config.image_start_token_id]
     ids += [config.image_token_id] * (tiles * config.tokens_per_tile) + [config.image_end_token_id]
@@ -290,22 +294,22 @@ def prompt_ids(config, tiles: int, text_tokens: int) -> list[int]:
     return ids + [7] * (text_tokens - len(ids) + tiles * config.tokens_per_tile)
 
 
-def full_width_flops(classes, quick: bool, overrides: dict, tiles: int, text_tokens: int) -> dict:
-    """Prefill FLOPs at the real 2B widths: a CPU forward with zero weights and eager attention under
+def full_width_flops(classes, quick: bool, overrides: dict, tiles: int, text_tokens: int, device: str) -> dict:
+    """Prefill FLOPs at the real 2B widths: a forward on `device` with zero weights and eager attention under
     `FlopCounterMode` (LVTC's layout depends on the token ids, so it cannot run on the meta device)."""
     config = lvtc_config(classes, "cuda", quick, overrides)
     config._attn_implementation = "eager"
     with torch.device("meta"):
         model = classes.ForConditionalGeneration(config)
-    model = model.to_empty(device="cpu").eval()
+    model = model.to_empty(device=device).eval()
     for tensor in list(model.parameters()) + list(model.buffers()):
         tensor.data.zero_()
     for module in model.modules():  # rotary frequencies are buffers computed at init: recompute them
         if hasattr(module, "original_inv_freq") and hasattr(module, "rope_init_fn"):
-            inv_freq, _ = module.rope_init_fn(module.config, "cpu")
+            inv_freq, _ = module.rope_init_fn(module.config, device)
             module.inv_freq.copy_(inv_freq)
-    input_ids = torch.tensor([prompt_ids(config, tiles, text_tokens)])
-    pixel_values = torch.zeros(tiles, 3, config.tile_size, config.tile_size)
+    input_ids = torch.tensor([prompt_ids(config, tiles, text_tokens)], device=device)
+    pixel_values = torch.zeros(tiles, 3, config.tile_size, config.tile_size, device=device)
     with FlopCounterMode(display=False) as counter:
         model(input_ids=input_ids, pixel_values=pixel_values, logits_to_keep=1)
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
@@ -317,15 +321,18 @@ def full_width_flops(classes, quick: bool, overrides: dict, tiles: int, text_tok
 def lvtc_suite(args) -> dict:
     """LR-only, HR-only and LVTC variants: prefill FLOPs (real widths), prefill / train-step / decode time, memory."""
     classes = bundle_classes()
-    tiles, text_tokens, decode_tokens = 1, 64, 16
-    flops = {name: full_width_flops(classes, args.quick, o, tiles, text_tokens) for name, o in LVTC_VARIANTS.items()}
+    tiles, text_tokens, decode_tokens = args.tiles, 64, 16
+    flops = {
+        name: full_width_flops(classes, args.quick, overrides, tiles, text_tokens, args.device)
+        for name, overrides in LVTC_VARIANTS.items()
+    }
 
     dtype = getattr(torch, args.dtype)
     models, inputs = {}, {}
     for name, overrides in LVTC_VARIANTS.items():
         config = lvtc_config(classes, args.device, args.quick, overrides)
         torch.manual_seed(0)
-        models[name] = classes.ForConditionalGeneration(config).to(args.device, dtype).eval()
+        models[name] = built_on(args.device, dtype, classes.ForConditionalGeneration, config)
         ids = torch.tensor([prompt_ids(config, tiles, text_tokens)], device=args.device)
         inputs[name] = dict(
             input_ids=ids,
@@ -352,13 +359,13 @@ def lvtc_suite(args) -> dict:
     names = list(models)
     prefill_s = interleaved_medians({n: (lambda n=n: prefill(n)) for n in names}, args.device, args.repeats)
     train_s = interleaved_medians({n: (lambda n=n: train_step(n)) for n in names}, args.device, args.repeats)
-    decode_s = {
-        n: median_time(
-            lambda cache, n=n: decode(n, cache), args.device, args.repeats, setup=lambda n=n: prefill(n).past_key_values
-        )
-        / decode_tokens  # fmt: skip
-        for n in names
-    }
+    decode_s = interleaved_medians(
+        {n: (lambda cache, n=n: decode(n, cache)) for n in names},
+        args.device,
+        args.repeats,
+        setups={n: (lambda n=n: prefill(n).past_key_values) for n in names},
+    )
+    decode_s = {n: seconds / decode_tokens for n, seconds in decode_s.items()}
     memory = {n: peak_memory_mb(lambda n=n: prefill(n), args.device) for n in names}
 
     hr = "HR-only (1024)"
@@ -508,6 +515,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--quick", action="store_true", help="fewer layers and repeats: a smoke run, not a report")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (≥ 5 for a report)")
+    parser.add_argument("--tiles", type=int, default=1, help="tiles of the prompt's image (baseline, pvtc, lvtc)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
