@@ -326,12 +326,18 @@ def build_lvtc_layout(
 
 def phase_attention_mask(
     key_padding: torch.Tensor, query_length: int, past_length: int, dtype: torch.dtype, implementation: str
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Causal mask over `key_padding (batch, kv)` for queries at `past_length + i`, as sdpa (bool) or eager (float).
 
     Every query may attend to itself, so padding queries never see an empty row (no NaN); real queries always do.
+    With sdpa and no padding, a whole prompt (no past) or a single new token needs no mask: `None` lets sdpa use
+    its causal kernel, as Transformers' own mask functions do.
     """
-    keys = torch.arange(key_padding.shape[1], device=key_padding.device)
+    kv_length = key_padding.shape[1]
+    if implementation == "sdpa" and (query_length == 1 or past_length == 0 and query_length == kv_length):
+        if bool(key_padding.all()):
+            return None
+    keys = torch.arange(kv_length, device=key_padding.device)
     queries = torch.arange(query_length, device=key_padding.device)[:, None] + past_length
     allowed = (keys <= queries)[None, None] & key_padding.bool()[:, None, None, :]
     allowed = allowed | (keys == queries)[None, None]

@@ -136,9 +136,14 @@ def test_left_padded_batch_with_1_3_and_7_tiles_equals_each_prompt_alone(bundle)
             assert torch.equal(batched[row, -20:], alone[0, -20:])
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["padded-batch", "one-prompt"])
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
-def test_sdpa_and_eager_agree(bundle, mode):
-    ids, mask = left_pad([prompt(2, image_span(2, N1SQ), 3, seed=1), prompt(6, seed=2)])
+def test_sdpa_and_eager_agree(bundle, mode, padded):
+    """Padded: explicit masks in both kernels. One prompt: sdpa runs its causal kernel with no mask at all."""
+    if padded:
+        ids, mask = left_pad([prompt(2, image_span(2, N1SQ), 3, seed=1), prompt(6, seed=2)])
+    else:
+        ids, mask = left_pad([prompt(2, image_span(2, N1SQ), 3, seed=1)])
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=tiles(2))
     with torch.no_grad():
         logits = [
@@ -147,6 +152,17 @@ def test_sdpa_and_eager_agree(bundle, mode):
         ]
     real = mask.bool()  # padding positions carry no meaning and differ between kernels
     torch.testing.assert_close(logits[0][real], logits[1][real], rtol=0, atol=1e-5)
+
+
+def test_phase_mask_is_left_to_the_sdpa_causal_kernel_only_without_padding(bundle):
+    phase_attention_mask = bundle.function("modeling_internvl_x", "phase_attention_mask")
+    full, padded = torch.ones(2, 6, dtype=torch.long), torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6])
+    assert phase_attention_mask(full, 6, 0, torch.float32, "sdpa") is None  # whole prompt
+    assert phase_attention_mask(full, 1, 5, torch.float32, "sdpa") is None  # one decoded token
+    assert phase_attention_mask(full, 2, 4, torch.float32, "sdpa") is not None  # a chunk after a cached prefix
+    assert phase_attention_mask(padded, 6, 0, torch.float32, "sdpa") is not None
+    eager = phase_attention_mask(full, 6, 0, torch.float32, "eager")
+    assert eager.shape == (2, 1, 6, 6) and torch.equal(eager[0, 0] == 0, torch.ones(6, 6).tril().bool())
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(bundle):
