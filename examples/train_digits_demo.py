@@ -6,7 +6,8 @@ Variants (same widths; they differ only in how visual tokens reach the language 
 - `demo`: PVTC projector + LVTC (16 → 64 tokens per tile, HR + one extra LR projector) — the shipped checkpoint;
 - `pixel_shuffle` (16 tokens), `pvtc` (16 tokens): the paper's Table 3 in miniature;
 - `lvtc` (pixel-shuffle projector, 16 → 64), `hr_only` (64 tokens): with `pixel_shuffle` as LR-only, Table 4.
-RVTC (`slicing="edge"`, up to 4 tiles of 64 px + thumbnail) tiles every image. Everything runs on the CPU.
+RVTC (`slicing="edge"`, up to 4 tiles of 64 px + thumbnail) tiles every image. Training runs on the GPU when one is
+visible (`--cpu` forces the CPU); the shipped checkpoint's command line is in its `metrics.json`.
 """
 
 import argparse
@@ -84,7 +85,7 @@ class GeneratedRecords:
         return as_record(make_sample(self.pool, rng)), Path(".")
 
 
-def evaluate(model, processor, samples: list[dict], batch_size: int = 32) -> dict:
+def evaluate(model, processor, samples: list[dict], batch_size: int = 64) -> dict:
     """Exact-match accuracy of greedy answers, overall and per question kind."""
     model.eval()
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -98,7 +99,7 @@ def evaluate(model, processor, samples: list[dict], batch_size: int = 32) -> dic
             )
             for s in batch
         ]
-        inputs = processor(images=[s["image"] for s in batch], text=texts, add_special_tokens=False)
+        inputs = processor(images=[s["image"] for s in batch], text=texts, add_special_tokens=False).to(model.device)
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=end,
                                     pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
@@ -124,10 +125,12 @@ def held_out(count: int, seed: int = 12345) -> list[dict]:
 
 
 def train(variant: str, seed: int, steps: int, output: Path | None, batch_size: int = 8, lr: float = 1e-3,
-          eval_samples: int = 300, warmup_steps: int = 0) -> dict:  # fmt: skip
+          eval_samples: int = 300, warmup_steps: int = 0, workers: int = 0, cpu: bool = False,
+          callbacks: list | None = None) -> dict:  # fmt: skip
+    """Train `variant` from scratch: `warmup_steps` on single digits (one tile), then `steps` on the full task."""
     from transformers import Trainer, TrainingArguments
 
-    torch.set_num_threads(torch.get_num_threads())
+    cpu = cpu or not torch.cuda.is_available()
     model, processor = build(variant, seed)
     work = Path(output or f"/tmp/digits-{variant}-{seed}")
     collator = ChatCollator(processor.tokenizer.pad_token_id)
@@ -136,9 +139,11 @@ def train(variant: str, seed: int, steps: int, output: Path | None, batch_size: 
         args = TrainingArguments(
             output_dir=str(work / "trainer"), max_steps=max_steps, per_device_train_batch_size=batch_size,
             learning_rate=lr, lr_scheduler_type=schedule, warmup_steps=min(200, max_steps // 10), weight_decay=0.01,
-            logging_steps=50, save_strategy="no", report_to=[], use_cpu=True, seed=seed, remove_unused_columns=False,
+            logging_steps=50, save_strategy="no", report_to=[], use_cpu=cpu, seed=seed, remove_unused_columns=False,
+            dataloader_num_workers=workers, disable_tqdm=True,
         )  # fmt: skip
-        return Trainer(model=model, args=args, train_dataset=ChatDataset(records, processor), data_collator=collator)
+        return Trainer(model=model, args=args, train_dataset=ChatDataset(records, processor), data_collator=collator,
+                       callbacks=callbacks)  # fmt: skip
 
     pool = DigitPool("train")
     start = time.perf_counter()
@@ -149,7 +154,8 @@ def train(variant: str, seed: int, steps: int, output: Path | None, batch_size: 
     trainer.train()
     seconds = time.perf_counter() - start
     metrics = evaluate(model, processor, held_out(eval_samples))
-    metrics.update(variant=variant, seed=seed, steps=steps, train_seconds=seconds,
+    metrics.update(variant=variant, seed=seed, steps=steps, curriculum_steps=warmup_steps, batch_size=batch_size,
+                   learning_rate=lr, device=str(model.device), train_seconds=seconds,
                    visual_tokens_per_tile=model.config.tokens_per_tile,
                    final_loss=trainer.state.log_history[-1].get("train_loss"))  # fmt: skip
     if output is not None:
@@ -196,6 +202,10 @@ def main(argv=None) -> None:
     parser.add_argument("--output", type=Path, default=None, help="where to save the trained checkpoint")
     parser.add_argument("--eval-samples", type=int, default=300)
     parser.add_argument("--curriculum-steps", type=int, default=0, help="first steps on single digits, one tile")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is visible")
     parser.add_argument("--write-examples", type=Path, default=None, help="only pick example images for a checkpoint")
     args = parser.parse_args(argv)
     if args.write_examples:
@@ -205,8 +215,12 @@ def main(argv=None) -> None:
         args.seed,
         args.steps,
         args.output,
+        batch_size=args.batch_size,
+        lr=args.lr,
         eval_samples=args.eval_samples,
         warmup_steps=args.curriculum_steps,
+        workers=args.workers,
+        cpu=args.cpu,
     )
     print(json.dumps(metrics, indent=2))
 
