@@ -140,6 +140,28 @@ def test_full_stage_2_lowers_the_loss_with_gradient_checkpointing(lvtc_dir, data
     assert history is None or history  # trainer_state.json is only written with checkpoints
 
 
+def test_resumed_run_ends_where_the_uninterrupted_run_ends(lvtc_dir, data, tmp_path):
+    """Also: evaluation logs a loss, and `save_total_limit` removes the oldest checkpoint."""
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    extra = ["--stage", 2, "--save_strategy", "steps", "--save_steps", 2, "--save_total_limit", 2,
+             "--eval_strategy", "steps", "--eval_steps", 3, "--eval_meta_path", data]  # fmt: skip
+    run(common_args(lvtc_dir, data, first, 6) + extra)
+    assert sorted(p.name for p in first.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # 2 was removed
+    history = json.loads((first / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    assert len(eval_losses) == 2 and all(np.isfinite(eval_losses))
+
+    run(common_args(lvtc_dir, data, resumed, 6) + extra + ["--resume_from_checkpoint", first / "checkpoint-4"])
+    state = json.loads((resumed / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    uninterrupted, continued = load_file(first / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert uninterrupted.keys() == continued.keys()
+    for name in uninterrupted:
+        torch.testing.assert_close(continued[name], uninterrupted[name], rtol=0, atol=1e-6, msg=name)
+    before = load_file(first / "checkpoint-4" / "model.safetensors")
+    assert any(not torch.equal(before[n], continued[n]) for n in before)  # the resumed steps did train
+
+
 def test_lora_stage_2_trains_and_merges_into_a_reloadable_model(lvtc_dir, data, tmp_path):
     run(common_args(lvtc_dir, data, tmp_path, 5) + ["--stage", 2, "--lora_rank", 4, "--freeze_vision"])
     assert (tmp_path / "adapter_config.json").exists()
@@ -154,32 +176,27 @@ def test_lora_stage_2_trains_and_merges_into_a_reloadable_model(lvtc_dir, data, 
     assert not any(".vision_tower." in n for n in changed)  # --freeze_vision
 
 
-def test_two_process_torchrun(lvtc_dir, data, tmp_path):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"],
+    # Accelerate's DDP launcher; on a CPU-only machine `--use_cpu` below makes the two processes train on the CPU
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29532"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_process_launch(lvtc_dir, data, tmp_path, launcher):
     python_path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)  # keep `make test-min`'s
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29531",
-        str(ROOT / "examples" / "finetune.py"),
-    ] + [str(a) for a in common_args(lvtc_dir, data, tmp_path, 4)]
-    command += [
-        "--ddp_backend",
-        "gloo",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "4",
-        "--per_device_train_batch_size",
-        "2",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    command = [sys.executable, *LAUNCHERS[launcher], str(ROOT / "examples" / "finetune.py")]
+    command += [str(a) for a in common_args(lvtc_dir, data, tmp_path, 4)]
+    command += ["--ddp_backend", "gloo", "--save_strategy", "steps", "--save_steps", "4",
+                "--per_device_train_batch_size", "2"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+    # 12 samples, 2 per process: two processes take 4 a step, so 4 steps are 4/3 epochs (one process: 2/3)
+    assert state["epoch"] == pytest.approx(4 / 3)
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "checkpoint-4", trust_remote_code=True)
     assert reloaded.config.lvtc_enabled
