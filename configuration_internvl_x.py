@@ -281,6 +281,14 @@ class InternVLXConfig(PretrainedConfig):
                     f"LR projectors 1..{t - 1} are injected before layers {layers} (s={s}, i={i}); every injection "
                     f"must come before the expansion layer k={k}, which changes the visual span's length."
                 )
+        layer_types = getattr(self.text_config, "layer_types", None) or []
+        windowed = [index for index, kind in enumerate(layer_types) if kind != "full_attention"]
+        if windowed:
+            raise ValueError(
+                f"LVTC runs full causal attention in every decoder layer, but the language model's layers {windowed} "
+                f"use {sorted({layer_types[index] for index in windowed})}; turn the window off (e.g. Qwen2's "
+                f"use_sliding_window=False) or set lvtc_enabled=False."
+            )
         if self.lvtc_upsample_mode not in ("nearest", "bilinear"):
             raise ValueError(f"lvtc_upsample_mode must be 'nearest' or 'bilinear', got {self.lvtc_upsample_mode!r}.")
         ratio, factor = self.lvtc_hr_downsample_ratio, self.lvtc_hr_downsample_factor

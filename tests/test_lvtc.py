@@ -187,6 +187,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(bundle):
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+SLIDING_WINDOW_QWEN2 = dict(model_type="qwen2", num_hidden_layers=LAYERS, use_sliding_window=True, sliding_window=8,
+                            max_window_layers=2)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -197,6 +201,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(bundle):
         (dict(lvtc_upsample_mode="bicubic"), "lvtc_upsample_mode"),
         (dict(lvtc_hr_downsample_ratio=1 / 3), "lvtc_hr_downsample_ratio must be 1/M2"),
         (dict(lvtc_hr_downsample_ratio=0.25, downsample_ratio=0.5), "M2 = 4 must divide M1 = 2"),
+        (dict(text=SLIDING_WINDOW_QWEN2), r"layers \[2, 3\] use \['sliding_attention'\]"),
     ],
 )
 def test_invalid_lvtc_configs_are_refused(bundle, overrides, message):
