@@ -252,6 +252,11 @@ def main(argv=None) -> None:
     if eval_dataset is not None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank waits for the saves, then the process group is closed: a rank that exits with it open can be
+        # aborted by gloo's threads ("terminate called without an active exception"), failing the whole launch.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
