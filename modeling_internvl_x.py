@@ -334,7 +334,7 @@ def phase_attention_mask(
     its causal kernel, as Transformers' own mask functions do.
     """
     kv_length = key_padding.shape[1]
-    if implementation == "sdpa" and (query_length == 1 or past_length == 0 and query_length == kv_length):
+    if implementation == "sdpa" and (query_length == 1 or (past_length == 0 and query_length == kv_length)):
         if bool(key_padding.all()):
             return None
     keys = torch.arange(kv_length, device=key_padding.device)

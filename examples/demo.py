@@ -18,6 +18,10 @@ import PIL.Image
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples.digits_task import DigitPool, make_sample  # noqa: E402
+
 FOLDER = Path(__file__).resolve().parent / "digits-demo"
 
 
@@ -62,9 +66,6 @@ def main(argv=None) -> None:
         for e in examples
     )
     print(f"shipped examples: {correct}/{len(examples)} correct\n")
-
-    sys.path.insert(0, str(FOLDER.parents[1]))
-    from examples.digits_task import DigitPool, make_sample
 
     pool, rng = DigitPool("test"), random.Random(args.seed)
     fresh = [make_sample(pool, rng, kind) for kind in ("grid", "row")]

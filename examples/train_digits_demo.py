@@ -158,6 +158,7 @@ def train(variant: str, seed: int, steps: int, output: Path | None, batch_size: 
     metrics.update(variant=variant, seed=seed, steps=steps, curriculum_steps=warmup_steps, batch_size=batch_size,
                    learning_rate=lr, device=str(model.device), train_seconds=seconds,
                    visual_tokens_per_tile=model.config.tokens_per_tile,
+                   visual_tokens_per_tile_last_layer=model.model.visual_token_schedule(1)[-1],
                    final_loss=trainer.state.log_history[-1].get("train_loss"))  # fmt: skip
     if output is not None:
         model.save_pretrained(output)
