@@ -45,8 +45,11 @@ def test_shapes_and_gradients_reach_every_parameter(bundle, side, factor, layers
     for name, parameter in module.named_parameters():
         assert parameter.grad is not None, name
         if factor == 1 and any(f".attention.{part}." in name for part in ("q_proj", "k_proj", "query_norm")):
-            # A 1×1 window has one key: its softmax weight is 1 whatever the scores, so they get no gradient.
-            assert parameter.grad.abs().sum() == 0, name
+            # A 1×1 window has one key: its softmax weight is 1 whatever the scores, so in exact arithmetic they get
+            # no gradient. The softmax backward p·(g - Σp·g) rounds to float32 epsilon times |g|, which depends on the
+            # CPU's kernels: compare with the gradient of the same block's values, which does flow.
+            values = module.get_parameter(name.rsplit(".attention.", 1)[0] + ".attention.v_proj.weight")
+            assert parameter.grad.abs().max() <= 1e-5 * values.grad.abs().max(), name
         else:
             assert parameter.grad.abs().sum() > 0, name
 
