@@ -10,9 +10,10 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, InternVLVisionModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.utils import is_torchdynamo_compiling
 
 from .configuration_internvl_x import InternVLXConfig
 from .processing_internvl_x import CHAT_END_TOKEN, CHAT_TEMPLATE, expand_image_placeholders
@@ -251,15 +252,6 @@ class LVTCLayout:
     growth: torch.Tensor  # (batch,) tokens each row gained: its decoded tokens' long position offset
 
 
-@dataclass
-class LVTCCacheState:
-    """What decoding steps need from the prefill: the long prompt's padding mask and each row's growth."""
-
-    short_prompt_length: int
-    long_prompt_mask: torch.Tensor  # (batch, long_len)
-    growth: torch.Tensor  # (batch,)
-
-
 def build_lvtc_layout(
     image_mask: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -324,26 +316,358 @@ def build_lvtc_layout(
     )
 
 
-def phase_attention_mask(
-    key_padding: torch.Tensor, query_length: int, past_length: int, dtype: torch.dtype, implementation: str
-) -> torch.Tensor | None:
-    """Causal mask over `key_padding (batch, kv)` for queries at `past_length + i`, as sdpa (bool) or eager (float).
+@dataclass
+class LVTCCacheState:
+    """What a continuation step (decoded or speculated tokens, no images) needs from the LVTC prefill.
 
-    Every query may attend to itself, so padding queries never see an empty row (no NaN); real queries always do.
-    With sdpa and no padding, a whole prompt (no past) or a single new token needs no mask: `None` lets sdpa use
-    its causal kernel, as Transformers' own mask functions do.
+    Only fixed-shape tensors, so a compiled decode step reads them without host syncs or recompilation.
     """
-    kv_length = key_padding.shape[1]
-    if implementation == "sdpa" and (query_length == 1 or (past_length == 0 and query_length == kv_length)):
-        if bool(key_padding.all()):
+
+    growth: torch.Tensor  # (batch,) tokens each row gained at the expansion: long position = short position + growth
+    long_prompt_keys: torch.Tensor  # (batch, slots) 1 where the long prompt has a real token; 0 for its padding and
+    # for every slot after it. `slots` is the long layers' capacity for a static cache, the long prompt's length else.
+    long_prompt_length: torch.Tensor  # () P_long: the long prompt, its rows left-padded to the longest
+    short_prompt_length: torch.Tensor  # () P_short: the prompt as the short layers cached it
+
+    @property
+    def long_offset(self) -> torch.Tensor:
+        """`()` how far the long layers' cache runs ahead of the short layers': P_long - P_short."""
+        return self.long_prompt_length - self.short_prompt_length
+
+
+def full_attention_mask(attention_mask):
+    """The mask of the full-attention layers: generate hands compileable caches a `{layer type: 4D mask}` dict."""
+    return attention_mask.get("full_attention") if isinstance(attention_mask, dict) else attention_mask
+
+
+def key_validity(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """`(batch, kv)` bool: the keys a sequence may attend to, from a 2D padding mask, or from a prepared 4D mask
+    `(batch, 1, q, kv)` (bool, or additive with 0 where allowed), whose last query row sees every real key before it.
+    None (no mask) means every key."""
+    attention_mask = full_attention_mask(attention_mask)
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask.bool()
+    last_row = attention_mask[:, 0, -1, :]
+    return last_row if last_row.dtype == torch.bool else last_row == 0
+
+
+def is_static_cache(cache: Cache | None) -> bool:
+    """Whether `cache` pre-allocates its layers (`cache_implementation="static"`, `StaticCache`)."""
+    return cache is not None and any(isinstance(layer, StaticLayer) for layer in cache.layers)
+
+
+class LVTCSchedule:
+    """LVTC's per-layer token schedule (paper §3.2, Algorithm 1): its layout, masks and cache state in one place.
+
+    Layers 0..k-1 (the short phase) run on the input sequence, N1² visual tokens per tile, with LR projectors 1..T-1
+    added to the visual span before layers s + i·j. Before layer k every tile's span is replaced in place by N2²
+    tokens (`upsample2d(span) + HR_projector(vit)`); layers k.. (the long phase) run on that longer sequence, rows
+    left-padded to the longest, positions renumbered contiguously, RoPE recomputed. The final states are mapped back:
+    text tokens keep their own, each tile's N2² states are average-pooled to N1², so the output is `(B, L, D)` again.
+
+    Cache: layers < k cache the short sequence, layers ≥ k the long one. The prefill stores an `LVTCCacheState` on the
+    cache; a continuation step (decoded or speculated tokens, no images) reads only its fixed-shape tensors, and gives
+    each token the next position of each phase. A static cache gets `tiles · (N2² − N1²)` more slots per row in its
+    long layers than in its short ones, so with Transformers' static cache a decode step compiles whole.
+    """
+
+    def __init__(self, model: "InternVLXModel"):
+        config = model.config
+        self.model = model
+        self.config = config
+        self.text_config = config.text_config
+        self.decoder = model.language_model
+        self.expand_layer = config.lvtc_expand_layer
+        self.num_layers = config.text_config.num_hidden_layers
+        grid = config.patch_grid_size
+        self.short_side, self.long_side = grid // config.downsample_factor, grid // config.lvtc_hr_downsample_factor
+
+    def __call__(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | dict | None,
+        position_ids: torch.LongTensor | None,
+        past_key_values: Cache | None,
+        use_cache: bool | None,
+        image_mask: torch.Tensor | None,
+        vision_features: torch.Tensor | None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Run the decoder layers under the schedule.
+
+        `inputs_embeds (B, L, D)` → `last_hidden_state (B, L, D)`. With `output_hidden_states`, the input of every layer
+        then the final normed state; entries of layers ≥ k (and the last) are in the long layout `(B, L_long, D)`.
+        """
+        implementation = self.text_config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"LVTC runs with attn_implementation 'sdpa' or 'eager', not {implementation!r}.")
+        if output_attentions:
+            raise ValueError("output_attentions is not available with LVTC (the two phases have different lengths).")
+        batch, length, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.text_config)
+        state = self.continued_state(cache, vision_features is not None, batch, device)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, -1)
+        layers = self.decoder.layers[: self.num_layers]
+        layer_inputs = dict(past_key_values=cache, use_cache=use_cache, **kwargs)
+        all_hidden_states = [] if output_hidden_states else None
+
+        def run_layer(layer, hidden, mask, positions, rotary) -> torch.Tensor:
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden)
+            return layer(
+                hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary, **layer_inputs
+            )
+
+        # Short phase: layers 0..k-1 on N1² tokens per tile, with the extra LR projectors injected.
+        short_mask = create_causal_mask(
+            config=self.text_config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=full_attention_mask(attention_mask),
+            past_key_values=cache,
+            position_ids=position_ids,
+        )
+        injections = self.lr_injections(vision_features)
+        image_positions = image_mask.nonzero(as_tuple=True) if injections else None
+        hidden_states = inputs_embeds
+        rotary = self.decoder.rotary_emb(hidden_states, position_ids)
+        for layer_index, layer in enumerate(layers[: self.expand_layer]):
+            if layer_index in injections:
+                added = hidden_states[image_positions] + injections[layer_index].to(hidden_states.dtype)
+                hidden_states = hidden_states.index_put(image_positions, added)
+            hidden_states = run_layer(layer, hidden_states, short_mask, position_ids, rotary)
+
+        # Long phase: layers k.. on N2² tokens per tile.
+        layout = None
+        if self.expand_layer < self.num_layers:
+            if state is None:
+                if image_mask is None:
+                    image_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+                padding = key_validity(attention_mask)
+                layout = build_lvtc_layout(
+                    image_mask,
+                    padding[:, :length] if padding is not None else None,
+                    position_ids,
+                    self.short_side**2,
+                    self.long_side**2,
+                )
+                hidden_states = self.expand(hidden_states, layout, image_mask, vision_features)
+                long_positions = layout.long_position_ids
+                prompt_keys = layout.long_mask
+                if cache is not None:
+                    prompt_keys = self.store_state(cache, layout, length).long_prompt_keys
+                long_mask = self.prompt_attention_mask(cache, prompt_keys, long_positions.shape[1], hidden_states.dtype)
+            else:
+                long_positions = position_ids + state.growth[:, None]
+                long_mask = self.continuation_attention_mask(cache, state, attention_mask, length, inputs_embeds.dtype)
+            rotary = self.decoder.rotary_emb(hidden_states, long_positions)
+            for layer in layers[self.expand_layer :]:
+                hidden_states = run_layer(layer, hidden_states, long_mask, long_positions, rotary)
+
+        hidden_states = self.decoder.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
+        if layout is not None:
+            hidden_states = self.pool(hidden_states, layout, image_mask, length)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=cache,
+            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+        )
+
+    # ---- cache state ---------------------------------------------------------------------------------------------
+    def continued_state(
+        self, cache: Cache | None, has_images: bool, batch: int, device: torch.device
+    ) -> LVTCCacheState | None:
+        """The state of the prefill this step continues, or None when this step is a prefill.
+
+        A compiled step trusts the state on the cache (Transformers compiles decode steps only, after an eager
+        prefill); an eager step checks that the cache holds something (a reset or reused cache is a new prefill).
+        """
+        if cache is None:
             return None
-    keys = torch.arange(kv_length, device=key_padding.device)
-    queries = torch.arange(query_length, device=key_padding.device)[:, None] + past_length
-    allowed = (keys <= queries)[None, None] & key_padding.bool()[:, None, None, :]
-    allowed = allowed | (keys == queries)[None, None]
-    if implementation == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        state = getattr(cache, "internvl_x_lvtc", None)
+        if is_torchdynamo_compiling():
+            return None if has_images else state
+        cached = int(cache.get_seq_length())
+        if has_images:
+            if cached:
+                raise ValueError(
+                    f"LVTC cannot add images to a cache that already holds {cached} tokens; run the whole prompt "
+                    "at once."
+                )
+            return None
+        if not cached:
+            return None
+        if state is None:  # filled without LVTC's prefill (e.g. by the bare language model): both phases align
+            zero = torch.zeros((), dtype=torch.long, device=device)
+            empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
+            state = LVTCCacheState(torch.zeros(batch, dtype=torch.long, device=device), empty, zero, zero)
+        return state
+
+    def reserve_long_slots(self, cache: Cache, short_length: int, long_length: int) -> int | None:
+        """Give a static cache's long layers room for this prompt's growth; return their capacity (None: dynamic).
+
+        The long layers need the short layers' capacity plus the longest row's growth. The capacity only grows across
+        calls (as Transformers sizes `max_cache_len`), so later calls keep the same shapes and compiled graphs.
+        """
+        if not is_static_cache(cache):
+            return None
+        short_capacity = cache.layers[0].max_cache_len
+        if short_length > short_capacity:
+            raise ValueError(
+                f"the prompt has {short_length} tokens but the static cache holds {short_capacity} per layer; "
+                f"build it with max_cache_len ≥ {short_length} plus the tokens to generate."
+            )
+        growth = long_length - short_length
+        previous = getattr(self.model, "_lvtc_previous_growth", 0)
+        self.model._lvtc_previous_growth = max(previous, growth)
+        long_layers = cache.layers[self.expand_layer : self.num_layers]
+        capacity = max(short_capacity + max(previous, growth), *(layer.max_cache_len for layer in long_layers))
+        for layer in long_layers:
+            if layer.max_cache_len != capacity:
+                layer.max_cache_len = capacity
+                if layer.is_initialized:  # allocated too small by an earlier call: allocate again at the next update
+                    layer.is_initialized = False
+                    layer.keys = layer.values = None
+        return capacity
+
+    def store_state(self, cache: Cache, layout: LVTCLayout, short_length: int) -> LVTCCacheState:
+        long_keys = layout.long_mask
+        capacity = self.reserve_long_slots(cache, short_length, long_keys.shape[1])
+        if capacity is not None:
+            long_keys = F.pad(long_keys, (0, capacity - long_keys.shape[1]))
+        lengths = torch.tensor([layout.long_mask.shape[1], short_length], device=long_keys.device)
+        state = LVTCCacheState(layout.growth, long_keys, lengths[0], lengths[1])
+        cache.internvl_x_lvtc = state
+        return state
+
+    # ---- masks ---------------------------------------------------------------------------------------------------
+    def prompt_attention_mask(
+        self, cache: Cache | None, prompt_keys: torch.Tensor, long_length: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """Long-phase mask of a prefill: causal over the long prompt, its padding (0 in `prompt_keys`) masked."""
+        kv_length = cache.get_mask_sizes(long_length, self.expand_layer)[0] if cache is not None else long_length
+        keys = F.pad(prompt_keys, (0, kv_length - prompt_keys.shape[1])).bool()
+        return self.build_mask(keys, long_length, 0, dtype)
+
+    def continuation_attention_mask(
+        self,
+        cache: Cache,
+        state: LVTCCacheState,
+        attention_mask: torch.Tensor | dict | None,
+        query_length: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """Long-phase mask of a continuation step: key slot j of the long layers holds the long prompt's token j, then
+        (from P_long on) the continuation's token j − (P_long − P_short), which is valid where the short phase's key
+        j − (P_long − P_short) is."""
+        past = cache.get_seq_length(self.expand_layer)
+        kv_length = cache.get_mask_sizes(query_length, self.expand_layer)[0]
+        slots = torch.arange(kv_length, device=state.growth.device)
+        prompt = state.long_prompt_keys.bool()
+        prompt = F.pad(prompt, (0, kv_length - prompt.shape[1])) if prompt.shape[1] < kv_length else prompt
+        short_keys = key_validity(attention_mask)
+        if short_keys is None:
+            continued = torch.ones_like(prompt)
+        else:
+            short_index = (slots - state.long_offset).clamp(0, short_keys.shape[1] - 1)
+            continued = short_keys[:, short_index]
+        keys = torch.where(slots < state.long_prompt_length, prompt, continued)
+        return self.build_mask(keys, query_length, past, dtype)
+
+    def build_mask(
+        self, keys: torch.Tensor, query_length: int, past: int | torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """`(B, 1, q, kv)` mask: query i sits at key slot `past + i` and sees the valid `keys (B, kv)` up to itself, and
+        always itself (padding queries never get an empty row, so no NaN).
+
+        Bool for sdpa, additive for eager. With sdpa, no padding and every key slot filled (a whole prompt, or one new
+        token on a dynamic cache), None lets sdpa use its causal kernel, as Transformers' own mask functions do.
+        """
+        implementation = self.text_config._attn_implementation
+        kv_length = keys.shape[1]
+        if (
+            implementation == "sdpa"
+            and not is_torchdynamo_compiling()
+            and isinstance(past, int)
+            and kv_length == past + query_length
+            and (query_length == 1 or past == 0)
+            and bool(keys.all())
+        ):
+            return None
+        slots = torch.arange(kv_length, device=keys.device)
+        queries = torch.arange(query_length, device=keys.device)[:, None] + past
+        allowed = ((slots <= queries)[None, None] & keys[:, None, None, :]) | (slots == queries)[None, None]
+        if implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+
+    # ---- the visual span -----------------------------------------------------------------------------------------
+    def lr_injections(self, vision_features: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """`{layer: (tiles · N1², D)}`: LR projectors 1..T-1, each added to the visual span before its layer."""
+        if vision_features is None:
+            return {}
+        projectors = self.model.lvtc_lr_projectors
+        return {
+            layer: projector(vision_features).flatten(0, 1)
+            for layer, projector in zip(self.config.lvtc_inject_layers, projectors)
+        }
+
+    def expand(
+        self,
+        hidden_states: torch.Tensor,
+        layout: LVTCLayout,
+        image_mask: torch.Tensor,
+        vision_features: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`(B, L, D)` → `(B, L_long, D)`: each tile's N1×N1 span upsampled to N2×N2 (+ HR tokens), in place."""
+        batch, _, hidden_size = hidden_states.shape
+        long_states = hidden_states.new_zeros(batch, layout.long_mask.shape[1], hidden_size)
+        long_states = long_states.index_put(
+            (layout.text_rows, layout.text_long), hidden_states[layout.text_rows, layout.text_short]
+        )
+        tiles = layout.tile_rows.shape[0]
+        if tiles == 0:
+            return long_states
+        spans = hidden_states[image_mask].view(tiles, self.short_side, self.short_side, hidden_size)
+        upsampled = F.interpolate(
+            spans.permute(0, 3, 1, 2), size=(self.long_side, self.long_side), mode=self.config.lvtc_upsample_mode
+        )
+        upsampled = upsampled.permute(0, 2, 3, 1).reshape(tiles, self.long_side**2, hidden_size)
+        hr_projector = getattr(self.model, "lvtc_hr_projector", None)
+        if hr_projector is not None:
+            upsampled = upsampled + hr_projector(vision_features).to(upsampled.dtype)
+        rows = layout.tile_rows[:, None].expand_as(layout.tile_long)
+        return long_states.index_put((rows, layout.tile_long), upsampled)
+
+    def pool(
+        self, hidden_states: torch.Tensor, layout: LVTCLayout, image_mask: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        """`(B, L_long, D)` → `(B, L, D)`: text tokens keep their states, each tile's N2² states are average-pooled
+        to N1²."""
+        batch, _, hidden_size = hidden_states.shape
+        short_states = hidden_states.new_zeros(batch, length, hidden_size)
+        short_states = short_states.index_put(
+            (layout.text_rows, layout.text_short), hidden_states[layout.text_rows, layout.text_long]
+        )
+        tiles = layout.tile_rows.shape[0]
+        if tiles == 0:
+            return short_states
+        spans = hidden_states[layout.tile_rows[:, None], layout.tile_long]
+        spans = spans.view(tiles, self.long_side, self.long_side, hidden_size).permute(0, 3, 1, 2)
+        pooled = F.avg_pool2d(spans, kernel_size=self.long_side // self.short_side).permute(0, 2, 3, 1)
+        return short_states.index_put(image_mask.nonzero(as_tuple=True), pooled.reshape(-1, hidden_size))
 
 
 @dataclass
@@ -479,181 +803,35 @@ class InternVLXModel(InternVLXPreTrainedModel):
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
 
-    def run_lvtc(
+    def check_inputs(
         self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.LongTensor | None,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        num_patches: torch.LongTensor | None,
         past_key_values: Cache | None,
-        use_cache: bool | None,
-        image_mask: torch.Tensor | None,
-        vision_features: torch.Tensor | None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """Drive the decoder layers under the LVTC schedule (paper Algorithm 1).
-
-        Layers 0..k-1 run on the input sequence `(B, L, D)`, with LR projectors 1..T-1 added to the visual span
-        before layers s + i·j. Before layer k every tile's N1² span is replaced in place by N2² tokens
-        (`upsample2d(span) + HR_projector(vit)`); layers k.. run on that longer sequence (rows left-padded to the
-        longest, positions renumbered contiguously, RoPE recomputed). The final states are mapped back: text tokens
-        keep their own, each tile's N2² states are average-pooled to N1², so the output is `(B, L, D)` again.
-
-        With a cache, layers < k cache the short sequence and layers ≥ k the long one; the prefill stores each
-        row's growth on the cache so decoded tokens get the next position of each phase.
-
-        `hidden_states` (with `output_hidden_states`): the input of every layer then the final normed state;
-        entries of layers ≥ k (and the last) are in the long layout `(B, L_long, D)`.
-        """
-        config, text_config, model = self.config, self.config.text_config, self.language_model
-        implementation = text_config._attn_implementation
-        if implementation not in ("sdpa", "eager"):
-            raise ValueError(f"LVTC runs with attn_implementation 'sdpa' or 'eager', not {implementation!r}.")
-        if output_attentions:
-            raise ValueError("output_attentions is not available with LVTC (the two phases have different lengths).")
-        batch, length, _ = inputs_embeds.shape
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=text_config)
-        past_short = past_key_values.get_seq_length() if past_key_values is not None else 0
-        prefill = past_short == 0
-        if vision_features is not None and not prefill:
-            raise ValueError("LVTC cannot add images to an already cached sequence; run the whole prompt at once.")
-        if position_ids is None:
-            position_ids = torch.arange(past_short, past_short + length, device=inputs_embeds.device)
-            position_ids = position_ids.unsqueeze(0).expand(batch, -1)
-        k, num_layers = config.lvtc_expand_layer, text_config.num_hidden_layers
-        layers = model.layers[:num_layers]
-        layer_inputs = dict(past_key_values=past_key_values, use_cache=use_cache, **kwargs)
-        all_hidden_states = [] if output_hidden_states else None
-
-        # Short phase: layers 0..k-1 on N1² tokens per tile, with the extra LR projectors injected.
-        hidden_states = inputs_embeds
-        injections = {}
-        if vision_features is not None:
-            image_positions = image_mask.nonzero(as_tuple=True)
-            for layer_index, projector in zip(config.lvtc_inject_layers, self.lvtc_lr_projectors):
-                injections[layer_index] = projector(vision_features).flatten(0, 1)
-        causal_mask = create_causal_mask(
-            config=text_config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
-
-        def run_layer(layer, hidden, mask, positions, rotary) -> torch.Tensor:
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden)
-            return layer(
-                hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary, **layer_inputs
+    ) -> None:
+        """Refuse inputs the model cannot read, naming what was wrong and the numbers involved."""
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens.dim() < 2 or tokens.shape[1] == 0:
+            raise ValueError(f"the input has no tokens (shape {tuple(tokens.shape)}); pass at least one token per row.")
+        if pixel_values is not None and num_patches is not None and int(sum(num_patches)) != pixel_values.shape[0]:
+            raise ValueError(
+                f"num_patches {[int(n) for n in num_patches]} add up to {int(sum(num_patches))} tiles but "
+                f"pixel_values holds {pixel_values.shape[0]}."
             )
-
-        position_embeddings = model.rotary_emb(hidden_states, position_ids)
-        for layer_index, layer in enumerate(layers[:k]):
-            if layer_index in injections:
-                added = hidden_states[image_positions] + injections[layer_index].to(hidden_states.dtype)
-                hidden_states = hidden_states.index_put(image_positions, added)
-            hidden_states = run_layer(layer, hidden_states, causal_mask, position_ids, position_embeddings)
-
-        # Long phase: layers k.. on N2² tokens per tile.
-        layout = None
-        if k < num_layers:
-            if prefill:
-                if image_mask is None:
-                    image_mask = torch.zeros(batch, length, dtype=torch.bool, device=inputs_embeds.device)
-                layout = build_lvtc_layout(
-                    image_mask,
-                    attention_mask,
-                    position_ids,
-                    config.tokens_per_tile,
-                    config.lvtc_expanded_tokens_per_tile,
+        cached = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
+        if is_static_cache(past_key_values):
+            capacity = past_key_values.layers[0].max_cache_len
+            if cached + tokens.shape[1] > capacity:
+                raise ValueError(
+                    f"the static cache holds {capacity} tokens per layer but already has {cached} and this step adds "
+                    f"{tokens.shape[1]}; build it with a larger max_cache_len."
                 )
-                hidden_states = self.expand_visual_spans(hidden_states, layout, image_mask, vision_features)
-                long_position_ids, key_padding, past_long = layout.long_position_ids, layout.long_mask, 0
-                if past_key_values is not None:
-                    past_key_values.internvl_x_lvtc = LVTCCacheState(length, layout.long_mask, layout.growth)
-            else:
-                past_long = past_key_values.get_seq_length(k)
-                state = getattr(past_key_values, "internvl_x_lvtc", None)
-                if state is None:  # prefilled elsewhere without images: both phases have the same layout
-                    state = LVTCCacheState(
-                        0, inputs_embeds.new_ones(batch, 0, dtype=torch.long), position_ids.new_zeros(batch)
-                    )
-                long_position_ids = position_ids + state.growth[:, None]
-                appended = (
-                    attention_mask[:, state.short_prompt_length :]
-                    if attention_mask is not None
-                    else state.long_prompt_mask.new_ones(batch, past_long + length - state.long_prompt_mask.shape[1])
-                )
-                key_padding = torch.cat([state.long_prompt_mask, appended.to(state.long_prompt_mask.dtype)], dim=1)
-            long_mask = phase_attention_mask(
-                key_padding, hidden_states.shape[1], past_long, hidden_states.dtype, implementation
-            )
-            position_embeddings = model.rotary_emb(hidden_states, long_position_ids)
-            for layer in layers[k:]:
-                hidden_states = run_layer(layer, hidden_states, long_mask, long_position_ids, position_embeddings)
-
-        hidden_states = model.norm(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states.append(hidden_states)
-        if layout is not None:
-            hidden_states = self.pool_visual_spans(hidden_states, layout, image_mask, length)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
-            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
-        )
-
-    def lvtc_span_sides(self) -> tuple[int, int]:
-        """(N1, N2): tokens per side of a tile's span before and from the expansion layer."""
-        grid = self.config.patch_grid_size
-        return grid // self.config.downsample_factor, grid // self.config.lvtc_hr_downsample_factor
-
-    def expand_visual_spans(
-        self,
-        hidden_states: torch.Tensor,
-        layout: LVTCLayout,
-        image_mask: torch.Tensor,
-        vision_features: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """`(B, L, D)` → `(B, L_long, D)`: each tile's N1×N1 span upsampled to N2×N2 (+ HR tokens), in place."""
-        batch, _, hidden_size = hidden_states.shape
-        long_states = hidden_states.new_zeros(batch, layout.long_mask.shape[1], hidden_size)
-        long_states = long_states.index_put(
-            (layout.text_rows, layout.text_long), hidden_states[layout.text_rows, layout.text_short]
-        )
-        tiles = layout.tile_rows.shape[0]
-        if tiles == 0:
-            return long_states
-        short_side, long_side = self.lvtc_span_sides()
-        spans = hidden_states[image_mask].view(tiles, short_side, short_side, hidden_size).permute(0, 3, 1, 2)
-        upsampled = F.interpolate(spans, size=(long_side, long_side), mode=self.config.lvtc_upsample_mode)
-        upsampled = upsampled.permute(0, 2, 3, 1).reshape(tiles, long_side * long_side, hidden_size)
-        if hasattr(self, "lvtc_hr_projector"):
-            upsampled = upsampled + self.lvtc_hr_projector(vision_features).to(upsampled.dtype)
-        rows = layout.tile_rows[:, None].expand_as(layout.tile_long)
-        return long_states.index_put((rows, layout.tile_long), upsampled)
-
-    def pool_visual_spans(
-        self, hidden_states: torch.Tensor, layout: LVTCLayout, image_mask: torch.Tensor, length: int
-    ) -> torch.Tensor:
-        """`(B, L_long, D)` → `(B, L, D)`: text tokens keep their states, each tile's N2² states are average-pooled
-        to N1²."""
-        batch, _, hidden_size = hidden_states.shape
-        short_states = hidden_states.new_zeros(batch, length, hidden_size)
-        short_states = short_states.index_put(
-            (layout.text_rows, layout.text_short), hidden_states[layout.text_rows, layout.text_long]
-        )
-        tiles = layout.tile_rows.shape[0]
-        if tiles == 0:
-            return short_states
-        short_side, long_side = self.lvtc_span_sides()
-        spans = hidden_states[layout.tile_rows[:, None], layout.tile_long]
-        spans = spans.view(tiles, long_side, long_side, hidden_size).permute(0, 3, 1, 2)
-        pooled = F.avg_pool2d(spans, kernel_size=long_side // short_side).permute(0, 2, 3, 1)
-        return short_states.index_put(image_mask.nonzero(as_tuple=True), pooled.reshape(-1, hidden_size))
+        if pixel_values is None and input_ids is not None and not cached:
+            num_tokens = int((input_ids == self.config.image_token_id).sum())
+            if num_tokens:
+                raise ValueError(f"the text has {num_tokens} image tokens but no pixel_values were given.")
 
     def forward(
         self,
@@ -676,18 +854,17 @@ class InternVLXModel(InternVLXPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if pixel_values is not None and num_patches is not None and int(sum(num_patches)) != pixel_values.shape[0]:
-            raise ValueError(
-                f"num_patches {[int(n) for n in num_patches]} add up to {int(sum(num_patches))} tiles but "
-                f"pixel_values holds {pixel_values.shape[0]}."
-            )
+        # A compiled decode step skips the checks that read tensor values (host syncs); the eager prefill ran them.
+        checking = not is_torchdynamo_compiling()
+        if checking:
+            self.check_inputs(input_ids, inputs_embeds, pixel_values, num_patches, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_features = vision_features = image_mask = None
         if pixel_values is not None:
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-            if not image_mask.any():
+            if checking and not image_mask.any():
                 raise ValueError(
                     f"pixel_values with {pixel_values.shape[0]} tiles were given but the text has no image token "
                     f"(id {self.config.image_token_id}); expand each `<image>` with the processor."
@@ -695,10 +872,6 @@ class InternVLXModel(InternVLXPreTrainedModel):
             vision_features = self.get_vision_features(pixel_values)
             image_features = self.multi_modal_projector(vision_features)
             inputs_embeds = self.merge_image_features(inputs_embeds, image_mask, image_features)
-        elif input_ids is not None and (past_key_values is None or past_key_values.get_seq_length() == 0):
-            num_tokens = int((input_ids == self.config.image_token_id).sum())
-            if num_tokens:
-                raise ValueError(f"the text has {num_tokens} image tokens but no pixel_values were given.")
 
         language_inputs = dict(
             inputs_embeds=inputs_embeds,
@@ -709,7 +882,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
             **kwargs,
         )
         if self.config.lvtc_enabled:
-            outputs = self.run_lvtc(image_mask=image_mask, vision_features=vision_features, **language_inputs)
+            outputs = LVTCSchedule(self)(image_mask=image_mask, vision_features=vision_features, **language_inputs)
         else:
             outputs = self.language_model(**language_inputs)
         return InternVLXModelOutputWithPast(

@@ -155,14 +155,18 @@ def test_sdpa_and_eager_agree(bundle, mode, padded):
 
 
 def test_phase_mask_is_left_to_the_sdpa_causal_kernel_only_without_padding(bundle):
-    phase_attention_mask = bundle.function("modeling_internvl_x", "phase_attention_mask")
-    full, padded = torch.ones(2, 6, dtype=torch.long), torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6])
-    assert phase_attention_mask(full, 6, 0, torch.float32, "sdpa") is None  # whole prompt
-    assert phase_attention_mask(full, 1, 5, torch.float32, "sdpa") is None  # one decoded token
-    assert phase_attention_mask(full, 2, 4, torch.float32, "sdpa") is not None  # a chunk after a cached prefix
-    assert phase_attention_mask(padded, 6, 0, torch.float32, "sdpa") is not None
-    eager = phase_attention_mask(full, 6, 0, torch.float32, "eager")
-    assert eager.shape == (2, 1, 6, 6) and torch.equal(eager[0, 0] == 0, torch.ones(6, 6).tril().bool())
+    schedule = bundle.module("LVTCSchedule")(lvtc(bundle).model)
+    full, padded = torch.ones(2, 6, dtype=torch.bool), torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6], dtype=torch.bool)
+    assert schedule.build_mask(full, 6, 0, torch.float32) is None  # whole prompt
+    assert schedule.build_mask(full, 1, 5, torch.float32) is None  # one decoded token, every slot filled
+    assert schedule.build_mask(full, 2, 4, torch.float32) is not None  # a chunk after a cached prefix
+    assert schedule.build_mask(padded, 6, 0, torch.float32) is not None
+    # A static cache's slots past the query are empty: the mask must hide them, even for one token.
+    static = schedule.build_mask(full, 1, torch.tensor(3), torch.float32)
+    assert static.shape == (2, 1, 1, 6) and static[0, 0, 0].tolist() == [True] * 4 + [False] * 2
+    eager = bundle.module("LVTCSchedule")(lvtc(bundle, attn_implementation="eager").model)
+    mask = eager.build_mask(full, 6, 0, torch.float32)
+    assert mask.shape == (2, 1, 6, 6) and torch.equal(mask[0, 0] == 0, torch.ones(6, 6).tril().bool())
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(bundle):
