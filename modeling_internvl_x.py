@@ -975,6 +975,82 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             image_hidden_states=outputs.image_hidden_states,
         )
 
+    # ---- generate integration ---------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        num_patches: torch.LongTensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        """Images enter with the prefill only: the first iteration, a step without cache, or a cache that holds nothing
+        yet (an assistant model's prefill comes with `is_first_iteration=False`)."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+        )
+        prefill = is_first_iteration or not kwargs.get("use_cache", True)
+        prefill = prefill or past_key_values is None or not past_key_values.is_initialized
+        if prefill and pixel_values is not None:
+            model_inputs["pixel_values"] = pixel_values
+            model_inputs["num_patches"] = num_patches
+        return model_inputs
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
+    ) -> tuple[torch.LongTensor, dict]:
+        """Beam search and `num_return_sequences` repeat each row: repeat its tiles with it, in row order (the generic
+        expansion would repeat every tile in place, giving a row's copies each other's tiles)."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        num_patches = model_kwargs.pop("num_patches", None)
+        if expand_size > 1 and pixel_values is not None:
+            image_mask = self.model.get_placeholder_mask(
+                input_ids if input_ids is not None and input_ids.numel() else None, model_kwargs.get("inputs_embeds")
+            )
+            tiles_per_row = (image_mask.sum(1) // self.config.tokens_per_tile).tolist()
+            if sum(tiles_per_row) != pixel_values.shape[0]:
+                raise ValueError(
+                    f"the rows hold image tokens for {tiles_per_row} tiles ({sum(tiles_per_row)} in all) but "
+                    f"pixel_values has {pixel_values.shape[0]}."
+                )
+            rows = pixel_values.split(tiles_per_row)
+            pixel_values = torch.cat([row for row in rows for _ in range(expand_size)])
+            num_patches = num_patches.repeat(expand_size) if num_patches is not None else None  # checked by total
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs.update(pixel_values=pixel_values, num_patches=num_patches)
+        return input_ids, model_kwargs
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int, **kwargs
+    ):
+        """Refuse cache settings that cannot hold this call, by name, before anything runs."""
+        chunk = generation_config.prefill_chunk_size
+        prompt = model_kwargs.get("attention_mask")
+        if chunk is not None and model_kwargs.get("pixel_values") is not None:
+            if prompt is None or prompt.shape[-1] > chunk:
+                raise ValueError(
+                    f"prefill_chunk_size={chunk} would split the prompt"
+                    f"{f' of {prompt.shape[-1]} tokens' if prompt is not None else ''} and its image spans between "
+                    "chunks, but every image is encoded with the whole prompt (and LVTC expands each tile's span at "
+                    "once); pass prefill_chunk_size=None, or a chunk at least as long as the prompt."
+                )
+        result = super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, **kwargs
+        )
+        cache = model_kwargs.get("past_key_values")
+        if is_static_cache(cache):
+            capacity = cache.layers[0].max_cache_len
+            if capacity < max_cache_length:
+                raise ValueError(
+                    f"the static cache holds {capacity} tokens per layer but this call needs {max_cache_length} "
+                    "(the prompt plus max_new_tokens, less one); build it with max_cache_len ≥ "
+                    f"{max_cache_length}."
+                )
+        return result
+
     # ---- InternVL2-compatible chat API -------------------------------------------------------------------------------
     def _chat_inputs(self, tokenizer, questions: list[str], histories: list, num_patches_list: list[int]) -> dict:
         """Render InternLM2-chat prompts, expand each `<image>` by its tiles and tokenize (left-padded)."""

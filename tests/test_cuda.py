@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationC
 
 from examples import finetune
 from tests.conftest import make_chat_bundle
+from tests.decoding import assert_greedy_matches_recomputation, assert_same_greedy
 from tests.test_finetune import common_args, write_dataset
 from tests.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD, image_span, left_pad, native_reference, prompt, tiles
 
@@ -48,6 +49,13 @@ def logits(model, device: str, dtype: torch.dtype) -> torch.Tensor:
     return out[inputs["attention_mask"].bool()].float().cpu()
 
 
+def decoding_settings(**kwargs) -> dict:
+    config = GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=PAD,
+                              suppress_tokens=IMAGE_TOKENS, output_logits=True,
+                              return_dict_in_generate=True)  # fmt: skip
+    return dict(generation_config=config, **kwargs)
+
+
 def test_bf16_on_cuda_is_as_close_to_float32_as_native_internvl(bundle):
     ours = bundle.model(seed=1, attn_implementation="sdpa")
     native = native_reference(ours)
@@ -70,21 +78,18 @@ def test_lvtc_in_bf16_on_cuda_stays_close_to_float32(bundle, projector_type):
 
 def test_lvtc_cached_greedy_decoding_on_cuda_equals_recomputation_and_batching(bundle):
     model = bundle.model(seed=3, **LVTC).to("cuda")
-    config = GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=PAD,
-                              suppress_tokens=IMAGE_TOKENS)  # fmt: skip
     inputs = batch("cuda")
     with torch.no_grad():
-        batched = model.generate(**inputs, generation_config=config)
-        uncached = model.generate(
-            **inputs, generation_config=GenerationConfig(**{**config.to_dict(), "use_cache": False})
-        )
-        assert torch.equal(batched, uncached)
+        batched = model.generate(**inputs, **decoding_settings(output_scores=True))
+        uncached = model.generate(**inputs, **decoding_settings(use_cache=False))
+        assert_same_greedy(uncached, batched)
+        assert_greedy_matches_recomputation(model, batched, **inputs)
         counts, start = [2, 3], 0
         for row, count in enumerate(counts):
             real = inputs["input_ids"][row][inputs["attention_mask"][row].bool()][None]
             pixel_values = inputs["pixel_values"][start : start + count]
-            alone = model.generate(input_ids=real, pixel_values=pixel_values, generation_config=config)
-            assert torch.equal(batched[row, -12:], alone[0, -12:])
+            alone = model.generate(input_ids=real, pixel_values=pixel_values, **decoding_settings())
+            assert_same_greedy(batched, alone, rows=[(row, 0)])
             start += count
 
 
@@ -133,3 +138,28 @@ def test_finetune_in_bf16_on_cuda_lowers_the_loss_and_reloads(bundle, tmp_path):
         trained_loss = model.to("cuda")(**{k: v.to("cuda") for k, v in inputs.items()}).loss.float()
         original_loss = original(**inputs).loss
     assert trained_loss.item() < 0.5 * original_loss.item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lvtc_compiled_static_decoding_on_cuda_equals_eager(bundle, dtype):
+    """Transformers' own fast path: static cache, decode step compiled whole with CUDA graphs (reduce-overhead)."""
+    model = bundle.model(seed=5, **LVTC).to("cuda", dtype)
+    inputs = batch("cuda")
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad():
+        eager = model.generate(**inputs, **decoding_settings())
+        compiled = model.generate(**inputs, **decoding_settings(cache_implementation="static"))
+        assert model._compiled_call is not None
+    tolerance = 1e-4 if dtype == torch.float32 else 0.05 * max(step.abs().max().item() for step in eager.logits)
+    assert_same_greedy(compiled, eager, atol=tolerance)
+
+
+@pytest.mark.parametrize("implementation", ["offloaded", "offloaded_static"])
+def test_lvtc_offloaded_caches_on_cuda_decode_like_the_dynamic_cache(bundle, implementation):
+    """Offloading streams each layer's cache through the CPU (needs a CUDA stream), long layers included."""
+    model = bundle.model(seed=6, **LVTC).to("cuda")
+    inputs = batch("cuda")
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **decoding_settings())
+        offloaded = model.generate(**inputs, **decoding_settings(cache_implementation=implementation))
+    assert_same_greedy(offloaded, dynamic)

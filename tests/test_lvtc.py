@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
+from tests.decoding import assert_greedy_matches_recomputation, assert_same_greedy
 from tests.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD, image_span, left_pad, prompt, tiles
 
 N1SQ, N2SQ = 4, 16  # tiny geometry: S = 4 patches per side, M1 = 2, M2 = 1
@@ -94,8 +95,10 @@ def test_injected_projector(bundle):
 
 
 def greedy(**kwargs):
+    settings = dict(output_logits=True, output_scores=True, return_dict_in_generate=True)
+    settings.update(kwargs)
     return GenerationConfig(do_sample=False, max_new_tokens=20, eos_token_id=None, pad_token_id=PAD,
-                            suppress_tokens=IMAGE_TOKENS, **kwargs)  # fmt: skip
+                            suppress_tokens=IMAGE_TOKENS, **settings)  # fmt: skip
 
 
 def test_cached_greedy_decoding_equals_recomputation_at_every_step(bundle):
@@ -103,20 +106,10 @@ def test_cached_greedy_decoding_equals_recomputation_at_every_step(bundle):
     ids = torch.tensor([prompt(3, image_span(3, N1SQ), 4)])
     pixel_values = tiles(3, seed=9)
     with torch.no_grad():
-        cached = model.generate(input_ids=ids, pixel_values=pixel_values, generation_config=greedy(),
-                                output_scores=True, return_dict_in_generate=True)  # fmt: skip
-        sequence = ids
-        for step in range(20):
-            logits = model(input_ids=sequence, pixel_values=pixel_values, use_cache=False).logits[:, -1]
-            torch.testing.assert_close(cached.scores[step][:, [t for t in range(128) if t not in IMAGE_TOKENS]],
-                                       logits[:, [t for t in range(128) if t not in IMAGE_TOKENS]],
-                                       rtol=0, atol=1e-4)  # fmt: skip
-            logits[:, IMAGE_TOKENS] = -float("inf")
-            sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(cached.sequences, sequence)
-    with torch.no_grad():
+        cached = model.generate(input_ids=ids, pixel_values=pixel_values, generation_config=greedy())
         uncached = model.generate(input_ids=ids, pixel_values=pixel_values, generation_config=greedy(use_cache=False))
-    assert torch.equal(uncached, sequence)
+    assert_greedy_matches_recomputation(model, cached, pixel_values=pixel_values)
+    assert_same_greedy(uncached, cached)
 
 
 def test_left_padded_batch_with_1_3_and_7_tiles_equals_each_prompt_alone(bundle):
@@ -133,7 +126,7 @@ def test_left_padded_batch_with_1_3_and_7_tiles_equals_each_prompt_alone(bundle)
             alone_logits = model(input_ids=torch.tensor([p]), pixel_values=pv).logits[0]
             torch.testing.assert_close(batched_logits[row, -len(p) :], alone_logits, rtol=0, atol=1e-4)
             alone = model.generate(input_ids=torch.tensor([p]), pixel_values=pv, generation_config=greedy())
-            assert torch.equal(batched[row, -20:], alone[0, -20:])
+            assert_same_greedy(batched, alone, rows=[(row, 0)])
 
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padded-batch", "one-prompt"])

@@ -1,0 +1,195 @@
+"""Transformers' fast generation path: static cache, compiled decode step, and the other cache options, for plain,
+PVTC and LVTC models (the fast-decoding issue)."""
+
+import pytest
+import torch
+from transformers import CompileConfig, GenerationConfig, StaticCache
+
+from tests.decoding import assert_same_greedy
+from tests.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD, image_span, left_pad, prompt, tiles
+
+N1SQ = 4
+LAYERS = 4
+NEW_TOKENS = 8
+IMAGE_TOKENS = [IMG_START, IMG_END, IMG_CONTEXT]
+
+LVTC = dict(text=dict(num_hidden_layers=LAYERS), lvtc_enabled=True, lvtc_expand_layer=3, lvtc_inject_start=1)
+VARIANTS = {
+    "plain": dict(text=dict(num_hidden_layers=LAYERS)),
+    "pvtc": dict(text=dict(num_hidden_layers=LAYERS), projector_type="pvtc", pvtc_num_heads=4),
+    "lvtc": LVTC,
+    "lvtc-pvtc-bilinear": {**LVTC, "projector_type": "pvtc", "pvtc_num_heads": 4, "lvtc_upsample_mode": "bilinear"},
+    "lvtc-3-lr-projectors": {**LVTC, "lvtc_num_lr_projectors": 3},
+    "lvtc-no-hr": {**LVTC, "lvtc_use_hr_projector": False},
+    "lvtc-qwen2": {**LVTC, "text": dict(model_type="qwen2", num_hidden_layers=LAYERS)},
+}
+
+
+def greedy(**kwargs) -> dict:
+    config = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=PAD,
+                              suppress_tokens=IMAGE_TOKENS, output_logits=True, output_scores=True,
+                              return_dict_in_generate=True)  # fmt: skip
+    return dict(generation_config=config, **kwargs)
+
+
+def batch(counts=(1, 3, 7)) -> dict:
+    """Left-padded prompts with `counts` tiles each, and their tiles."""
+    prompts = [prompt(2 + i, image_span(n, N1SQ), 3, seed=i) for i, n in enumerate(counts)]
+    ids, mask = left_pad(prompts)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([tiles(n, seed=20 + n) for n in counts]))
+
+
+def compile_on_cpu(**options) -> CompileConfig:
+    """Transformers compiles the decode step only on accelerators unless told to compile on every device."""
+    config = CompileConfig(fullgraph=True, mode="default", **options)
+    config._compile_all_devices = True
+    return config
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_static_cache_decodes_like_the_dynamic_cache(bundle, variant):
+    model = bundle.model(seed=1, **VARIANTS[variant])
+    inputs = batch()
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **greedy())
+        static = model.generate(**inputs, **greedy(cache_implementation="static"))
+    assert static.past_key_values.layers[0].keys.shape[2] == inputs["input_ids"].shape[1] + NEW_TOKENS - 1
+    assert_same_greedy(static, dynamic)
+
+
+def test_static_cache_long_layers_hold_the_growth(bundle):
+    """Long layers get `tiles · (N2² − N1²)` more slots per row than short ones (the longest row's tiles)."""
+    model = bundle.model(seed=1, **LVTC)
+    inputs = batch((1, 3, 7))
+    with torch.no_grad():
+        out = model.generate(**inputs, **greedy(cache_implementation="static"))
+    capacities = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    short = inputs["input_ids"].shape[1] + NEW_TOKENS - 1
+    assert capacities == [short] * 3 + [short + 7 * (16 - N1SQ)]
+
+
+@pytest.mark.parametrize("variant", ["plain", "lvtc"])
+def test_static_cache_beam_search_equals_the_dynamic_cache(bundle, variant):
+    model = bundle.model(seed=2, **VARIANTS[variant])
+    inputs = batch((1, 3))
+    beams = dict(num_beams=3, output_logits=False, output_scores=False)
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **greedy(**beams))
+        static = model.generate(**inputs, **greedy(cache_implementation="static", **beams))
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(static.sequences_scores, dynamic.sequences_scores, rtol=0, atol=1e-5)
+
+
+def test_several_returned_sequences_each_see_their_own_tiles(bundle):
+    """`num_return_sequences` repeats each row: its tiles must be repeated with it (top-k 1 sampling is greedy)."""
+    model = bundle.model(seed=1, **LVTC)
+    inputs = batch((2, 3))
+    with torch.no_grad():
+        alone = model.generate(**inputs, **greedy())
+        repeated = model.generate(**inputs, **greedy(do_sample=True, top_k=1, num_return_sequences=3))
+    assert_same_greedy(repeated, alone, rows=[(3 * row + copy, row) for row in range(2) for copy in range(3)])
+
+
+def test_a_user_built_static_cache_is_reused_without_reallocation(bundle):
+    model = bundle.model(seed=3, **LVTC)
+    inputs = batch((3, 1))
+    cache = StaticCache(config=model.config.text_config, max_cache_len=inputs["input_ids"].shape[1] + NEW_TOKENS)
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **greedy())
+        first = model.generate(**inputs, past_key_values=cache, **greedy())
+        storage = [layer.keys.data_ptr() for layer in cache.layers]
+        cache.reset()
+        second = model.generate(**inputs, past_key_values=cache, **greedy())
+    assert [layer.keys.data_ptr() for layer in cache.layers] == storage
+    assert_same_greedy(first, dynamic)
+    assert_same_greedy(second, dynamic)
+
+
+def test_long_layer_capacity_only_grows_across_calls(bundle):
+    """A later call with fewer tiles keeps the earlier capacity, so compiled graphs keep their shapes."""
+    model = bundle.model(seed=3, **LVTC)
+    settings = greedy(cache_implementation="static")
+    settings["generation_config"].max_cache_len = 96
+    with torch.no_grad():
+        big = model.generate(**batch((7,)), **settings).past_key_values
+        small = model.generate(**batch((1,)), **settings).past_key_values
+    long_slots = [layer.keys.shape[2] for layer in (big.layers[3], small.layers[3])]
+    assert long_slots == [96 + 7 * (16 - N1SQ)] * 2
+
+
+def test_a_static_cache_too_small_is_refused_with_both_lengths(bundle):
+    model = bundle.model(seed=4, **LVTC)
+    inputs = batch((1, 3))
+    needed = inputs["input_ids"].shape[1] + NEW_TOKENS - 1
+    cache = StaticCache(config=model.config.text_config, max_cache_len=needed - 2)
+    with pytest.raises(ValueError, match=f"holds {needed - 2} tokens per layer but this call needs {needed}"):
+        model.generate(**inputs, past_key_values=cache, **greedy())
+    # Called directly, a step that would overflow is refused before it writes.
+    prompt_length = inputs["input_ids"].shape[1]
+    cache = StaticCache(config=model.config.text_config, max_cache_len=prompt_length - 1)
+    message = f"holds {prompt_length - 1} tokens per layer but already has 0 and this step adds {prompt_length}"
+    with pytest.raises(ValueError, match=message):
+        model(**inputs, past_key_values=cache, use_cache=True)
+
+
+def test_compiled_decode_step_equals_eager_decoding(bundle):
+    """`torch.compile(fullgraph=True)` of the whole decode step (inductor on the CPU): any graph break raises."""
+    model = bundle.model(seed=5, **LVTC)
+    inputs = batch((1, 3))
+    with torch.no_grad():
+        eager = model.generate(**inputs, **greedy())
+        compiled = model.generate(**inputs, **greedy(cache_implementation="static", compile_config=compile_on_cpu()))
+        assert model._compiled_call is not None
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        # Another prompt and tile count with the same cache size: the compiled step is reused as it is.
+        settings = greedy(cache_implementation="static", compile_config=compile_on_cpu())
+        settings["generation_config"].max_cache_len = compiled.past_key_values.layers[0].max_cache_len
+        again = model.generate(**batch((2, 1)), **settings)
+        reference = model.generate(**batch((2, 1)), **greedy())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert_same_greedy(compiled, eager)
+    assert_same_greedy(again, reference)
+
+
+@pytest.mark.parametrize("variant", ["plain", "pvtc", "lvtc-3-lr-projectors", "lvtc-qwen2"])
+def test_decode_step_traces_as_one_graph(bundle, variant):
+    """Dynamo traces a decode step of every variant without a break (the eager backend skips code generation)."""
+    model = bundle.model(seed=6, **VARIANTS[variant])
+    inputs = batch((3, 1))
+    with torch.no_grad():
+        eager = model.generate(**inputs, **greedy())
+        compiled = model.generate(**inputs, **greedy(cache_implementation="static",
+                                                     compile_config=compile_on_cpu(backend="eager")))  # fmt: skip
+    assert_same_greedy(compiled, eager)
+
+
+def test_quantized_cache_decodes(bundle):
+    """KV quantization is lossy: the prefill step is exact, later steps stay close to the dynamic cache."""
+    from transformers.cache_utils import QuantizedCache
+
+    model = bundle.model(seed=7, **LVTC)
+    try:
+        QuantizedCache(backend="fp8", config=model.config.text_config)
+    except ValueError:
+        pytest.skip("this Transformers has no dependency-free quantized cache backend (fp8 came after 5.17)")
+    inputs = batch((1, 3))
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **greedy())
+        quantized = model.generate(
+            **inputs, **greedy(cache_implementation="quantized", cache_config={"backend": "fp8"})
+        )
+    torch.testing.assert_close(quantized.scores[0], dynamic.scores[0], rtol=0, atol=1e-5)
+    drift = max((q - d)[torch.isfinite(d)].abs().max().item() for q, d in zip(quantized.scores, dynamic.scores))
+    assert drift < 0.1 * max(d[torch.isfinite(d)].abs().max().item() for d in dynamic.scores)
+
+
+def test_chunked_prefill_is_refused_for_images_and_exact_for_text(bundle):
+    model = bundle.model(seed=8, **LVTC)
+    inputs = batch((1, 3))
+    with pytest.raises(ValueError, match=r"prefill_chunk_size=8 would split the prompt of \d+ tokens"):
+        model.generate(**inputs, **greedy(prefill_chunk_size=8))
+    ids, mask = left_pad([prompt(14, seed=1), prompt(9, seed=2)])
+    with torch.no_grad():
+        whole = model.generate(input_ids=ids, attention_mask=mask, **greedy())
+        chunked = model.generate(input_ids=ids, attention_mask=mask, **greedy(prefill_chunk_size=4))
+    assert_same_greedy(chunked, whole)
