@@ -10,10 +10,11 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, InternVLVisionModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, StaticLayer
+from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.utils import is_torchdynamo_compiling
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_internvl_x import InternVLXConfig
 from .processing_internvl_x import CHAT_END_TOKEN, CHAT_TEMPLATE, expand_image_placeholders
@@ -358,6 +359,36 @@ def is_static_cache(cache: Cache | None) -> bool:
     return cache is not None and any(isinstance(layer, StaticLayer) for layer in cache.layers)
 
 
+class InternVLXStaticLayer(StaticLayer):
+    """Transformers' static cache layer, plus `crop`: speculative decoding rolls back rejected tokens. Only the write
+    position moves back; the dropped slots are hidden from attention by the causal mask until new tokens overwrite
+    them, so no tensor is reallocated (compiled graphs keep their addresses)."""
+
+    is_croppable = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` tokens (a count ≤ 0, as for Transformers' caches)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes minus the number of tokens to remove, got {tokens_to_remove}.")
+        if self.is_initialized and tokens_to_remove:
+            self.cumulative_length.sub_(-tokens_to_remove)
+
+
+class InternVLXStaticCache(StaticCache):
+    """`StaticCache` whose layers can `crop`, for speculative decoding on pre-allocated memory (e.g. an assistant
+    model or prompt lookup in `generate(past_key_values=InternVLXStaticCache(...))`).
+
+    With LVTC, its long layers get room for the prompt's growth at the prefill, like any static cache's.
+    """
+
+    def __init__(self, config, max_cache_len: int, **kwargs):
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        self.layers = [
+            InternVLXStaticLayer(max_cache_len=layer.max_cache_len) if type(layer) is StaticLayer else layer
+            for layer in self.layers
+        ]
+
+
 class LVTCSchedule:
     """LVTC's per-layer token schedule (paper §3.2, Algorithm 1): its layout, masks and cache state in one place.
 
@@ -569,19 +600,24 @@ class LVTCSchedule:
     ) -> torch.Tensor | None:
         """Long-phase mask of a continuation step: key slot j of the long layers holds the long prompt's token j, then
         (from P_long on) the continuation's token j − (P_long − P_short), which is valid where the short phase's key
-        j − (P_long − P_short) is."""
+        j − (P_long − P_short) is.
+
+        The text after the last image keeps that offset in both phases, so a roll-back (`crop`, speculative decoding)
+        into the prompt's text tail is continued the same way: slots from the current length on are the new tokens'.
+        """
         past = cache.get_seq_length(self.expand_layer)
         kv_length = cache.get_mask_sizes(query_length, self.expand_layer)[0]
         slots = torch.arange(kv_length, device=state.growth.device)
-        prompt = state.long_prompt_keys.bool()
-        prompt = F.pad(prompt, (0, kv_length - prompt.shape[1])) if prompt.shape[1] < kv_length else prompt
+        prompt = state.long_prompt_keys.bool()[:, :kv_length]
+        prompt = F.pad(prompt, (0, kv_length - prompt.shape[1]))
         short_keys = key_validity(attention_mask)
         if short_keys is None:
             continued = torch.ones_like(prompt)
         else:
             short_index = (slots - state.long_offset).clamp(0, short_keys.shape[1] - 1)
             continued = short_keys[:, short_index]
-        keys = torch.where(slots < state.long_prompt_length, prompt, continued)
+        prompt_end = torch.minimum(state.long_prompt_length, torch.as_tensor(past, device=slots.device))
+        keys = torch.where(slots < prompt_end, prompt, continued)
         return self.build_mask(keys, query_length, past, dtype)
 
     def build_mask(
@@ -833,6 +869,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
             if num_tokens:
                 raise ValueError(f"the text has {num_tokens} image tokens but no pixel_values were given.")
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -884,7 +921,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         if self.config.lvtc_enabled:
             outputs = LVTCSchedule(self)(image_mask=image_mask, vision_features=vision_features, **language_inputs)
         else:
-            outputs = self.language_model(**language_inputs)
+            outputs = self.language_model(**language_inputs, return_dict=True)
         return InternVLXModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,
@@ -921,6 +958,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         """`(tiles, 3, H, W)` → visual tokens `(tiles, tokens_per_tile, D)`."""
         return self.model.get_image_features(pixel_values)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -952,6 +990,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             num_patches=num_patches,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -1144,4 +1183,4 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
 InternVLXModel.register_for_auto_class("AutoModel")
 InternVLXForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
-__all__ = ["InternVLXPreTrainedModel", "InternVLXModel", "InternVLXForConditionalGeneration"]
+__all__ = ["InternVLXPreTrainedModel", "InternVLXModel", "InternVLXForConditionalGeneration", "InternVLXStaticCache"]

@@ -403,6 +403,184 @@ def lvtc_suite(args) -> dict:
     return {"rows": rows, "ratios": ratios, "shapes": shapes, "flops": flops}
 
 
+def default_lvtc_settings(layers: int) -> dict:
+    """The LVTC settings of the root `config.json` (PVTC, k = 3/4 of the depth, T = 2 from the middle layer, HR),
+    scaled to `layers` decoder layers."""
+    config = json.loads((ROOT / "config.json").read_text())
+    depth = config["text_config"]["num_hidden_layers"]
+    settings = {key: value for key, value in config.items() if key.startswith(("lvtc_", "pvtc_", "projector_"))}
+    settings["lvtc_expand_layer"] = config["lvtc_expand_layer"] * layers // depth
+    settings["lvtc_inject_start"] = config["lvtc_inject_start"] * layers // depth
+    return settings
+
+
+class StepClock:
+    """A logits processor that only reads the clock (after the device finishes), once per generated token."""
+
+    def __init__(self, device: str):
+        self.device, self.ticks = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        synchronize(self.device)
+        self.ticks.append(time.perf_counter())
+        return scores
+
+
+def bandwidth_gb_s(device: str, megabytes: int = 1024) -> float:
+    """Memory bandwidth from a large device-to-device copy (each byte is read once and written once)."""
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    seconds = median_time(lambda: target.copy_(source), device, repeats=10)
+    return 2 * source.numel() / seconds / 1e9
+
+
+@suite("decode")
+def decode_suite(args) -> dict:
+    """Decode speed of plain, PVTC and LVTC models with Transformers' dynamic cache and with its static cache and
+    compiled decode step; against the bound set by reading the decoder's weights once per token."""
+    from transformers import CompileConfig
+
+    classes = bundle_classes()
+    layers = 4 if args.quick else 24
+    variants = {
+        "plain": dict(projector_type="pixel_shuffle"),
+        "PVTC": dict(projector_type="pvtc"),
+        "LVTC (config.json)": default_lvtc_settings(layers),
+    }
+    dtype = getattr(torch, args.dtype)
+    models = {}
+    for name, overrides in variants.items():
+        torch.manual_seed(0)
+        models[name] = built_on(args.device, dtype, classes.ForConditionalGeneration,
+                                classes.Config(**geometry(args.device, args.quick, **overrides)))  # fmt: skip
+    config = models["plain"].config
+    text_tokens, new_tokens = 64, (64 if args.device == "cuda" else 16)
+    tile_counts = [7, 1]  # the larger first: a static cache's long layers keep the capacity they reached
+    batches = [1, 8]
+    compile_config = CompileConfig(fullgraph=True, **({} if args.device == "cuda" else {"mode": "default"}))
+    compile_config._compile_all_devices = True  # Transformers compiles on accelerators only unless told otherwise
+    max_cache_len = text_tokens + max(tile_counts) * config.tokens_per_tile + new_tokens + 2
+
+    def inputs_for(tiles: int, batch: int) -> dict:
+        ids = torch.tensor([prompt_ids(config, tiles, text_tokens)] * batch, device=args.device)
+        pixel_values = torch.randn(
+            batch * tiles, 3, config.tile_size, config.tile_size, device=args.device, dtype=dtype
+        )
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values)
+
+    def decode_seconds(model, inputs, cache: str, tokens: int = new_tokens) -> float:
+        """Seconds per decoded token: the median time between consecutive steps' logits (the prefill is not
+        counted, and a hiccup of the machine moves one interval, not the figure)."""
+        clock = StepClock(args.device)
+        settings = dict(max_new_tokens=1 + tokens, min_new_tokens=1 + tokens, do_sample=False, pad_token_id=2,
+                        logits_processor=[clock])  # fmt: skip
+        if cache == "static":
+            settings.update(cache_implementation="static", compile_config=compile_config, max_cache_len=max_cache_len)
+        with torch.no_grad():
+            model.generate(**inputs, **settings)
+        return statistics.median(later - earlier for earlier, later in zip(clock.ticks, clock.ticks[1:]))
+
+    per_token = {}
+    for tiles in tile_counts:
+        for batch in batches:
+            inputs = inputs_for(tiles, batch)
+            runs = {(name, cache): (model, cache) for name, model in models.items() for cache in ("dynamic", "static")}
+            for model, cache in runs.values():  # warm-up; it compiles the static runs' decode step
+                decode_seconds(model, inputs, cache, tokens=3)
+            samples = {key: [] for key in runs}
+            for _ in range(args.repeats):  # interleaved, so drift of the machine hits every entry alike
+                for key, (model, cache) in runs.items():
+                    samples[key].append(decode_seconds(model, inputs, cache))
+            for (name, cache), values in samples.items():
+                per_token[(tiles, batch, name, cache)] = statistics.median(values)
+    lookup = prompt_lookup_rows(models, ["plain", "LVTC (config.json)"], inputs_for(1, 1), new_tokens, args)
+    rows = []
+    weight_bytes = {
+        name: sum(p.numel() * p.element_size() for p in [*m.model.language_model.parameters(), m.lm_head.weight])
+        for name, m in models.items()
+    }
+    bandwidth = bandwidth_gb_s(args.device)
+    for tiles in tile_counts:
+        for name in models:
+            for cache in ("dynamic", "static"):
+                one, eight = per_token[(tiles, 1, name, cache)], per_token[(tiles, 8, name, cache)]
+                rows.append({
+                    "tiles": tiles,
+                    "model": name,
+                    "cache": "dynamic" if cache == "dynamic" else "static + compile",
+                    "ms/token (batch 1)": one * 1e3,
+                    "tokens/s (batch 8)": 8 / eight,
+                    "batch 1 / bandwidth bound": one / (weight_bytes[name] / (bandwidth * 1e9)),
+                })  # fmt: skip
+    lvtc, plain = "LVTC (config.json)", "plain"
+    ratios = {}
+    for tiles in tile_counts:
+        ratios[f"lvtc_static_over_plain_static_ms_per_token_{tiles}_tiles"] = (
+            per_token[(tiles, 1, lvtc, "static")] / per_token[(tiles, 1, plain, "static")]
+        )
+        ratios[f"lvtc_static_over_plain_static_tokens_per_s_batch8_{tiles}_tiles"] = (
+            per_token[(tiles, 8, plain, "static")] / per_token[(tiles, 8, lvtc, "static")]
+        )
+        ratios[f"plain_static_speedup_over_dynamic_{tiles}_tiles"] = (
+            per_token[(tiles, 1, plain, "dynamic")] / per_token[(tiles, 1, plain, "static")]
+        )
+    ratios["bandwidth_bound_ms_per_token_plain"] = weight_bytes[plain] / (bandwidth * 1e9) * 1e3
+    ratios["measured_bandwidth_gb_s"] = bandwidth
+    shapes = {"text_tokens": text_tokens, "new_tokens": new_tokens, "tile_counts": tile_counts, "batches": batches,
+              "max_cache_len": max_cache_len, "layers": layers,
+              "decoder_weight_bytes": weight_bytes,
+              "per_token": "median over runs of the median interval between consecutive steps' logits",
+              "compile": compile_config.to_dict(),
+              "widths": "real 2B" if args.device == "cuda" else "reduced (ViT 256, LLM 512)"}  # fmt: skip
+    ratios.update({f"prompt_lookup_{row['model']}_speedup": row["speed-up"] for row in lookup})
+    return {"rows": rows, "prompt_lookup_rows": lookup, "ratios": ratios, "shapes": shapes}
+
+
+def prompt_lookup_rows(models: dict, names: list[str], inputs: dict, new_tokens: int, args) -> list[dict]:
+    """Batch 1, dynamic cache: greedy vs `prompt_lookup_num_tokens=3` on a prompt whose text repeats itself, so the
+    prompt has n-grams to propose. ms/token = (time of 1 + N tokens − time of 1 token) / N; acceptance = accepted
+    candidates / proposed ones, counted from the token counts of the model's forward calls."""
+    ids = inputs["input_ids"]
+    phrase = ids[:, 1:17]
+    reading = dict(inputs, input_ids=torch.cat([ids, phrase, phrase], dim=1))
+    reading["attention_mask"] = torch.ones_like(reading["input_ids"])
+    prompt_length = reading["input_ids"].shape[1]
+
+    def run(model, tokens: int, lookup: bool):
+        settings = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=2)
+        if lookup:
+            settings["prompt_lookup_num_tokens"] = 3
+        with torch.no_grad():
+            return model.generate(**reading, **settings)
+
+    runs = {(name, tokens, lookup): (lambda m=models[name], t=tokens, k=lookup: run(m, t, k))
+            for name in names for tokens in (1, 1 + new_tokens) for lookup in (False, True)}  # fmt: skip
+    seconds = interleaved_medians(runs, args.device, args.repeats)
+    rows = []
+    for name in names:
+        fed = []
+        hook = models[name].register_forward_pre_hook(
+            lambda _module, _args, kwargs, fed=fed: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        )
+        try:
+            run(models[name], 1 + new_tokens, True)
+        finally:
+            hook.remove()
+        proposed = fed[0] - prompt_length + sum(count - 1 for count in fed[1:])
+        accepted = 1 + new_tokens - len(fed)
+        per_token = {lookup: (seconds[(name, 1 + new_tokens, lookup)] - seconds[(name, 1, lookup)]) / new_tokens
+                     for lookup in (False, True)}  # fmt: skip
+        rows.append({
+            "model": name,
+            "greedy ms/token": per_token[False] * 1e3,
+            "prompt lookup ms/token": per_token[True] * 1e3,
+            "speed-up": per_token[False] / per_token[True],
+            "forward calls": len(fed),
+            "acceptance": accepted / max(proposed, 1),
+        })  # fmt: skip
+    return rows
+
+
 PHOTOS = (
     "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png", "coffee.png",
     "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "microaneurysms.png", "moon.png",
@@ -542,6 +720,9 @@ def main(argv=None) -> None:
     args.out.write_text(json.dumps(report, indent=2, default=str))
     print(f"## {args.suite} — {report['device']}, {args.dtype}{' (quick)' if args.quick else ''}\n")
     print(markdown_table(result["rows"]))
+    for key, table in result.items():
+        if key.endswith("_rows"):
+            print(f"\n{key.removesuffix('_rows').replace('_', ' ')}:\n\n{markdown_table(table)}")
     print("\n" + "\n".join(f"- {k}: {v:.3f}" for k, v in result["ratios"].items()))
     print(f"\nshapes: {result['shapes']}\nwritten to {args.out}")
 
