@@ -21,9 +21,19 @@ DEFAULT_SYSTEM_MESSAGE = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 )
 
-# InternLM2 chat format: <|im_start|>role\n...<|im_end|>\n, the InternVL2 system message unless one is given; every
-# image item becomes an `<image>` placeholder on its own line, which the processor expands into image tokens.
+# InternLM2 chat format (ChatML): each turn is the start token, its role, a newline, its content, the end token and a
+# newline; the InternVL2 system message unless one is given; every
+# image item becomes an `<image>` placeholder on its own line, which the processor expands into image tokens. Each
+# assistant reply and its <|im_end|> sit in a generation block: what `return_assistant_tokens_mask` marks for
+# training. This is the only rendering of the format in the project: training and inference both use it.
 CHAT_TEMPLATE = (
+    "{%- macro render_content(content) %}"
+    "{%- if content is string %}{{ content }}"
+    "{%- else %}{%- for item in content %}"
+    "{%- if item['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{%- elif item['type'] == 'text' %}{{ item['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{%- endmacro %}"
     "{{ bos_token }}"
     "{%- if messages[0]['role'] == 'system' %}"
     "{%- set system = messages[0]['content'] if messages[0]['content'] is string "
@@ -33,12 +43,10 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>system\\n' + system + '<|im_end|>\\n' }}"
     "{%- for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}{{ message['content'] }}"
-    "{%- else %}{%- for item in message['content'] %}"
-    "{%- if item['type'] == 'image' %}{{ '<image>\\n' }}"
-    "{%- elif item['type'] == 'text' %}{{ item['text'] }}{%- endif %}"
-    "{%- endfor %}{%- endif %}"
-    "{{ '<|im_end|>\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- generation %}{{ render_content(message['content']) + '<|im_end|>' }}{%- endgeneration %}"
+    "{{ '\\n' }}"
+    "{%- else %}{{ render_content(message['content']) + '<|im_end|>\\n' }}{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
@@ -88,8 +96,7 @@ class InternVLXProcessor(ProcessorMixin):
 
     Args:
         image_processor ([`InternVLXImageProcessor`]): tiling and normalization.
-        tokenizer: a tokenizer holding `<img>`, `</img>`, `<IMG_CONTEXT>`, `<|im_start|>`, `<|im_end|>`
-            (see `prepare_tokenizer`).
+        tokenizer: a tokenizer holding the image and chat tokens of `SPECIAL_TOKENS` (see `prepare_tokenizer`).
         chat_template (`str`, *optional*): defaults to the InternLM2 chat format with InternVL2's system message.
         image_seq_length (`int`, *optional*, defaults to 256): visual tokens per tile.
     """
@@ -130,6 +137,9 @@ class InternVLXProcessor(ProcessorMixin):
             count = sum(sample.count(IMAGE_PLACEHOLDER) for sample in text)
             raise ValueError(f"the text has {count} `<image>` placeholders but no images were given.")
 
+        bos = self.tokenizer.bos_token
+        if bos and "add_special_tokens" not in kwargs and all(sample.startswith(bos) for sample in text):
+            kwargs["add_special_tokens"] = False  # a rendered chat template already starts with BOS: not a second
         kwargs.setdefault("padding", len(text) > 1)
         kwargs.setdefault("padding_side", "left")
         for unused in ("videos", "audio"):

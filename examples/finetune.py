@@ -83,37 +83,36 @@ class ChatDataset(Dataset):
         self.tokenizer = processor.tokenizer
         bundle = importlib.import_module(type(processor).__module__)  # the processor's own bundle module
         self.expand_image_placeholders = bundle.expand_image_placeholders
-        self.system_message = bundle.DEFAULT_SYSTEM_MESSAGE
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def build(self, conversations: list[dict], num_patches: list[int]) -> tuple[list[int], list[int]]:
-        """Tokens of the InternLM2 chat rendering, segment by segment, and labels that keep only the replies."""
-        turns = [(ROLES[turn["from"]], turn["value"]) for turn in conversations]
-        system = self.system_message
-        if turns and turns[0][0] == "system":
-            system, turns = turns[0][1], turns[1:]
-        if num_patches and not any("<image>" in value for role, value in turns if role == "user"):
-            first = next(i for i, (role, _) in enumerate(turns) if role == "user")
-            turns[first] = ("user", "<image>\n" * len(num_patches) + turns[first][1])
-        values = self.expand_image_placeholders([value for _, value in turns], num_patches,
-                                                self.processor.image_seq_length)  # fmt: skip
-        input_ids = [self.tokenizer.bos_token_id] + self.encode(f"<|im_start|>system\n{system}<|im_end|>\n")
-        labels = [-100] * len(input_ids)
-        for (role, _), value in zip(turns, values):
-            prompt = self.encode(f"<|im_start|>{role}\n")
-            if role == "assistant":
-                reply, tail = self.encode(f"{value}<|im_end|>"), self.encode("\n")
-                input_ids += prompt + reply + tail
-                labels += [-100] * len(prompt) + reply + [-100] * len(tail)
-            else:
-                segment = prompt + self.encode(f"{value}<|im_end|>\n")
-                input_ids += segment
-                labels += [-100] * len(segment)
+        """Tokens of the processor's chat template applied to the conversation, and labels that keep only what the
+        template marks as the assistant's (each reply and its `<|im_end|>`)."""
+        messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in conversations]
+        if num_patches and not any("<image>" in m["content"] for m in messages if m["role"] == "user"):
+            first = next(m for m in messages if m["role"] == "user")
+            first["content"] = "<image>\n" * len(num_patches) + first["content"]
+        contents = self.expand_image_placeholders([m["content"] for m in messages], num_patches,
+                                                  self.processor.image_seq_length)  # fmt: skip
+        for message, content in zip(messages, contents):
+            message["content"] = content
+        encoded = self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=self.processor.chat_template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        input_ids = list(encoded["input_ids"])
+        labels = [token if keep else -100 for token, keep in zip(input_ids, encoded["assistant_masks"])]
+        replies = sum(message["role"] == "assistant" for message in messages)
+        if replies and all(label == -100 for label in labels):
+            raise ValueError(
+                f"the processor's chat template marked none of this sample's {replies} assistant replies: it needs "
+                "`{% generation %}` blocks around them (re-save the processor with this bundle's template)."
+            )
         return input_ids, labels
 
     def __getitem__(self, index: int) -> dict:

@@ -74,6 +74,53 @@ def test_labels_supervise_only_the_replies_of_a_multi_turn_sample(lvtc_dir, data
     assert sample["input_ids"][0] == tokenizer.bos_token_id
 
 
+def test_training_prompt_before_each_reply_is_the_inference_prompt(lvtc_dir, data):
+    """Labels come from the template's generation blocks: the tokens before every reply are exactly what
+    `apply_chat_template(..., add_generation_prompt=True)` gives at inference for the turns so far."""
+    processor = AutoProcessor.from_pretrained(lvtc_dir, trust_remote_code=True)
+    dataset = finetune.ChatDataset(finetune.read_meta(data), processor)
+    record, root = dataset.records[2]  # image + two rounds
+    sample = dataset[2]
+    image = PIL.Image.open(root / record["image"]).convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+                {"role": "assistant", "content": "red"}, {"role": "user", "content": "Sure?"},
+                {"role": "assistant", "content": "yes, red"}]  # fmt: skip
+    labels = sample["labels"].tolist()
+    starts = [i for i, label in enumerate(labels) if label != -100 and (i == 0 or labels[i - 1] == -100)]
+    assert len(starts) == 2
+    for start, turns in zip(starts, (1, 3)):
+        prompt = processor.apply_chat_template(messages[:turns], add_generation_prompt=True)
+        expected = processor(images=[image], text=[prompt])["input_ids"][0]
+        assert sample["input_ids"][:start].tolist() == expected.tolist()
+
+
+def test_a_template_without_generation_blocks_is_refused(lvtc_dir, data):
+    processor = AutoProcessor.from_pretrained(lvtc_dir, trust_remote_code=True)
+    processor.chat_template = processor.chat_template.replace("{%- generation %}", "").replace(
+        "{%- endgeneration %}", ""
+    )
+    with pytest.raises(ValueError, match="marked none of this sample's 2 assistant replies"):
+        finetune.ChatDataset(finetune.read_meta(data), processor)[2]
+
+
+def test_the_chat_format_is_written_in_one_place(bundle):
+    """Only the processor's template renders the chat format; the checkpoints this repository ships save that same
+    template. A second rendering elsewhere (an f-string in a script, say) could drift away from it unnoticed."""
+    sources = [path for path in ROOT.rglob("*.py")
+               if not path.relative_to(ROOT).parts[0].startswith((".", "tests")) and not path.is_symlink()]  # fmt: skip
+    users = sorted(str(path.relative_to(ROOT)) for path in sources if "<|im_start|>" in path.read_text())
+    assert users == ["processing_internvl_x.py"]
+    processing = (ROOT / "processing_internvl_x.py").read_text()
+    template = processing[
+        processing.index("CHAT_TEMPLATE = (") : processing.index("\n)\n", processing.index("CHAT_TEMPLATE = ("))
+    ]
+    outside = processing.replace(template, "").replace('CHAT_START_TOKEN = "<|im_start|>"', "")
+    assert "<|im_start|>" not in outside
+    expected = bundle.function("processing_internvl_x", "CHAT_TEMPLATE")
+    for saved in ROOT.glob("examples/**/chat_template.jinja"):
+        assert saved.read_text() == expected, saved
+
+
 def test_image_is_placed_in_the_first_turn_when_the_text_has_no_placeholder(lvtc_dir, data):
     processor = AutoProcessor.from_pretrained(lvtc_dir, trust_remote_code=True)
     sample = finetune.ChatDataset(finetune.read_meta(data), processor)[0]
