@@ -3,6 +3,8 @@
 """InternVL-X image processor: InternVL's dynamic tiling with the paper's RVTC tile caps (area / edge matching)."""
 
 import math
+import os
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -10,6 +12,7 @@ import PIL.Image
 import torch
 from torchvision.transforms.v2 import functional as tvF
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,19 +63,60 @@ def tile_grid(width: int, height: int, tile_size: int, min_patches: int, max_pat
     return best
 
 
-def to_rgb_tensor(image) -> torch.Tensor:
+BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]+$")
+
+
+def read_image(source: str, index: int) -> PIL.Image.Image:
+    """An image given as text → RGB PIL image, through Transformers' `load_image`: a local path, a `file://` URL, an
+    `http(s)` URL (fetched only then), or base64 (a `data:image/...;base64,` URI or the bare payload).
+
+    Any failure is a `ValueError` naming the image's index in the batch and why. Pillow's decompression-bomb limit
+    applies, as it does to every image Pillow opens.
+    """
+    path = source.removeprefix("file://") if source.startswith("file://") else source
+    if source.startswith("data:"):
+        what = f"a data URI of {len(source)} characters"
+    elif source.startswith(("http://", "https://")):
+        what = f"the URL {source}"
+    elif os.path.isfile(path) or not BASE64.match(source) or len(source) < 64:
+        if not os.path.isfile(path):
+            raise ValueError(f"image {index} of the batch: no such file {path!r} (nor a URL or base64 image).")
+        what = f"the file {path}"
+    else:
+        what = f"a base64 string of {len(source)} characters"
+    try:
+        return load_image(path)
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(
+            f"image {index} of the batch ({what}) exceeds Pillow's decompression-bomb limit: {error}"
+        ) from error
+    except Exception as error:  # noqa: BLE001 (bad base64, not an image, truncated file, network error, ...)
+        message = str(error)  # load_image's message repeats the whole payload after "Got", then the cause
+        reason = message.rsplit("Failed with ", 1)[-1] if "Failed with " in message else message
+        reason = reason[:300]
+        # `from None`: the original message holds the whole payload, which can be megabytes of base64
+        raise ValueError(
+            f"image {index} of the batch ({what}) could not be decoded: {type(error).__name__}: {reason}"
+        ) from None
+
+
+def to_rgb_tensor(image, index: int = 0) -> torch.Tensor:
     """Any supported image → `(3, H, W)` tensor, uint8 (0..255) or float32 (0..255 scale).
 
-    PIL images of any mode are converted to RGB (alpha dropped, 16-bit scaled to 8-bit); arrays and tensors may be
-    HW, HWC or CHW with 1, 3 or 4 channels, uint8, uint16 or floating point in [0, 1].
+    PIL images of any mode are converted to RGB (alpha dropped, 16-bit scaled to 8-bit); strings are read with
+    `read_image`; arrays and tensors may be HW, HWC or CHW with 1, 3 or 4 channels, uint8, uint16 or floating point in
+    [0, 1]. Floating-point values outside [0, 1] (e.g. 0..255 stored as float) or not finite are refused, naming
+    `index`, the image's place in the batch.
     """
+    if isinstance(image, str):
+        image = read_image(image, index)
     if isinstance(image, PIL.Image.Image):
         if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             array = np.asarray(image, dtype=np.float32)
             scale = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
             image = PIL.Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
         if image.width == 0 or image.height == 0:
-            raise ValueError(f"image has zero size {image.width}×{image.height}.")
+            raise ValueError(f"image {index} of the batch has zero size {image.width}×{image.height}.")
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
     if isinstance(image, np.ndarray):
         tensor = torch.from_numpy(np.ascontiguousarray(image.astype(np.float32) if image.dtype == np.uint16 else image))
@@ -81,26 +125,48 @@ def to_rgb_tensor(image) -> torch.Tensor:
     elif isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
     else:
-        raise ValueError(f"unsupported image type {type(image).__name__}: pass PIL images, numpy arrays or tensors.")
+        raise ValueError(
+            f"image {index} of the batch has unsupported type {type(image).__name__}: pass PIL images, numpy arrays, "
+            "tensors, or paths, URLs or base64 strings."
+        )
 
     if tensor.dim() == 2:
         tensor = tensor[None]
     if tensor.dim() != 3:
-        raise ValueError(f"image arrays must be (H, W), (H, W, C) or (C, H, W); got shape {tuple(tensor.shape)}.")
+        raise ValueError(
+            f"image {index} of the batch: arrays must be (H, W), (H, W, C) or (C, H, W); got shape "
+            f"{tuple(tensor.shape)}."
+        )
     if tensor.shape[0] in (1, 3, 4) and tensor.shape[-1] not in (1, 3, 4):
         pass  # channels first
     elif tensor.shape[-1] in (1, 3, 4):
         tensor = tensor.permute(2, 0, 1)
     else:
-        raise ValueError(f"cannot find a channel axis of size 1, 3 or 4 in image shape {tuple(tensor.shape)}.")
+        raise ValueError(
+            f"image {index} of the batch: no channel axis of size 1, 3 or 4 in shape {tuple(tensor.shape)}."
+        )
     if tensor.shape[1] == 0 or tensor.shape[2] == 0:
-        raise ValueError(f"image has zero size {tensor.shape[2]}×{tensor.shape[1]}.")
+        raise ValueError(f"image {index} of the batch has zero size {tensor.shape[2]}×{tensor.shape[1]}.")
     if tensor.dtype == torch.uint8:
         pass
     elif tensor.is_floating_point():
-        tensor = tensor.float() * 255.0  # floating-point images are read as [0, 1]
+        tensor = tensor.float()
+        finite = torch.isfinite(tensor)
+        if not finite.all():
+            raise ValueError(
+                f"image {index} of the batch has {int((~finite).sum())} pixel values that are NaN or infinite."
+            )
+        low, high = float(tensor.min()), float(tensor.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"image {index} of the batch is floating point with values in [{low:.4g}, {high:.4g}], but "
+                "floating-point images are read as [0, 1]; divide 0..255 values by 255, or pass uint8."
+            )
+        tensor = tensor * 255.0
     else:
-        raise ValueError(f"unsupported image dtype {tensor.dtype}: use uint8, uint16 or floating point.")
+        raise ValueError(
+            f"image {index} of the batch has dtype {tensor.dtype}: use uint8, uint16 or floating point in [0, 1]."
+        )
     tensor = tensor[:3] if tensor.shape[0] == 4 else tensor
     return (tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor).contiguous()
 
@@ -186,8 +252,9 @@ class InternVLXImageProcessor(BaseImageProcessor):
     def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
         """
         Args:
-            images: a PIL image (any mode), numpy array or tensor (HWC or CHW; uint8, uint16 or float in [0, 1]), or a
-                (nested) list of them.
+            images: a PIL image (any mode), numpy array or tensor (HWC or CHW; uint8, uint16 or float in [0, 1]), a
+                local path, `file://` or `http(s)` URL, or base64 string (bare or as a data URI), or a (nested) list
+                of them.
             kwargs: per-call overrides of `image_size`, `min_patches`, `max_patches`, `use_thumbnail`, `slicing`,
                 `image_mean`, `image_std`.
 
@@ -210,8 +277,8 @@ class InternVLXImageProcessor(BaseImageProcessor):
 
         collect(images)
         tiles, num_patches = [], []
-        for image in flat:
-            image_tiles = self.tile(to_rgb_tensor(image), options)
+        for index, image in enumerate(flat):
+            image_tiles = self.tile(to_rgb_tensor(image, index), options)
             tiles += image_tiles
             num_patches.append(len(image_tiles))
         size = options["image_size"]

@@ -846,6 +846,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         pixel_values: torch.Tensor | None,
         num_patches: torch.LongTensor | None,
         past_key_values: Cache | None,
+        attention_mask: torch.Tensor | None = None,
     ) -> None:
         """Refuse inputs the model cannot read, naming what was wrong and the numbers involved."""
         tokens = input_ids if input_ids is not None else inputs_embeds
@@ -868,6 +869,37 @@ class InternVLXModel(InternVLXPreTrainedModel):
             num_tokens = int((input_ids == self.config.image_token_id).sum())
             if num_tokens:
                 raise ValueError(f"the text has {num_tokens} image tokens but no pixel_values were given.")
+        if not cached and input_ids is not None:
+            self.check_context_length(input_ids, attention_mask)
+
+    def positions_needed(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, new_tokens: int = 0):
+        """Positions the language model sees for the longest row of a prompt and `new_tokens` more: its real tokens,
+        plus (with LVTC) each of its tiles' N2² − N1² extra tokens from the expansion layer on."""
+        padding_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2  # not a prepared mask
+        real = attention_mask.bool() if padding_mask else None
+        lengths = real.sum(1) if real is not None else torch.full((input_ids.shape[0],), input_ids.shape[1])
+        if self.config.lvtc_enabled and self.config.lvtc_expand_layer < self.config.text_config.num_hidden_layers:
+            tiles = (input_ids == self.config.image_token_id).sum(1) // self.config.tokens_per_tile
+            lengths = lengths + tiles * (self.config.lvtc_expanded_tokens_per_tile - self.config.tokens_per_tile)
+        return int(lengths.max()) + new_tokens
+
+    def check_context_length(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, new_tokens: int = 0
+    ) -> None:
+        """Refuse prompts longer than the language model's positions (`max_position_embeddings`), unless its RoPE is
+        scaled to reach past them: beyond them it would extrapolate silently."""
+        text_config = self.config.text_config
+        limit = getattr(text_config, "max_position_embeddings", None)
+        rope = getattr(text_config, "rope_parameters", None) or {}
+        if limit is None or rope.get("rope_type", "default") != "default":
+            return
+        needed = self.positions_needed(input_ids, attention_mask, new_tokens)
+        if needed > limit:
+            extra = " (LVTC's expanded tiles included)" if self.config.lvtc_enabled else ""
+            raise ValueError(
+                f"this input needs {needed} positions{extra}, more than the language model's "
+                f"max_position_embeddings = {limit}; send fewer images or tiles (max_patches), or less text."
+            )
 
     @can_return_tuple
     def forward(
@@ -894,7 +926,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         # A compiled decode step skips the checks that read tensor values (host syncs); the eager prefill ran them.
         checking = not is_torchdynamo_compiling()
         if checking:
-            self.check_inputs(input_ids, inputs_embeds, pixel_values, num_patches, past_key_values)
+            self.check_inputs(input_ids, inputs_embeds, pixel_values, num_patches, past_key_values, attention_mask)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 

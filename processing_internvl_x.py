@@ -69,6 +69,15 @@ def prepare_tokenizer(tokenizer, config=None) -> dict[str, int]:
     return ids
 
 
+def chat_generation_defaults(tokenizer) -> dict[str, int | list[int]]:
+    """Generation settings every checkpoint of this bundle saves: a turn ends at `<|im_end|>` (or the tokenizer's
+    EOS), and batches pad with the tokenizer's pad token."""
+    end = tokenizer.convert_tokens_to_ids(CHAT_END_TOKEN)
+    eos = [end] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, end) else [])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"eos_token_id": eos, "pad_token_id": pad, "bos_token_id": tokenizer.bos_token_id}
+
+
 def expand_image_placeholders(text: list[str], num_patches: list[int], tokens_per_tile: int) -> list[str]:
     """Replace the i-th `<image>` (counted across the batch) by `<img>` + `<IMG_CONTEXT>` × (tokens_per_tile ×
     num_patches[i]) + `</img>`."""
@@ -148,14 +157,10 @@ class InternVLXProcessor(ProcessorMixin):
         return BatchFeature(data={**text_inputs, **data}, tensor_type=return_tensors)
 
     def load_image(self, image, **image_kwargs) -> torch.Tensor:
-        """InternVL's `load_image`: a path or image → `pixel_values (tiles, 3, size, size)`.
+        """InternVL's `load_image`: an image, or its path, URL or base64 string → `pixel_values (tiles, 3, size, size)`.
 
         `image_kwargs` override the image processor's options, e.g. `max_patches=12` or `slicing="edge"`.
         """
-        if isinstance(image, str):
-            import PIL.Image
-
-            image = PIL.Image.open(image)
         return self.image_processor(image, return_tensors="pt", **image_kwargs)["pixel_values"]
 
     def batch_decode(self, *args, **kwargs):
@@ -181,4 +186,10 @@ def _flatten(images) -> list:
 
 InternVLXProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["InternVLXProcessor", "prepare_tokenizer", "expand_image_placeholders", "CHAT_TEMPLATE"]
+__all__ = [
+    "InternVLXProcessor",
+    "prepare_tokenizer",
+    "expand_image_placeholders",
+    "chat_generation_defaults",
+    "CHAT_TEMPLATE",
+]

@@ -24,6 +24,7 @@ BUNDLE_FILES = (
     "modeling_internvl_x.py",
     "image_processing_internvl_x.py",
     "processing_internvl_x.py",
+    "handler.py",  # Inference Endpoints entry point
 )
 TOKENIZER_FILES = (
     "tokenizer.model",

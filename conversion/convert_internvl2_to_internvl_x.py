@@ -343,11 +343,8 @@ def convert(args) -> Path:
     config.save_pretrained(dst)
     from transformers import GenerationConfig
 
-    GenerationConfig(
-        eos_token_id=[token_ids["<|im_end|>"], tokenizer.eos_token_id],
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    ).save_pretrained(dst)
+    chat_generation_defaults = get_class_from_dynamic_module("processing_internvl_x.chat_generation_defaults", ROOT)
+    GenerationConfig(**chat_generation_defaults(tokenizer)).save_pretrained(dst)
     copy_bundle_files(dst)
     image_processor = get_class_from_dynamic_module("image_processing_internvl_x.InternVLXImageProcessor", ROOT)(
         image_size=config.tile_size, max_patches=args.max_patches, slicing=args.slicing

@@ -60,6 +60,7 @@ def build(variant: str, seed: int):
     bundle("processing_internvl_x.prepare_tokenizer")(tokenizer, config)
     torch.manual_seed(seed)
     model = bundle("modeling_internvl_x.InternVLXForConditionalGeneration")(config)
+    model.generation_config.update(**bundle("processing_internvl_x.chat_generation_defaults")(tokenizer))
     image_processor = bundle("image_processing_internvl_x.InternVLXImageProcessor")(
         image_size=64, max_patches=4, slicing="edge"
     )

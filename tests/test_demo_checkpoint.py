@@ -8,7 +8,7 @@ from tests.conftest import ROOT
 
 DEMO = ROOT / "examples" / "digits-demo"
 BUNDLE_FILES = ("configuration_internvl_x.py", "modeling_internvl_x.py", "processing_internvl_x.py",
-                "image_processing_internvl_x.py")  # fmt: skip
+                "image_processing_internvl_x.py", "handler.py")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", BUNDLE_FILES)

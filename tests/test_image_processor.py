@@ -146,8 +146,14 @@ def test_every_pil_mode_becomes_rgb_tiles(processor_class, mode):
         (np.zeros((0, 10, 3), np.uint8), "zero size"),
         (np.zeros((10, 10, 5), np.uint8), "channel axis"),
         (np.zeros((2, 10, 10, 3), np.uint8), "got shape"),
-        (np.zeros((10, 10, 3), np.int64), "unsupported image dtype"),
-        ("not an image", "unsupported image type"),
+        (np.zeros((10, 10, 3), np.int64), "image 0 of the batch has dtype torch.int64"),
+        ("not an image", "image 0 of the batch: no such file 'not an image'"),
+        (42, "image 0 of the batch has unsupported type int"),
+        # 0..255 stored as float: a common mistake, read as [0, 1] it would give pixel values near 1000
+        (np.full((10, 10, 3), 200.0, np.float32), r"values in \[200, 200\], but floating-point images are read as"),
+        (torch.full((3, 10, 10), -0.5), r"values in \[-0.5, -0.5\]"),
+        (np.full((10, 10, 3), np.nan, np.float32), "300 pixel values that are NaN or infinite"),
+        (torch.tensor([[[0.5, float("inf")]] * 2] * 3), "6 pixel values that are NaN or infinite"),
     ],
 )
 def test_bad_images_are_refused(processor_class, image, message):

@@ -1,0 +1,168 @@
+"""Serve an InternVL-X checkpoint over an OpenAI-compatible HTTP API with Transformers' own server.
+
+    pip install "transformers[serving]"
+    python examples/serve.py MODEL_DIR [--host 127.0.0.1] [--port 8000] [--device auto|cpu|cuda] \\
+        [--dtype auto|float32|bfloat16] [--compile] [--continuous-batching]
+
+Then any OpenAI client talks to it (images as `image_url` parts: `data:image/png;base64,...` or an http(s) URL):
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model=MODEL_DIR, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+        {"type": "text", "text": "What digit is this?"}]}])
+
+This script only registers the bundle's classes with the Auto classes and the server's model tables (the server
+finds a model's class by name in Transformers, which a `trust_remote_code` model is not) and has the server answer
+inputs the model refuses with 400 and the reason; then it runs `transformers serve MODEL_DIR --trust-remote-code` in
+the same process: HTTP, streaming, request parsing and model management are Transformers'. `--compile` uses a
+static cache and a compiled decode step on accelerators.
+
+`--continuous-batching` is refused for LVTC models: Transformers' continuous batching keeps every layer's keys and
+values in one paged cache with the same sequence length in every layer, while LVTC's layers from k on hold each
+tile's N2² tokens and the earlier ones N1². (Transformers' server also runs vision-language models without it:
+it falls back to one request at a time.)
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def register(model_dir: Path) -> str:
+    """Register the checkpoint's own bundle classes; returns the model type."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForMultimodalLM
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.models.auto import modeling_auto
+
+    config_class = get_class_from_dynamic_module("configuration_internvl_x.InternVLXConfig", model_dir)
+    model_class = get_class_from_dynamic_module("modeling_internvl_x.InternVLXForConditionalGeneration", model_dir)
+    model_type = config_class.model_type
+    AutoConfig.register(model_type, config_class, exist_ok=True)
+    for auto_class in (AutoModelForImageTextToText, AutoModelForMultimodalLM):
+        auto_class.register(config_class, model_class, exist_ok=True)
+    # The server loads a model through AutoModelForMultimodalLM only if its type is in this table, and it tells
+    # what inputs a model takes (images or not) from the class names in the same table.
+    modeling_auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES[model_type] = model_class.__name__
+    return model_type
+
+
+def report_input_errors_as_bad_requests() -> None:
+    """Make the server answer a request the model refuses (a `ValueError` from the processor or the model: an image
+    that does not decode, too many images for the context, ...) with 400 and the reason, instead of a bare 500."""
+    from fastapi.responses import JSONResponse
+    from transformers.cli.serving import server
+
+    build_server = server.build_server
+
+    def build_server_reporting_input_errors(*args, **kwargs):
+        app = build_server(*args, **kwargs)
+
+        async def bad_request(request, error: ValueError) -> JSONResponse:
+            return JSONResponse(status_code=400, content={"error": {"message": str(error), "type": "invalid_request"}})
+
+        app.add_exception_handler(ValueError, bad_request)
+        return app
+
+    server.build_server = build_server_reporting_input_errors
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", type=Path, help="folder of an InternVL-X checkpoint (bundle files included)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:0', ...")
+    parser.add_argument("--dtype", default="auto", help="'auto' (the checkpoint's), 'float32', 'bfloat16', ...")
+    parser.add_argument("--compile", action="store_true", help="static cache + compiled decode step (accelerators)")
+    parser.add_argument("--continuous-batching", action="store_true", help="not available with LVTC (see above)")
+    parser.add_argument("--log-level", default="warning")
+    return parser.parse_args(argv)
+
+
+def serve_arguments(args: argparse.Namespace) -> list[str]:
+    """The `transformers serve` command line for `args`, after checking what this checkpoint can do."""
+    config_file = args.model_dir / "config.json"
+    if not config_file.is_file():
+        raise SystemExit(f"error: {args.model_dir} holds no config.json: not a checkpoint folder.")
+    config = json.loads(config_file.read_text())
+    if args.continuous_batching and config.get("lvtc_enabled"):
+        raise SystemExit(
+            "error: --continuous-batching cannot serve an LVTC model: Transformers' continuous batching keeps one "
+            f"paged cache whose sequence length is the same in every layer, but this model's layers from "
+            f"{config.get('lvtc_expand_layer')} on hold each tile's expanded tokens. Serve it without the flag."
+        )
+    command = ["serve", str(args.model_dir.resolve()), "--trust-remote-code", "--host", args.host,
+               "--port", str(args.port), "--device", args.device, "--dtype", args.dtype,
+               "--log-level", args.log_level]  # fmt: skip
+    if args.compile:
+        command.append("--compile")
+    if args.continuous_batching:
+        command.append("--continuous-batching")
+    return command
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(model_dir: Path, *options: str, log: Path | None = None, timeout: float = 300):
+    """Run this launcher in a child process on a free port of 127.0.0.1 until the block ends; yields the API's base
+    URL (`http://127.0.0.1:PORT/v1`) once the server answers `/health`. The child is stopped by its PID."""
+    port = free_port()
+    output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (open for the server's lifetime)
+    command = [sys.executable, str(Path(__file__).resolve()), str(model_dir), "--port", str(port), *options]
+    process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                tail = log.read_text()[-3000:] if log else ""
+                raise RuntimeError(f"the server exited with status {process.returncode}: {tail}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server did not answer /health within {timeout:.0f} s")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+        if log:
+            output.close()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    command = serve_arguments(args)
+    register(args.model_dir)
+    report_input_errors_as_bad_requests()
+    from transformers.cli.transformers import app
+
+    print(f"serving {args.model_dir.resolve()} at http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
+    sys.exit(app(args=command, prog_name="transformers", standalone_mode=True))
+
+
+if __name__ == "__main__":
+    main()
