@@ -124,6 +124,8 @@ def to_rgb_tensor(image, index: int = 0) -> torch.Tensor:
             tensor = tensor / 65535.0
     elif isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
+        if tensor.dtype == torch.uint16:
+            tensor = tensor.float() / 65535.0
     else:
         raise ValueError(
             f"image {index} of the batch has unsupported type {type(image).__name__}: pass PIL images, numpy arrays, "

@@ -5,6 +5,7 @@ writes target shards of bounded size with an index, and refuses to finish unless
 every target tensor of the InternVL-X model was produced exactly once with the right shape.
 """
 
+import contextlib
 import json
 import re
 import shutil
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -25,15 +26,6 @@ BUNDLE_FILES = (
     "image_processing_internvl_x.py",
     "processing_internvl_x.py",
     "handler.py",  # Inference Endpoints entry point
-)
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
 )
 
 Tensors = list[tuple[str, torch.Tensor]]
@@ -46,15 +38,32 @@ class ConversionError(RuntimeError):
 
 # ---- reading -----------------------------------------------------------------------------------------------------
 def source_shards(src: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder, in index order when there is an index."""
+    """The safetensors files of a checkpoint folder, in index order when there is an index; each one must open as
+    safetensors (a missing, truncated or foreign file is refused by name before anything is written)."""
     index = src / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [src / name for name in names]
-    single = src / "model.safetensors"
-    if single.exists():
-        return [single]
-    raise ConversionError(f"{src} holds no model.safetensors nor model.safetensors.index.json")
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ConversionError(f"{index} is not a safetensors index ({type(error).__name__}: {error})") from None
+        shards = [src / name for name in sorted(set(weight_map.values()))]
+        missing = [shard.name for shard in shards if not shard.is_file()]
+        if missing:
+            raise ConversionError(f"{index} names shards that are not in {src}: {', '.join(missing)}")
+    elif (src / "model.safetensors").exists():
+        shards = [src / "model.safetensors"]
+    else:
+        raise ConversionError(f"{src} holds no model.safetensors nor model.safetensors.index.json")
+    for shard in shards:
+        try:
+            with safe_open(shard, framework="pt") as reader:
+                reader.keys()
+        except (SafetensorError, OSError) as error:
+            size = shard.stat().st_size
+            raise ConversionError(
+                f"{shard} ({size} bytes) is not a readable safetensors file (truncated or not safetensors): {error}"
+            ) from None
+    return shards
 
 
 def iter_source_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -62,7 +71,11 @@ def iter_source_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]
     for shard in shards:
         with safe_open(shard, framework="pt") as reader:
             for name in reader.keys():
-                yield name, reader.get_tensor(name)
+                try:
+                    tensor = reader.get_tensor(name)
+                except (SafetensorError, OSError) as error:
+                    raise ConversionError(f"{shard}: tensor {name} cannot be read (truncated file?): {error}") from None
+                yield name, tensor
 
 
 def read_json(path: Path) -> dict:
@@ -244,13 +257,20 @@ class ShardWriter:
     def close(self) -> None:
         """Flush, give the shards their final names and write the index."""
         self.flush()
+        self.write_index(self.name_shards())
+
+    def name_shards(self) -> dict[str, str]:
+        """Rename the shards `model-XXXXX-of-YYYYY.safetensors` (or `model.safetensors`); returns the weight map."""
         count = len(self.written)
         weight_map = {}
         for i, (tmp, names) in enumerate(self.written):
             final = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             (self.dst / tmp).rename(self.dst / final)
             weight_map.update({n: final for n in names})
-        if count > 1:
+        return weight_map
+
+    def write_index(self, weight_map: dict[str, str]) -> None:
+        if len(self.written) > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -324,29 +344,72 @@ def convert_tensors(
     return report
 
 
-def prepare_destination(dst: Path, overwrite: bool, src: Path) -> None:
-    if dst.resolve() == src.resolve():
-        raise ConversionError("--dst must differ from --src: the source is never modified")
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise ConversionError(f"{dst} is not empty; pass --overwrite to replace its contents")
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+def staging_folder(dst: Path) -> Path:
+    return dst.parent / f".{dst.name}.incomplete"
+
+
+@contextlib.contextmanager
+def staged_destination(dst: Path, overwrite: bool, src: Path) -> Iterator[Path]:
+    """Yield a staging folder beside `dst` to write the checkpoint into, and move it to `dst` only once it is
+    complete. A conversion that fails, runs out of disk or is killed therefore never leaves a folder at `dst` that
+    looks finished; with `--overwrite` the previous checkpoint at `dst` stays until the new one replaces it. A staging
+    folder left by a killed run is removed by the next run. The source is only read."""
+    source, target = src.resolve(), dst.resolve()
+    if target == source or target in source.parents or source in target.parents:
+        raise ConversionError(f"--dst {dst} and --src {src} must not contain each other: the source is only read")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise ConversionError(f"{dst} is not empty; pass --overwrite to replace its contents")
+    staging = staging_folder(dst)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if dst.exists():
+        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+    staging.rename(dst)
+
+
+def main_with_clear_errors(convert: Callable[[], object], dst: Path) -> None:
+    """Run `convert()`; report a refused source, or a failed write (full disk, file-size limit, ...), on stderr and
+    exit with status 1."""
+    try:
+        convert()
+    except ConversionError as error:
+        fail([str(error)])
+    except (OSError, SafetensorError) as error:
+        detail = f"{error.strerror} ({error.filename})" if isinstance(error, OSError) and error.strerror else error
+        fail([f"writing the converted checkpoint failed: {detail}", f"nothing was written to {dst}"])
+
+
+def write_chat_files(dst: Path, tokenizer, config, max_patches: int, slicing: str) -> None:
+    """The bundle files, the processor (tokenizer, tiling image processor, chat template) and a generation config that
+    ends each turn at `<|im_end|>`: what a checkpoint needs besides its weights and config."""
+    from transformers import GenerationConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    def bundle(name: str):
+        return get_class_from_dynamic_module(name, ROOT)
+
+    GenerationConfig(**bundle("processing_internvl_x.chat_generation_defaults")(tokenizer)).save_pretrained(dst)
+    copy_bundle_files(dst)
+    image_processor = bundle("image_processing_internvl_x.InternVLXImageProcessor")(
+        image_size=config.tile_size, max_patches=max_patches, slicing=slicing
+    )
+    processor = bundle("processing_internvl_x.InternVLXProcessor")(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=config.tokens_per_tile
+    )
+    processor.save_pretrained(dst)
+    image_processor.save_pretrained(dst)  # preprocessor_config.json, for AutoImageProcessor on its own
 
 
 def copy_bundle_files(dst: Path) -> None:
     for name in BUNDLE_FILES:
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, dst / name)
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy(src / name, dst / name)
-            copied.append(name)
-    return copied
 
 
 def bundle_classes():

@@ -35,16 +35,17 @@ from conversion.common import (  # noqa: E402
     ShardWriter,
     bundle_classes,
     convert_tensors,
-    copy_bundle_files,
     fail,
     hf_decoder_rules,
     internlm2_rules,
     internlm2_to_llama_config,
     internvit_rules,
     internvit_to_vision_config,
-    prepare_destination,
+    main_with_clear_errors,
     read_json,
     source_shards,
+    staged_destination,
+    write_chat_files,
 )
 from conversion.tokenizer import build_fast_tokenizer  # noqa: E402
 
@@ -248,7 +249,7 @@ How the weights were initialised:
 """
 
 
-def write_model_card(dst: Path, base: str, config, args, llm: str) -> None:
+def write_model_card(dst: Path, base: str, config, args, llm: str, name: str) -> None:
     if config.projector_type == "pixel_shuffle":
         projector_note = "- projector: InternVL2's `mlp1`, copied exactly;"
     else:
@@ -264,7 +265,7 @@ def write_model_card(dst: Path, base: str, config, args, llm: str) -> None:
     (dst / "README.md").write_text(
         MODEL_CARD.format(
             base=base,
-            name=dst.name,
+            name=name,
             projector=config.projector_type,
             lvtc="on" if config.lvtc_enabled else "off",
             slicing=args.slicing,
@@ -277,9 +278,27 @@ def write_model_card(dst: Path, base: str, config, args, llm: str) -> None:
 
 
 def convert(args) -> Path:
+    """Convert `args.src` into `args.dst`, written in a staging folder and moved into place once complete."""
     src = resolve_source(args.src)
     dst = Path(args.dst)
-    prepare_destination(dst, args.overwrite, src)
+    with staged_destination(dst, args.overwrite, src) as out:
+        config = write_bundle(args, src, out, dst.name)
+    print(
+        f"wrote {dst}: projector {config.projector_type}, LVTC {'on' if config.lvtc_enabled else 'off'}, "
+        f"{config.tokens_per_tile} tokens per tile, slicing {args.slicing}"
+    )
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(args.push_to_hub, exist_ok=True)
+        api.upload_folder(folder_path=str(dst), repo_id=args.push_to_hub)
+        print(f"uploaded to {args.push_to_hub}")
+    return dst
+
+
+def write_bundle(args, src: Path, dst: Path, name: str):
+    """Every file of the converted checkpoint, written into `dst`; returns its config. `name`: the checkpoint's."""
     src_config = read_json(src / "config.json")
     kind = source_kind(src_config)
     config_class, model_class = bundle_classes()
@@ -341,32 +360,9 @@ def convert(args) -> Path:
     if args.dtype:
         config.dtype = args.dtype
     config.save_pretrained(dst)
-    from transformers import GenerationConfig
-
-    chat_generation_defaults = get_class_from_dynamic_module("processing_internvl_x.chat_generation_defaults", ROOT)
-    GenerationConfig(**chat_generation_defaults(tokenizer)).save_pretrained(dst)
-    copy_bundle_files(dst)
-    image_processor = get_class_from_dynamic_module("image_processing_internvl_x.InternVLXImageProcessor", ROOT)(
-        image_size=config.tile_size, max_patches=args.max_patches, slicing=args.slicing
-    )
-    processor = get_class_from_dynamic_module("processing_internvl_x.InternVLXProcessor", ROOT)(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=config.tokens_per_tile
-    )
-    processor.save_pretrained(dst)
-    image_processor.save_pretrained(dst)  # preprocessor_config.json, for AutoImageProcessor on its own
-    write_model_card(dst, args.src, config, args, llm)
-    print(
-        f"wrote {dst}: projector {config.projector_type}, LVTC {'on' if config.lvtc_enabled else 'off'}, "
-        f"{config.tokens_per_tile} tokens per tile, slicing {args.slicing}"
-    )
-    if args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(args.push_to_hub, exist_ok=True)
-        api.upload_folder(folder_path=str(dst), repo_id=args.push_to_hub)
-        print(f"uploaded to {args.push_to_hub}")
-    return dst
+    write_chat_files(dst, tokenizer, config, args.max_patches, args.slicing)
+    write_model_card(dst, args.src, config, args, llm, name)
+    return config
 
 
 def parse_args(argv=None):
@@ -388,10 +384,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        convert(args)
-    except ConversionError as error:
-        fail([str(error)])
+    main_with_clear_errors(lambda: convert(args), Path(args.dst))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from conversion.common import (  # noqa: E402
     DTYPES,
@@ -24,18 +25,19 @@ from conversion.common import (  # noqa: E402
     ShardWriter,
     bundle_classes,
     convert_tensors,
-    copy_bundle_files,
-    copy_tokenizer_files,
     expected_shapes,
     fail,
     internlm2_rules,
     internlm2_to_llama_config,
     internvit_rules,
     internvit_to_vision_config,
-    prepare_destination,
+    main_with_clear_errors,
     read_json,
     source_shards,
+    staged_destination,
+    write_chat_files,
 )
+from conversion.tokenizer import build_fast_tokenizer  # noqa: E402
 
 BLOCK_PARTS = {
     "attn.norm1": "attention.query_norm",
@@ -93,37 +95,55 @@ def target_config(src_config: dict, keys: list[str], num_heads: int) -> dict:
     )
 
 
-def convert(src: Path, dst: Path, dtype: str | None, num_heads: int, max_shard_gb: float, overwrite: bool) -> None:
+def convert(args) -> Path:
+    """Convert `args.src` into `args.dst`, written in a staging folder and moved into place once complete."""
+    src, dst = Path(args.src), Path(args.dst)
+    with staged_destination(dst, args.overwrite, src) as out:
+        config, count = write_bundle(args, src, out)
+    print(
+        f"converted {count} tensors into {dst} (PVTC: {config.pvtc_num_layers} layer(s), "
+        f"{config.pvtc_num_heads} heads, {config.tokens_per_tile} tokens per tile)"
+    )
+    return dst
+
+
+def write_bundle(args, src: Path, dst: Path):
+    """Every file of the converted checkpoint, written into `dst`; returns its config and the tensor count."""
     from safetensors import safe_open
 
-    prepare_destination(dst, overwrite, src)
     src_config = read_json(src / "config.json")
     shards = source_shards(src)
     keys = []
     for shard in shards:
         with safe_open(shard, framework="pt") as reader:
             keys += list(reader.keys())
+    if not (src / "tokenizer.model").exists() and not (src / "tokenizer.json").exists():
+        raise ConversionError(
+            f"{src} has no tokenizer (tokenizer.model or tokenizer.json): the released checkpoints ship InternLM2's, "
+            "and the converted one needs it for its processor and to end chat turns at <|im_end|>."
+        )
+    tokenizer = build_fast_tokenizer(src)
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
+    token_ids = get_class_from_dynamic_module("processing_internvl_x.prepare_tokenizer", ROOT)(tokenizer)
     config_class, model_class = bundle_classes()
-    config = config_class(**target_config(src_config, keys, num_heads))
+    config = config_class(**target_config(src_config, keys, args.pvtc_num_heads))
+    config.image_token_id = token_ids["<IMG_CONTEXT>"]
+    config.image_start_token_id = token_ids["<img>"]
+    config.image_end_token_id = token_ids["</img>"]
     mapper = KeyMapper()
     internvit_rules(mapper)
     internlm2_rules(mapper, src_config["llm_config"])
     pvtc_rules(mapper)
-    writer = ShardWriter(dst, int(max_shard_gb * 2**30), DTYPES[dtype] if dtype else None)
+    writer = ShardWriter(dst, int(args.max_shard_size_gb * 2**30), DTYPES[args.dtype] if args.dtype else None)
     report = convert_tensors(shards, mapper, expected_shapes(model_class, config), writer)
     if report.problems():
         fail(report.problems())
-
-    if dtype:
-        config.dtype = dtype
+    if args.dtype:
+        config.dtype = args.dtype
     config.save_pretrained(dst)
-    copy_bundle_files(dst)
-    copied = copy_tokenizer_files(src, dst)
-    print(
-        f"converted {len(keys)} tensors into {dst} (PVTC: {config.pvtc_num_layers} layer(s), "
-        f"{config.pvtc_num_heads} heads, {config.tokens_per_tile} tokens per tile); tokenizer files: {copied}"
-    )
+    write_chat_files(dst, tokenizer, config, args.max_patches, args.slicing)
+    return config, len(keys)
 
 
 def main(argv=None) -> None:
@@ -132,13 +152,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dst", type=Path, required=True, help="empty folder for the converted bundle")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     parser.add_argument("--pvtc-num-heads", type=int, default=16, help="heads of the released PVTC blocks")
+    parser.add_argument("--slicing", choices=["ratio", "area", "edge"], default="edge")
+    parser.add_argument("--max-patches", type=int, default=6)
     parser.add_argument("--max-shard-size-gb", type=float, default=2.0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
     args = parser.parse_args(argv)
-    try:
-        convert(args.src, args.dst, args.dtype, args.pvtc_num_heads, args.max_shard_size_gb, args.overwrite)
-    except ConversionError as error:
-        fail([str(error)])
+    main_with_clear_errors(lambda: convert(args), args.dst)
 
 
 if __name__ == "__main__":

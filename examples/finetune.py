@@ -17,8 +17,10 @@ Stages (the paper trains stage 1 then stage 2, 1 epoch each, AdamW, cosine, lr 4
   a full model saved under `OUTPUT_DIR/merged` that loads with `trust_remote_code`.
 
 Everything else is a `TrainingArguments` flag (`--bf16`, `--gradient_checkpointing`, `--save_total_limit`,
-`--resume_from_checkpoint`, `--eval_strategy steps` with `--eval_meta_path`, DeepSpeed / FSDP configs from this
-folder). `remove_unused_columns` is forced off because every sample carries its own number of image tiles.
+`--eval_strategy steps` with `--eval_meta_path`, DeepSpeed / FSDP configs from this folder).
+`--resume_from_checkpoint` takes a checkpoint folder, or `last` for the newest complete one in `--output_dir`: a
+checkpoint that a killed run left half-written is skipped (with a warning), or refused by name when given.
+`remove_unused_columns` is forced off because every sample carries its own number of image tiles.
 """
 
 import importlib
@@ -209,6 +211,47 @@ def projector_modules(model) -> list[str]:
     return names
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
+
+
+def checkpoint_problems(folder: Path) -> list[str]:
+    """What a Trainer checkpoint folder lacks to be resumed from. The Trainer writes `trainer_state.json` last
+    (after the weights, optimizer, scheduler and RNG states), so a run killed while saving leaves it out."""
+    problems = []
+    if not any((folder / name).exists() for name in WEIGHT_FILES):
+        problems.append(f"model weights (one of {', '.join(WEIGHT_FILES)})")
+    state = folder / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except FileNotFoundError:
+        problems.append("trainer_state.json")
+    except json.JSONDecodeError:
+        problems.append("a complete trainer_state.json (it is cut off)")
+    return problems
+
+
+def resume_point(value: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint folder, or `last` for the newest complete one in `--output_dir`
+    (incomplete ones, e.g. from a run killed while saving, are skipped with a warning naming them)."""
+    if value is None:
+        return None
+    if value.lower() not in ("last", "true"):
+        problems = checkpoint_problems(Path(value))
+        if problems:
+            raise ValueError(
+                f"cannot resume from {value}: it lacks {', '.join(problems)} (was the run killed while saving it?); "
+                "pass another checkpoint, or `last` for the newest complete one."
+            )
+        return value
+    folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for folder in folders:
+        problems = checkpoint_problems(folder)
+        if not problems:
+            return str(folder)
+        logger.warning("skipping %s: it lacks %s (a run killed while saving it?)", folder, ", ".join(problems))
+    raise ValueError(f"no complete checkpoint in {output_dir} to resume from (looked at {len(folders)}).")
+
+
 def main(argv=None) -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -239,7 +282,7 @@ def main(argv=None) -> None:
         eval_dataset=eval_dataset,
         data_collator=ChatCollator(processor.tokenizer.pad_token_id),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_point(training_args.resume_from_checkpoint, training_args.output_dir))
     trainer.save_model()
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)

@@ -102,13 +102,15 @@ def write_checkpoint(folder: Path, tensors: dict, config: dict, shards: int = 1)
 
 
 def released_internvl_x(folder: Path, seed: int = 0, pvtc_layers: int = 1, shards: int = 2) -> dict:
-    """A tiny checkpoint in the authors' released InternVL-X layout; returns its tensors."""
+    """A tiny checkpoint in the authors' released InternVL-X layout, with its InternLM2 tokenizer; returns its
+    tensors."""
     t = RandomTensors(seed)
+    llm = dict(INTERNLM2, vocab_size=train_sentencepiece(folder))
     internvit_tensors(t)
-    internlm2_tensors(t)
+    internlm2_tensors(t, llm)
     side = VISION["image_size"] // VISION["patch_size"]
-    released_pvtc_tensors(t, VISION["hidden_size"], INTERNLM2["hidden_size"], 2, side // 2, pvtc_layers)
-    config = dict(architectures=["InternVLChatModel"], vision_config=VISION, llm_config=INTERNLM2,
+    released_pvtc_tensors(t, VISION["hidden_size"], llm["hidden_size"], 2, side // 2, pvtc_layers)
+    config = dict(architectures=["InternVLChatModel"], vision_config=VISION, llm_config=llm,
                   downsample_ratio=0.5, select_layer=-1, ps_version="v2", template="internlm2-chat")  # fmt: skip
     write_checkpoint(folder, t, config, shards)
     return dict(t)

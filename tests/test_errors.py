@@ -49,3 +49,25 @@ def test_pixel_values_rank_and_size(model, shape):
 def test_invalid_configs_are_refused(bundle, overrides, message):
     with pytest.raises(ValueError, match=message):
         bundle.config(**overrides)
+
+
+@pytest.mark.parametrize("lvtc", [False, True], ids=["plain", "lvtc"])
+def test_empty_input_ids_are_refused(bundle, lvtc):
+    settings = dict(text=dict(num_hidden_layers=4), lvtc_enabled=True, lvtc_expand_layer=3, lvtc_inject_start=1)
+    model = bundle.model(seed=11, **(settings if lvtc else {}))
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"the input has no tokens \(shape \(1, 0\)\)"):
+        model(input_ids=empty)
+    with pytest.raises(ValueError, match="the input has no tokens"):
+        model.generate(input_ids=empty, max_new_tokens=2)
+
+
+def test_a_prompt_longer_than_the_positions_is_refused(bundle):
+    """With LVTC the expanded tiles count: each of 2 tiles takes 16 positions from layer k on, not 4."""
+    model = bundle.model(seed=12, text=dict(num_hidden_layers=4, max_position_embeddings=40), lvtc_enabled=True,
+                         lvtc_expand_layer=3, lvtc_inject_start=1)  # fmt: skip
+    ids = torch.tensor([prompt(10, image_span(2, 4), 5)])  # 1 + 10 + 10 + 5 = 26 tokens, 26 + 2 · 12 = 50 positions
+    with pytest.raises(ValueError, match="needs 50 positions .* max_position_embeddings = 40"):
+        model(input_ids=ids, pixel_values=tiles(2))
+    shorter = torch.tensor([prompt(1, image_span(2, 4), 1)])  # 14 tokens, 38 positions: fits
+    assert model(input_ids=shorter, pixel_values=tiles(2)).logits.shape[1] == 14

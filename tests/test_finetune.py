@@ -209,6 +209,58 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(lvtc_dir, data, tmp_p
     assert any(not torch.equal(before[n], continued[n]) for n in before)  # the resumed steps did train
 
 
+# A training run that SIGKILLs itself (as `kill -9`) while the Trainer writes checkpoint-4: after the weights, before
+# trainer_state.json (which the Trainer writes last), or halfway through the weights file.
+KILLED_WHILE_SAVING = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import transformers
+from examples import finetune
+
+point = {point!r}
+if point == "before the trainer state":
+    save_to_json = transformers.TrainerState.save_to_json
+    def die_at_step_4(self, path):
+        if self.global_step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save_to_json(self, path)
+    transformers.TrainerState.save_to_json = die_at_step_4
+else:
+    save_model = transformers.Trainer.save_model
+    def die_halfway(self, output_dir=None, _internal_call=False):
+        if self.state.global_step == 4:
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, "model.safetensors"), "wb") as partial:
+                partial.write(b"\\0" * 1000)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save_model(self, output_dir, _internal_call=_internal_call)
+    transformers.Trainer.save_model = die_halfway
+finetune.main({argv!r})
+"""
+
+
+@pytest.mark.parametrize("point", ["before the trainer state", "inside the weights file"])
+def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(lvtc_dir, data, tmp_path, point, caplog):
+    first, killed = tmp_path / "first", tmp_path / "killed"
+    extra = ["--stage", 2, "--save_strategy", "steps", "--save_steps", 2]
+    run(common_args(lvtc_dir, data, first, 6) + extra)
+    argv = [str(a) for a in common_args(lvtc_dir, data, killed, 6) + extra]
+    code = KILLED_WHILE_SAVING.format(root=str(ROOT), point=point, argv=argv)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert not (killed / "checkpoint-4" / "trainer_state.json").exists()
+
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint-4: it lacks .*trainer_state\.json"):
+        run(common_args(lvtc_dir, data, killed, 6) + extra + ["--resume_from_checkpoint", killed / "checkpoint-4"])
+    with caplog.at_level("WARNING", logger=finetune.logger.name):
+        run(common_args(lvtc_dir, data, killed, 6) + extra + ["--resume_from_checkpoint", "last"])  # checkpoint-2
+    assert any("skipping" in r.message and "checkpoint-4" in r.message for r in caplog.records)
+    assert json.loads((killed / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+    uninterrupted, resumed = load_file(first / "model.safetensors"), load_file(killed / "model.safetensors")
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_lora_stage_2_trains_and_merges_into_a_reloadable_model(lvtc_dir, data, tmp_path):
     run(common_args(lvtc_dir, data, tmp_path, 5) + ["--stage", 2, "--lora_rank", 4, "--freeze_vision"])
     assert (tmp_path / "adapter_config.json").exists()
