@@ -69,5 +69,5 @@ def test_a_prompt_longer_than_the_positions_is_refused(bundle):
     ids = torch.tensor([prompt(10, image_span(2, 4), 5)])  # 1 + 10 + 10 + 5 = 26 tokens, 26 + 2 · 12 = 50 positions
     with pytest.raises(ValueError, match="needs 50 positions .* max_position_embeddings = 40"):
         model(input_ids=ids, pixel_values=tiles(2))
-    shorter = torch.tensor([prompt(1, image_span(2, 4), 1)])  # 14 tokens, 38 positions: fits
-    assert model(input_ids=shorter, pixel_values=tiles(2)).logits.shape[1] == 14
+    shorter = torch.tensor([prompt(1, image_span(2, 4), 1)])  # 13 tokens, 37 positions: fits
+    assert model(input_ids=shorter, pixel_values=tiles(2)).logits.shape[1] == 13
