@@ -119,6 +119,12 @@ class InternVLXConfig(PretrainedConfig):
             Add an HR projector's N2² tokens to the upsampled span at layer k.
         lvtc_hr_downsample_ratio (`float`, *optional*, defaults to 1.0):
             1/M2 of the HR projector (1.0: one token per ViT patch, N2 = S). N2 must be a multiple of N1.
+        visual_token_pruning_layer (`int`, *optional*):
+            K of FastV, a training-free alternative to LVTC: from decoder layer K on, each row keeps only the top
+            (1 − R) of its visual tokens, ranked by the attention the last prompt token pays them in layer K − 1.
+            `None` (default) turns pruning off. Works on any checkpoint of this bundle; not together with LVTC.
+        visual_token_pruning_ratio (`float`, *optional*, defaults to 0.0):
+            R, the share of each row's visual tokens pruned at layer K (floor(R · n) of n); 0 keeps them all.
     """
 
     model_type = "internvl_x"
@@ -149,6 +155,8 @@ class InternVLXConfig(PretrainedConfig):
         lvtc_upsample_mode: str = "nearest",
         lvtc_use_hr_projector: bool = True,
         lvtc_hr_downsample_ratio: float = 1.0,
+        visual_token_pruning_layer: int | None = None,
+        visual_token_pruning_ratio: float = 0.0,
         **kwargs,
     ):
         if vision_config is None:
@@ -185,6 +193,8 @@ class InternVLXConfig(PretrainedConfig):
         self.lvtc_upsample_mode = lvtc_upsample_mode
         self.lvtc_use_hr_projector = lvtc_use_hr_projector
         self.lvtc_hr_downsample_ratio = lvtc_hr_downsample_ratio
+        self.visual_token_pruning_layer = visual_token_pruning_layer
+        self.visual_token_pruning_ratio = visual_token_pruning_ratio
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
@@ -244,6 +254,8 @@ class InternVLXConfig(PretrainedConfig):
             self._validate_pvtc()
         if self.lvtc_enabled:
             self._validate_lvtc()
+        if self.visual_token_pruning_layer is not None:
+            self._validate_pruning()
         num_layers = self.vision_config.num_hidden_layers
         if not -num_layers <= self.vision_feature_layer <= num_layers:
             raise ValueError(
@@ -281,14 +293,7 @@ class InternVLXConfig(PretrainedConfig):
                     f"LR projectors 1..{t - 1} are injected before layers {layers} (s={s}, i={i}); every injection "
                     f"must come before the expansion layer k={k}, which changes the visual span's length."
                 )
-        layer_types = getattr(self.text_config, "layer_types", None) or []
-        windowed = [index for index, kind in enumerate(layer_types) if kind != "full_attention"]
-        if windowed:
-            raise ValueError(
-                f"LVTC runs full causal attention in every decoder layer, but the language model's layers {windowed} "
-                f"use {sorted({layer_types[index] for index in windowed})}; turn the window off (e.g. Qwen2's "
-                f"use_sliding_window=False) or set lvtc_enabled=False."
-            )
+        self._refuse_windowed_layers("LVTC", "set lvtc_enabled=False")
         if self.lvtc_upsample_mode not in ("nearest", "bilinear"):
             raise ValueError(f"lvtc_upsample_mode must be 'nearest' or 'bilinear', got {self.lvtc_upsample_mode!r}.")
         ratio, factor = self.lvtc_hr_downsample_ratio, self.lvtc_hr_downsample_factor
@@ -302,6 +307,36 @@ class InternVLXConfig(PretrainedConfig):
                 f"N2 = {self.patch_grid_size // factor} must be a multiple of N1 = "
                 f"{self.patch_grid_size // self.downsample_factor}: M2 = {factor} must divide M1 = "
                 f"{self.downsample_factor}."
+            )
+
+    def _validate_pruning(self) -> None:
+        num_layers, k, ratio = (
+            self.text_config.num_hidden_layers,
+            self.visual_token_pruning_layer,
+            self.visual_token_pruning_ratio,
+        )
+        if self.lvtc_enabled:
+            raise ValueError(
+                "visual_token_pruning_layer (FastV) and lvtc_enabled both change the visual tokens per layer, and "
+                "their combination is not defined here; use one of them."
+            )
+        if not 1 <= k < num_layers:
+            raise ValueError(
+                f"visual_token_pruning_layer {k} must be in [1, {num_layers - 1}]: the tokens are ranked by the "
+                "attention of the layer before it, and some layer must run on the pruned sequence."
+            )
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"visual_token_pruning_ratio must be in [0, 1), got {ratio}.")
+        self._refuse_windowed_layers("FastV pruning", "set visual_token_pruning_layer=None")
+
+    def _refuse_windowed_layers(self, method: str, remedy: str) -> None:
+        layer_types = getattr(self.text_config, "layer_types", None) or []
+        windowed = [index for index, kind in enumerate(layer_types) if kind != "full_attention"]
+        if windowed:
+            raise ValueError(
+                f"{method} runs full causal attention in every decoder layer, but the language model's layers "
+                f"{windowed} use {sorted({layer_types[index] for index in windowed})}; turn the window off (e.g. "
+                f"Qwen2's use_sliding_window=False) or {remedy}."
             )
 
 

@@ -2,6 +2,7 @@
 # Licensed under the Apache License, Version 2.0.
 """InternVL-X: InternVL2 with visual-token compression (PVTC, LVTC, RVTC)."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.utils import is_torchdynamo_compiling
 from transformers.utils.generic import can_return_tuple
 
@@ -318,22 +320,33 @@ def build_lvtc_layout(
 
 
 @dataclass
-class LVTCCacheState:
-    """What a continuation step (decoded or speculated tokens, no images) needs from the LVTC prefill.
+class PhaseCacheState:
+    """What a continuation step (decoded or speculated tokens, no images) needs from a two-phase prefill.
 
     Only fixed-shape tensors, so a compiled decode step reads them without host syncs or recompilation.
     """
 
-    growth: torch.Tensor  # (batch,) tokens each row gained at the expansion: long position = short position + growth
-    long_prompt_keys: torch.Tensor  # (batch, slots) 1 where the long prompt has a real token; 0 for its padding and
-    # for every slot after it. `slots` is the long layers' capacity for a static cache, the long prompt's length else.
-    long_prompt_length: torch.Tensor  # () P_long: the long prompt, its rows left-padded to the longest
-    short_prompt_length: torch.Tensor  # () P_short: the prompt as the short layers cached it
+    growth: torch.Tensor  # (batch,) second-phase position = first-phase position + growth (LVTC: tokens gained)
+    prompt_keys: torch.Tensor  # (batch, slots) 1 where the second phase's prompt has a real token; 0 for its padding
+    # and every slot after it. `slots` is the second-phase layers' capacity for a static cache, P2 else.
+    second_prompt_length: torch.Tensor  # () P2: the prompt as the second-phase layers cached it (rows left-padded)
+    first_prompt_length: torch.Tensor  # () P1: the prompt as the first-phase layers cached it
 
     @property
-    def long_offset(self) -> torch.Tensor:
-        """`()` how far the long layers' cache runs ahead of the short layers': P_long - P_short."""
-        return self.long_prompt_length - self.short_prompt_length
+    def offset(self) -> torch.Tensor:
+        """`()` how far the second-phase layers' cache runs ahead of the first phase's: P2 − P1 (< 0 when pruned)."""
+        return self.second_prompt_length - self.first_prompt_length
+
+
+@dataclass
+class PhaseSwitch:
+    """The sequence a schedule hands the second-phase layers at the prefill, and what it needs to map back."""
+
+    hidden_states: torch.Tensor  # (batch, L2, D)
+    position_ids: torch.Tensor  # (batch, L2)
+    key_mask: torch.Tensor  # (batch, L2) 1 for real tokens, 0 for padding
+    growth: torch.Tensor  # (batch,) position offset of each row's later tokens in the second phase
+    layout: object  # the schedule's own record, for `leave`
 
 
 def full_attention_mask(attention_mask):
@@ -389,32 +402,51 @@ class InternVLXStaticCache(StaticCache):
         ]
 
 
-class LVTCSchedule:
-    """LVTC's per-layer token schedule (paper §3.2, Algorithm 1): its layout, masks and cache state in one place.
+class PhasedDecoder:
+    """The decoder layers in two phases on different sequences: layers 0..s-1 run on the input sequence, layers s..
+    on a sequence the schedule derives from it at layer s. LVTC (`LVTCSchedule`) expands every tile's visual span
+    there; FastV (`FastVSchedule`) prunes visual tokens. This class holds what they share, in one place: the layer
+    loop, masks sized by the cache, the cache state a decode step continues from, and static-cache capacities.
 
-    Layers 0..k-1 (the short phase) run on the input sequence, N1² visual tokens per tile, with LR projectors 1..T-1
-    added to the visual span before layers s + i·j. Before layer k every tile's span is replaced in place by N2²
-    tokens (`upsample2d(span) + HR_projector(vit)`); layers k.. (the long phase) run on that longer sequence, rows
-    left-padded to the longest, positions renumbered contiguously, RoPE recomputed. The final states are mapped back:
-    text tokens keep their own, each tile's N2² states are average-pooled to N1², so the output is `(B, L, D)` again.
-
-    Cache: layers < k cache the short sequence, layers ≥ k the long one. The prefill stores an `LVTCCacheState` on the
-    cache; a continuation step (decoded or speculated tokens, no images) reads only its fixed-shape tensors, and gives
-    each token the next position of each phase. A static cache gets `tiles · (N2² − N1²)` more slots per row in its
-    long layers than in its short ones, so with Transformers' static cache a decode step compiles whole.
+    Cache: layers < s cache the first-phase sequence, layers ≥ s the second. The prefill stores a `PhaseCacheState` on
+    the cache; a continuation step (decoded or speculated tokens, no images) reads only its fixed-shape tensors and
+    gives each token the next position of each phase, so with Transformers' static cache a decode step compiles whole.
+    Subclasses say what changes at layer s (`enter`), how final states map back to the input (`leave`) and what is
+    added to the visual span in the first phase (`first_phase_additions`).
     """
 
-    def __init__(self, model: "InternVLXModel"):
-        config = model.config
-        self.model = model
-        self.config = config
-        self.text_config = config.text_config
-        self.decoder = model.language_model
-        self.expand_layer = config.lvtc_expand_layer
-        self.num_layers = config.text_config.num_hidden_layers
-        grid = config.patch_grid_size
-        self.short_side, self.long_side = grid // config.downsample_factor, grid // config.lvtc_hr_downsample_factor
+    name = "this token schedule"
 
+    def __init__(self, model: "InternVLXModel", switch_layer: int):
+        self.model = model
+        self.config = model.config
+        self.text_config = model.config.text_config
+        self.decoder = model.language_model
+        self.switch_layer = switch_layer
+        self.num_layers = self.text_config.num_hidden_layers
+
+    # ---- what a schedule defines ---------------------------------------------------------------------------------
+    def first_phase_additions(self, vision_features: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """`{layer: (visual tokens, D)}` added to the visual span before those layers (< s)."""
+        return {}
+
+    def enter(
+        self,
+        hidden_states: torch.Tensor,
+        image_mask: torch.Tensor,
+        padding: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        vision_features: torch.Tensor | None,
+        last_input: torch.Tensor,
+    ) -> PhaseSwitch:
+        """The second phase's sequence from the first phase's `(B, L, D)` output; `last_input` is layer s−1's input."""
+        raise NotImplementedError
+
+    def leave(self, hidden_states: torch.Tensor, switch: PhaseSwitch, image_mask: torch.Tensor) -> torch.Tensor:
+        """Final normed `(B, L2, D)` states → `(B, L, D)` aligned with the input."""
+        raise NotImplementedError
+
+    # ---- the layer loop ------------------------------------------------------------------------------------------
     def __call__(
         self,
         inputs_embeds: torch.Tensor,
@@ -431,13 +463,13 @@ class LVTCSchedule:
         """Run the decoder layers under the schedule.
 
         `inputs_embeds (B, L, D)` → `last_hidden_state (B, L, D)`. With `output_hidden_states`, the input of every layer
-        then the final normed state; entries of layers ≥ k (and the last) are in the long layout `(B, L_long, D)`.
+        then the final normed state; entries of layers ≥ s (and the last) are in the second phase's layout.
         """
         implementation = self.text_config._attn_implementation
         if implementation not in ("sdpa", "eager"):
-            raise ValueError(f"LVTC runs with attn_implementation 'sdpa' or 'eager', not {implementation!r}.")
+            raise ValueError(f"{self.name} runs with attn_implementation 'sdpa' or 'eager', not {implementation!r}.")
         if output_attentions:
-            raise ValueError("output_attentions is not available with LVTC (the two phases have different lengths).")
+            raise ValueError(f"output_attentions is not available with {self.name} (the phases differ in length).")
         batch, length, _ = inputs_embeds.shape
         device = inputs_embeds.device
         cache = past_key_values
@@ -458,56 +490,55 @@ class LVTCSchedule:
                 hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary, **layer_inputs
             )
 
-        # Short phase: layers 0..k-1 on N1² tokens per tile, with the extra LR projectors injected.
-        short_mask = create_causal_mask(
+        # First phase: layers 0..s-1 on the input sequence, with the schedule's additions to the visual span.
+        first_mask = create_causal_mask(
             config=self.text_config,
             inputs_embeds=inputs_embeds,
             attention_mask=full_attention_mask(attention_mask),
             past_key_values=cache,
             position_ids=position_ids,
         )
-        injections = self.lr_injections(vision_features)
-        image_positions = image_mask.nonzero(as_tuple=True) if injections else None
-        hidden_states = inputs_embeds
+        additions = self.first_phase_additions(vision_features)
+        image_positions = image_mask.nonzero(as_tuple=True) if additions else None
+        hidden_states = last_input = inputs_embeds
         rotary = self.decoder.rotary_emb(hidden_states, position_ids)
-        for layer_index, layer in enumerate(layers[: self.expand_layer]):
-            if layer_index in injections:
-                added = hidden_states[image_positions] + injections[layer_index].to(hidden_states.dtype)
+        for layer_index, layer in enumerate(layers[: self.switch_layer]):
+            if layer_index in additions:
+                added = hidden_states[image_positions] + additions[layer_index].to(hidden_states.dtype)
                 hidden_states = hidden_states.index_put(image_positions, added)
-            hidden_states = run_layer(layer, hidden_states, short_mask, position_ids, rotary)
+            last_input = hidden_states
+            hidden_states = run_layer(layer, hidden_states, first_mask, position_ids, rotary)
 
-        # Long phase: layers k.. on N2² tokens per tile.
-        layout = None
-        if self.expand_layer < self.num_layers:
+        # Second phase: layers s.. on the schedule's sequence.
+        switch = None
+        if self.switch_layer < self.num_layers:
             if state is None:
                 if image_mask is None:
                     image_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
                 padding = key_validity(attention_mask)
-                layout = build_lvtc_layout(
-                    image_mask,
-                    padding[:, :length] if padding is not None else None,
-                    position_ids,
-                    self.short_side**2,
-                    self.long_side**2,
-                )
-                hidden_states = self.expand(hidden_states, layout, image_mask, vision_features)
-                long_positions = layout.long_position_ids
-                prompt_keys = layout.long_mask
+                padding = padding[:, :length] if padding is not None else None
+                switch = self.enter(hidden_states, image_mask, padding, position_ids, vision_features, last_input)
+                hidden_states, second_positions = switch.hidden_states, switch.position_ids
+                prompt_keys = switch.key_mask
                 if cache is not None:
-                    prompt_keys = self.store_state(cache, layout, length).long_prompt_keys
-                long_mask = self.prompt_attention_mask(cache, prompt_keys, long_positions.shape[1], hidden_states.dtype)
+                    prompt_keys = self.store_state(cache, switch, length).prompt_keys
+                second_mask = self.prompt_attention_mask(
+                    cache, prompt_keys, second_positions.shape[1], hidden_states.dtype
+                )
             else:
-                long_positions = position_ids + state.growth[:, None]
-                long_mask = self.continuation_attention_mask(cache, state, attention_mask, length, inputs_embeds.dtype)
-            rotary = self.decoder.rotary_emb(hidden_states, long_positions)
-            for layer in layers[self.expand_layer :]:
-                hidden_states = run_layer(layer, hidden_states, long_mask, long_positions, rotary)
+                second_positions = position_ids + state.growth[:, None]
+                second_mask = self.continuation_attention_mask(
+                    cache, state, attention_mask, length, inputs_embeds.dtype
+                )
+            rotary = self.decoder.rotary_emb(hidden_states, second_positions)
+            for layer in layers[self.switch_layer :]:
+                hidden_states = run_layer(layer, hidden_states, second_mask, second_positions, rotary)
 
         hidden_states = self.decoder.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
-        if layout is not None:
-            hidden_states = self.pool(hidden_states, layout, image_mask, length)
+        if switch is not None:
+            hidden_states = self.leave(hidden_states, switch, image_mask)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=cache,
@@ -517,7 +548,7 @@ class LVTCSchedule:
     # ---- cache state ---------------------------------------------------------------------------------------------
     def continued_state(
         self, cache: Cache | None, has_images: bool, batch: int, device: torch.device
-    ) -> LVTCCacheState | None:
+    ) -> PhaseCacheState | None:
         """The state of the prefill this step continues, or None when this step is a prefill.
 
         A compiled step trusts the state on the cache (Transformers compiles decode steps only, after an eager
@@ -525,45 +556,46 @@ class LVTCSchedule:
         """
         if cache is None:
             return None
-        state = getattr(cache, "internvl_x_lvtc", None)
+        state = getattr(cache, "internvl_x_phases", None)
         if is_torchdynamo_compiling():
             return None if has_images else state
         cached = int(cache.get_seq_length())
         if has_images:
             if cached:
                 raise ValueError(
-                    f"LVTC cannot add images to a cache that already holds {cached} tokens; run the whole prompt "
-                    "at once."
+                    f"{self.name} cannot add images to a cache that already holds {cached} tokens; run the whole "
+                    "prompt at once."
                 )
             return None
         if not cached:
             return None
-        if state is None:  # filled without LVTC's prefill (e.g. by the bare language model): both phases align
+        if state is None:  # filled without this schedule's prefill (e.g. by the bare language model): phases align
             zero = torch.zeros((), dtype=torch.long, device=device)
             empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
-            state = LVTCCacheState(torch.zeros(batch, dtype=torch.long, device=device), empty, zero, zero)
+            state = PhaseCacheState(torch.zeros(batch, dtype=torch.long, device=device), empty, zero, zero)
         return state
 
-    def reserve_long_slots(self, cache: Cache, short_length: int, long_length: int) -> int | None:
-        """Give a static cache's long layers room for this prompt's growth; return their capacity (None: dynamic).
+    def reserve_second_phase_slots(self, cache: Cache, first_length: int, second_length: int) -> int | None:
+        """Give a static cache's second-phase layers room for this prompt; return their capacity (None: dynamic).
 
-        The long layers need the short layers' capacity plus the longest row's growth. The capacity only grows across
-        calls (as Transformers sizes `max_cache_len`), so later calls keep the same shapes and compiled graphs.
+        They need the first-phase capacity plus the longest row's growth (LVTC; pruning needs no more). The capacity
+        only grows across calls (as Transformers sizes `max_cache_len`), so later calls keep the same shapes and
+        compiled graphs.
         """
         if not is_static_cache(cache):
             return None
-        short_capacity = cache.layers[0].max_cache_len
-        if short_length > short_capacity:
+        first_capacity = cache.layers[0].max_cache_len
+        if first_length > first_capacity:
             raise ValueError(
-                f"the prompt has {short_length} tokens but the static cache holds {short_capacity} per layer; "
-                f"build it with max_cache_len ≥ {short_length} plus the tokens to generate."
+                f"the prompt has {first_length} tokens but the static cache holds {first_capacity} per layer; "
+                f"build it with max_cache_len ≥ {first_length} plus the tokens to generate."
             )
-        growth = long_length - short_length
-        previous = getattr(self.model, "_lvtc_previous_growth", 0)
-        self.model._lvtc_previous_growth = max(previous, growth)
-        long_layers = cache.layers[self.expand_layer : self.num_layers]
-        capacity = max(short_capacity + max(previous, growth), *(layer.max_cache_len for layer in long_layers))
-        for layer in long_layers:
+        growth = max(second_length - first_length, 0)
+        previous = getattr(self.model, "_second_phase_previous_growth", 0)
+        self.model._second_phase_previous_growth = max(previous, growth)
+        second_layers = cache.layers[self.switch_layer : self.num_layers]
+        capacity = max(first_capacity + max(previous, growth), *(layer.max_cache_len for layer in second_layers))
+        for layer in second_layers:
             if layer.max_cache_len != capacity:
                 layer.max_cache_len = capacity
                 if layer.is_initialized:  # allocated too small by an earlier call: allocate again at the next update
@@ -571,52 +603,52 @@ class LVTCSchedule:
                     layer.keys = layer.values = None
         return capacity
 
-    def store_state(self, cache: Cache, layout: LVTCLayout, short_length: int) -> LVTCCacheState:
-        long_keys = layout.long_mask
-        capacity = self.reserve_long_slots(cache, short_length, long_keys.shape[1])
+    def store_state(self, cache: Cache, switch: PhaseSwitch, first_length: int) -> PhaseCacheState:
+        keys = switch.key_mask
+        capacity = self.reserve_second_phase_slots(cache, first_length, keys.shape[1])
         if capacity is not None:
-            long_keys = F.pad(long_keys, (0, capacity - long_keys.shape[1]))
-        lengths = torch.tensor([layout.long_mask.shape[1], short_length], device=long_keys.device)
-        state = LVTCCacheState(layout.growth, long_keys, lengths[0], lengths[1])
-        cache.internvl_x_lvtc = state
+            keys = F.pad(keys, (0, capacity - keys.shape[1]))
+        lengths = torch.tensor([switch.key_mask.shape[1], first_length], device=keys.device)
+        state = PhaseCacheState(switch.growth, keys, lengths[0], lengths[1])
+        cache.internvl_x_phases = state
         return state
 
     # ---- masks ---------------------------------------------------------------------------------------------------
     def prompt_attention_mask(
-        self, cache: Cache | None, prompt_keys: torch.Tensor, long_length: int, dtype: torch.dtype
+        self, cache: Cache | None, prompt_keys: torch.Tensor, second_length: int, dtype: torch.dtype
     ) -> torch.Tensor | None:
-        """Long-phase mask of a prefill: causal over the long prompt, its padding (0 in `prompt_keys`) masked."""
-        kv_length = cache.get_mask_sizes(long_length, self.expand_layer)[0] if cache is not None else long_length
+        """Second-phase mask of a prefill: causal over its prompt, the padding (0 in `prompt_keys`) masked."""
+        kv_length = cache.get_mask_sizes(second_length, self.switch_layer)[0] if cache is not None else second_length
         keys = F.pad(prompt_keys, (0, kv_length - prompt_keys.shape[1])).bool()
-        return self.build_mask(keys, long_length, 0, dtype)
+        return self.build_mask(keys, second_length, 0, dtype)
 
     def continuation_attention_mask(
         self,
         cache: Cache,
-        state: LVTCCacheState,
+        state: PhaseCacheState,
         attention_mask: torch.Tensor | dict | None,
         query_length: int,
         dtype: torch.dtype,
     ) -> torch.Tensor | None:
-        """Long-phase mask of a continuation step: key slot j of the long layers holds the long prompt's token j, then
-        (from P_long on) the continuation's token j − (P_long − P_short), which is valid where the short phase's key
-        j − (P_long − P_short) is.
+        """Second-phase mask of a continuation step: key slot j of those layers holds their prompt's token j, then
+        (from P2 on) the continuation's token j − (P2 − P1), which is valid where the first phase's key j − (P2 − P1)
+        is.
 
         The text after the last image keeps that offset in both phases, so a roll-back (`crop`, speculative decoding)
         into the prompt's text tail is continued the same way: slots from the current length on are the new tokens'.
         """
-        past = cache.get_seq_length(self.expand_layer)
-        kv_length = cache.get_mask_sizes(query_length, self.expand_layer)[0]
+        past = cache.get_seq_length(self.switch_layer)
+        kv_length = cache.get_mask_sizes(query_length, self.switch_layer)[0]
         slots = torch.arange(kv_length, device=state.growth.device)
-        prompt = state.long_prompt_keys.bool()[:, :kv_length]
+        prompt = state.prompt_keys.bool()[:, :kv_length]
         prompt = F.pad(prompt, (0, kv_length - prompt.shape[1]))
-        short_keys = key_validity(attention_mask)
-        if short_keys is None:
+        first_keys = key_validity(attention_mask)
+        if first_keys is None:
             continued = torch.ones_like(prompt)
         else:
-            short_index = (slots - state.long_offset).clamp(0, short_keys.shape[1] - 1)
-            continued = short_keys[:, short_index]
-        prompt_end = torch.minimum(state.long_prompt_length, torch.as_tensor(past, device=slots.device))
+            first_index = (slots - state.offset).clamp(0, first_keys.shape[1] - 1)
+            continued = first_keys[:, first_index]
+        prompt_end = torch.minimum(state.second_prompt_length, torch.as_tensor(past, device=slots.device))
         keys = torch.where(slots < prompt_end, prompt, continued)
         return self.build_mask(keys, query_length, past, dtype)
 
@@ -649,8 +681,27 @@ class LVTCSchedule:
             ~allowed, torch.finfo(dtype).min
         )
 
-    # ---- the visual span -----------------------------------------------------------------------------------------
-    def lr_injections(self, vision_features: torch.Tensor | None) -> dict[int, torch.Tensor]:
+
+class LVTCSchedule(PhasedDecoder):
+    """LVTC's per-layer token schedule (paper §3.2, Algorithm 1).
+
+    Layers 0..k-1 run on the input sequence, N1² visual tokens per tile, with LR projectors 1..T-1 added to the visual
+    span before layers s + i·j. Before layer k every tile's span is replaced in place by N2² tokens
+    (`upsample2d(span) + HR_projector(vit)`); layers k.. run on that longer sequence, rows left-padded to the longest,
+    positions renumbered contiguously, RoPE recomputed. The final states are mapped back: text tokens keep their own,
+    each tile's N2² states are average-pooled to N1², so the output is `(B, L, D)` again. A static cache's layers from
+    k on get `tiles · (N2² − N1²)` more slots per row.
+    """
+
+    name = "LVTC"
+
+    def __init__(self, model: "InternVLXModel"):
+        super().__init__(model, model.config.lvtc_expand_layer)
+        grid = self.config.patch_grid_size
+        self.short_side = grid // self.config.downsample_factor
+        self.long_side = grid // self.config.lvtc_hr_downsample_factor
+
+    def first_phase_additions(self, vision_features: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """`{layer: (tiles · N1², D)}`: LR projectors 1..T-1, each added to the visual span before its layer."""
         if vision_features is None:
             return {}
@@ -659,6 +710,14 @@ class LVTCSchedule:
             layer: projector(vision_features).flatten(0, 1)
             for layer, projector in zip(self.config.lvtc_inject_layers, projectors)
         }
+
+    def enter(self, hidden_states, image_mask, padding, position_ids, vision_features, last_input) -> PhaseSwitch:
+        layout = build_lvtc_layout(image_mask, padding, position_ids, self.short_side**2, self.long_side**2)
+        long_states = self.expand(hidden_states, layout, image_mask, vision_features)
+        return PhaseSwitch(long_states, layout.long_position_ids, layout.long_mask, layout.growth, layout)
+
+    def leave(self, hidden_states: torch.Tensor, switch: PhaseSwitch, image_mask: torch.Tensor) -> torch.Tensor:
+        return self.pool(hidden_states, switch.layout, image_mask, image_mask.shape[1])
 
     def expand(
         self,
@@ -704,6 +763,94 @@ class LVTCSchedule:
         spans = spans.view(tiles, self.long_side, self.long_side, hidden_size).permute(0, 3, 1, 2)
         pooled = F.avg_pool2d(spans, kernel_size=self.long_side // self.short_side).permute(0, 2, 3, 1)
         return short_states.index_put(image_mask.nonzero(as_tuple=True), pooled.reshape(-1, hidden_size))
+
+
+@dataclass
+class FastVLayout:
+    """Which tokens the layers from K on keep, and where each sits in the pruned sequence."""
+
+    rows: torch.Tensor  # (kept,) row of each kept token
+    columns: torch.Tensor  # (kept,) its position in the input sequence
+    targets: torch.Tensor  # (kept,) its position in the pruned sequence (rows left-padded to the longest)
+    pruned_states: torch.Tensor  # (batch, L, D) every token's state entering layer K (the last one a pruned token has)
+
+
+def keep_top_visual_tokens(scores: torch.Tensor, image_mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """`(B, L)` bool: the tokens to keep. Each row keeps all its non-visual tokens and, of its n visual tokens, the
+    n − floor(ratio · n) with the highest `scores`; ties go to the earlier token (a stable sort), so the choice is
+    deterministic."""
+    visual = image_mask.bool()
+    counts = visual.sum(1)
+    keep_counts = counts - torch.floor(counts * ratio).long()
+    ranked = scores.float().masked_fill(~visual, -float("inf"))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    return ~visual | (ranks < keep_counts[:, None])
+
+
+class FastVSchedule(PhasedDecoder):
+    """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2"): training-free pruning of visual tokens.
+
+    Layers 0..K-1 run on the whole input. At layer K each row keeps the top (1 − R) of its visual tokens, ranked by the
+    attention they get from the last prompt token in layer K − 1 (averaged over heads), with their original positions;
+    layers K.. run on the shorter sequence (rows left-padded to the longest). A pruned token's final state is its state
+    entering layer K, normed, so logits stay aligned with `input_ids`. The attention scores come from one extra small
+    computation (the last token's query against the keys of layer K − 1), so every layer keeps its sdpa kernel.
+    """
+
+    name = "FastV"
+
+    def __init__(self, model: "InternVLXModel"):
+        super().__init__(model, model.config.visual_token_pruning_layer)
+        self.ratio = model.config.visual_token_pruning_ratio
+
+    def last_token_attention(
+        self, layer: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor | None, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """`(B, L)`: the attention the last token pays every token in `layer` (whose input is `hidden_states`),
+        averaged over heads; `keys (B, L)` marks the real tokens."""
+        attention = layer.self_attn
+        batch, length, _ = hidden_states.shape
+        head_dim = attention.head_dim
+        normed = layer.input_layernorm(hidden_states)
+        query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim)
+        key = attention.k_proj(normed).view(batch, length, -1, head_dim)
+        if hasattr(attention, "q_norm"):  # Qwen3 normalises queries and keys per head
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        cos, sin = self.decoder.rotary_emb(normed, position_ids)
+        query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
+        key, _ = apply_rotary_pos_emb(key, key, cos, sin)
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        scores = (query @ key.transpose(-1, -2)).float() * attention.scaling  # (B, heads, 1, L)
+        if keys is not None:
+            scores = scores.masked_fill(~keys.bool()[:, None, None, :], -float("inf"))
+        return scores.softmax(-1).mean(1)[:, 0]
+
+    def enter(self, hidden_states, image_mask, padding, position_ids, vision_features, last_input) -> PhaseSwitch:
+        layer = self.decoder.layers[self.switch_layer - 1]
+        scores = self.last_token_attention(layer, last_input, padding, position_ids)
+        kept = keep_top_visual_tokens(scores, image_mask, self.ratio)
+        batch, _, hidden_size = hidden_states.shape
+        counts = kept.sum(1)
+        length = int(counts.max())
+        rows, columns = kept.nonzero(as_tuple=True)
+        targets = (kept.long().cumsum(1) - 1 + (length - counts)[:, None])[rows, columns]
+        states = hidden_states.new_zeros(batch, length, hidden_size).index_put(
+            (rows, targets), hidden_states[rows, columns]
+        )
+        positions = position_ids.new_zeros(batch, length).index_put((rows, targets), position_ids[rows, columns])
+        real = padding.long() if padding is not None else torch.ones_like(kept, dtype=torch.long)
+        keys = real.new_zeros(batch, length).index_put((rows, targets), real[rows, columns])
+        layout = FastVLayout(rows, columns, targets, hidden_states)
+        return PhaseSwitch(states, positions, keys, torch.zeros_like(counts), layout)
+
+    def leave(self, hidden_states: torch.Tensor, switch: PhaseSwitch, image_mask: torch.Tensor) -> torch.Tensor:
+        layout = switch.layout
+        full = self.decoder.norm(layout.pruned_states)
+        return full.index_put((layout.rows, layout.columns), hidden_states[layout.rows, layout.targets])
 
 
 @dataclass
@@ -779,13 +926,26 @@ class InternVLXModel(InternVLXPreTrainedModel):
         self.post_init()
 
     def visual_token_schedule(self, num_tiles: int) -> list[int]:
-        """Visual tokens each decoder layer processes for `num_tiles` tiles (N1² per tile, N2² from layer k on)."""
+        """Visual tokens each decoder layer processes for `num_tiles` tiles: N1² per tile; with LVTC N2² per tile from
+        layer k on; with FastV pruning, n − floor(R · n) of the n from layer K on."""
         num_layers = self.config.text_config.num_hidden_layers
         short = num_tiles * self.config.tokens_per_tile
-        if not self.config.lvtc_enabled:
-            return [short] * num_layers
-        k = self.config.lvtc_expand_layer
-        return [short] * k + [num_tiles * self.config.lvtc_expanded_tokens_per_tile] * (num_layers - k)
+        if self.config.lvtc_enabled:
+            k = self.config.lvtc_expand_layer
+            return [short] * k + [num_tiles * self.config.lvtc_expanded_tokens_per_tile] * (num_layers - k)
+        if self.config.visual_token_pruning_layer is not None:
+            k = self.config.visual_token_pruning_layer
+            kept = short - math.floor(short * self.config.visual_token_pruning_ratio)
+            return [short] * k + [kept] * (num_layers - k)
+        return [short] * num_layers
+
+    def token_schedule(self) -> "PhasedDecoder | None":
+        """The per-layer token schedule the decoder runs under (LVTC, FastV pruning), or None for the plain model."""
+        if self.config.lvtc_enabled:
+            return LVTCSchedule(self)
+        if self.config.visual_token_pruning_layer is not None:
+            return FastVSchedule(self)
+        return None
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -950,8 +1110,9 @@ class InternVLXModel(InternVLXPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
-        if self.config.lvtc_enabled:
-            outputs = LVTCSchedule(self)(image_mask=image_mask, vision_features=vision_features, **language_inputs)
+        schedule = self.token_schedule()
+        if schedule is not None:
+            outputs = schedule(image_mask=image_mask, vision_features=vision_features, **language_inputs)
         else:
             outputs = self.language_model(**language_inputs, return_dict=True)
         return InternVLXModelOutputWithPast(
@@ -1097,7 +1258,15 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int, **kwargs
     ):
-        """Refuse cache settings that cannot hold this call, by name, before anything runs."""
+        """Refuse cache settings that cannot hold this call, and modes that cannot work, by name, before anything
+        runs."""
+        if generation_mode == "assisted_generation" and self.config.visual_token_pruning_layer is not None:
+            raise ValueError(
+                "assisted generation (assistant_model, prompt_lookup_num_tokens) cannot run FastV pruning: its first "
+                "forward feeds the prompt together with candidate tokens, so the pruning would be ranked by a "
+                "candidate's attention instead of the last prompt token's. Generate without it, or load the model "
+                "with visual_token_pruning_layer=None."
+            )
         chunk = generation_config.prefill_chunk_size
         prompt = model_kwargs.get("attention_mask")
         if chunk is not None and model_kwargs.get("pixel_values") is not None:

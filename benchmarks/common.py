@@ -44,6 +44,7 @@ def geometry(device: str, quick: bool = False, **overrides) -> dict:
         head_dim=128 if full else 64,
         num_hidden_layers=4 if quick else 24,
         vocab_size=92553,
+        max_position_embeddings=32768,  # InternLM2-chat-1.8B's
         rope_theta=1e6,
         tie_word_embeddings=False,
         pad_token_id=2,

@@ -279,11 +279,25 @@ LVTC_VARIANTS = {
     "LVTC + HR": dict(lvtc_enabled=True, lvtc_num_lr_projectors=1, lvtc_use_hr_projector=True),
     "LVTC + multi": dict(lvtc_enabled=True, lvtc_num_lr_projectors=2, lvtc_use_hr_projector=False),
     "LVTC + HR + multi": dict(lvtc_enabled=True, lvtc_num_lr_projectors=2, lvtc_use_hr_projector=True),
+    # FastV, training-free, on the HR-only model (1024 tokens per tile), K = 2 as in the FastV paper
+    "FastV K=2 R=50% (HR)": dict(downsample_ratio=1.0, visual_token_pruning_layer=2, visual_token_pruning_ratio=0.5),
+    "FastV K=2 R=75% (HR)": dict(downsample_ratio=1.0, visual_token_pruning_layer=2, visual_token_pruning_ratio=0.75),
+    "FastV K=2 at LVTC's budget (HR)": "matched",
 }
 
 
-def lvtc_config(classes, device: str, quick: bool, overrides: dict):
+def fastv_ratio_at_lvtc_budget(layers: int) -> float:
+    """R for which FastV on the HR-only model (K = 2) gives the decoder as many visual token-layers as LVTC:
+    k·N1² + (L − k)·N2² = K·N2² + (L − K)·(1 − R)·N2², with N1² = 256, N2² = 1024, k = 3L/4."""
+    k, fastv_layer, short, long = (3 * layers) // 4, 2, 256, 1024
+    return 1 - (k * short + (layers - k) * long - fastv_layer * long) / ((layers - fastv_layer) * long)
+
+
+def lvtc_config(classes, device: str, quick: bool, overrides: dict | str):
     layers = 4 if quick else 24
+    if overrides == "matched":
+        overrides = dict(downsample_ratio=1.0, visual_token_pruning_layer=2,
+                         visual_token_pruning_ratio=round(fastv_ratio_at_lvtc_budget(layers), 3))  # fmt: skip
     return classes.Config(**geometry(device, quick, projector_type="pixel_shuffle", lvtc_expand_layer=(3 * layers) // 4,
                                      lvtc_inject_start=layers // 2, **overrides))  # fmt: skip
 
@@ -394,6 +408,9 @@ def lvtc_suite(args) -> dict:
         "prefill_time_lvtc_over_hr": prefill_s[full] / prefill_s[hr],
         "decode_time_lvtc_over_lr": decode_s[full] / decode_s["LR-only (256)"],
         "train_step_lvtc_over_hr": train_s[full] / train_s[hr],
+        "prefill_flops_fastv_at_lvtc_budget_over_lvtc": flops["FastV K=2 at LVTC's budget (HR)"]["prefill"]
+        / flops[full]["prefill"],
+        "prefill_time_fastv_at_lvtc_budget_over_lvtc": prefill_s["FastV K=2 at LVTC's budget (HR)"] / prefill_s[full],
     }
     shapes = {"tiles": tiles, "text_tokens": text_tokens, "decode_tokens": decode_tokens,
               "expand_layer": models[full].config.lvtc_expand_layer,

@@ -6,6 +6,21 @@ tokens were tied to within the rounding at some step: then either pick is right 
 """
 
 import torch
+from transformers import GenerationConfig
+
+from tests.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD
+
+# A random model may emit image tokens; a prompt holding a stray <IMG_CONTEXT> is invalid, so decoding bans them.
+IMAGE_TOKENS = [IMG_START, IMG_END, IMG_CONTEXT]
+# The tiny LVTC model the decoding tests share: 4 layers, expansion before layer 3, one extra LR projector at 1.
+LVTC = dict(text=dict(num_hidden_layers=4), lvtc_enabled=True, lvtc_expand_layer=3, lvtc_inject_start=1)
+# Plain, PVTC and LVTC models of the same depth, for tests that run every kind of model.
+VARIANTS = {
+    "plain": dict(text=dict(num_hidden_layers=4)),
+    "pvtc": dict(text=dict(num_hidden_layers=4), projector_type="pvtc", pvtc_num_heads=4),
+    "lvtc": LVTC,
+    "lvtc-3-lr-projectors": {**LVTC, "lvtc_num_lr_projectors": 3},
+}
 
 # Logit gap under which two tokens count as tied. The tiny float32 models here differ between paths by ≤ 1e-5.
 TIE = 1e-4
@@ -41,8 +56,10 @@ def assert_greedy_matches_recomputation(model, output, atol: float = 1e-4, **inp
     """Each step of a cached greedy `output` (with `output_logits`) equals running the model without cache on the
     sequence so far: the same logits to `atol`, and a token that is their argmax or tied with it (`TIE`).
 
-    `inputs`: the prompt's other forward inputs (`pixel_values`, `attention_mask` of the prompt, ...).
+    `inputs`: the prompt's forward inputs (`pixel_values`, `attention_mask` of the prompt, ...; `input_ids` is taken
+    from `output`).
     """
+    inputs.pop("input_ids", None)
     steps = len(output.logits)
     prompt_length = output.sequences.shape[1] - steps
     attention_mask = inputs.pop("attention_mask", None)
@@ -60,3 +77,12 @@ def assert_greedy_matches_recomputation(model, output, atol: float = 1e-4, **inp
         best = logits.masked_fill(~allowed, -float("inf")).max(-1).values
         gap = best - logits.gather(1, chosen[:, None])[:, 0]
         assert (gap < TIE).all(), f"step {step}: chosen tokens {chosen.tolist()} trail the best by {gap.tolist()}"
+
+
+def greedy(max_new_tokens: int, **generate_kwargs) -> dict:
+    """`generate` arguments for greedy decoding of exactly `max_new_tokens` (no EOS), returning the scores and raw
+    logits that `assert_same_greedy` compares, plus `generate_kwargs`."""
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=PAD,
+                              suppress_tokens=IMAGE_TOKENS, output_logits=True, output_scores=True,
+                              return_dict_in_generate=True)  # fmt: skip
+    return dict(generation_config=config, **generate_kwargs)

@@ -3,33 +3,27 @@ PVTC and LVTC models (the fast-decoding issue)."""
 
 import pytest
 import torch
-from transformers import CompileConfig, GenerationConfig, StaticCache
+from transformers import CompileConfig, StaticCache
 
-from tests.decoding import assert_same_greedy
-from tests.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD, image_span, left_pad, prompt, tiles
+from tests.decoding import LVTC, assert_same_greedy
+from tests.decoding import VARIANTS as SHARED_VARIANTS
+from tests.decoding import greedy as greedy_settings
+from tests.tiny import image_span, left_pad, prompt, tiles
 
 N1SQ = 4
 LAYERS = 4
 NEW_TOKENS = 8
-IMAGE_TOKENS = [IMG_START, IMG_END, IMG_CONTEXT]
 
-LVTC = dict(text=dict(num_hidden_layers=LAYERS), lvtc_enabled=True, lvtc_expand_layer=3, lvtc_inject_start=1)
 VARIANTS = {
-    "plain": dict(text=dict(num_hidden_layers=LAYERS)),
-    "pvtc": dict(text=dict(num_hidden_layers=LAYERS), projector_type="pvtc", pvtc_num_heads=4),
-    "lvtc": LVTC,
+    **SHARED_VARIANTS,
     "lvtc-pvtc-bilinear": {**LVTC, "projector_type": "pvtc", "pvtc_num_heads": 4, "lvtc_upsample_mode": "bilinear"},
-    "lvtc-3-lr-projectors": {**LVTC, "lvtc_num_lr_projectors": 3},
     "lvtc-no-hr": {**LVTC, "lvtc_use_hr_projector": False},
     "lvtc-qwen2": {**LVTC, "text": dict(model_type="qwen2", num_hidden_layers=LAYERS)},
 }
 
 
 def greedy(**kwargs) -> dict:
-    config = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=PAD,
-                              suppress_tokens=IMAGE_TOKENS, output_logits=True, output_scores=True,
-                              return_dict_in_generate=True)  # fmt: skip
-    return dict(generation_config=config, **kwargs)
+    return greedy_settings(NEW_TOKENS, **kwargs)
 
 
 def batch(counts=(1, 3, 7)) -> dict:

@@ -3,29 +3,19 @@ LVTC's caches roll back rejected tokens in both phases."""
 
 import pytest
 import torch
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache
 
-from tests.decoding import assert_same_greedy
-from tests.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD, image_span, left_pad, prompt, tiles
+from tests.decoding import LVTC, VARIANTS, assert_same_greedy
+from tests.decoding import greedy as greedy_settings
+from tests.tiny import image_span, left_pad, prompt, tiles
 
 N1SQ = 4
 LAYERS = 4
 NEW_TOKENS = 12
-IMAGE_TOKENS = [IMG_START, IMG_END, IMG_CONTEXT]
-LVTC = dict(text=dict(num_hidden_layers=LAYERS), lvtc_enabled=True, lvtc_expand_layer=3, lvtc_inject_start=1)
-VARIANTS = {
-    "plain": dict(text=dict(num_hidden_layers=LAYERS)),
-    "pvtc": dict(text=dict(num_hidden_layers=LAYERS), projector_type="pvtc", pvtc_num_heads=4),
-    "lvtc": LVTC,
-    "lvtc-3-lr-projectors": {**LVTC, "lvtc_num_lr_projectors": 3},
-}
 
 
 def greedy(**kwargs) -> dict:
-    config = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=PAD,
-                              suppress_tokens=IMAGE_TOKENS, output_logits=True,
-                              return_dict_in_generate=True)  # fmt: skip
-    return dict(generation_config=config, **kwargs)
+    return greedy_settings(NEW_TOKENS, **kwargs)
 
 
 def reading_prompt(tiles_count: int = 2) -> dict:
