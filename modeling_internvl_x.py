@@ -578,9 +578,10 @@ class PhasedDecoder:
     def reserve_second_phase_slots(self, cache: Cache, first_length: int, second_length: int) -> int | None:
         """Give a static cache's second-phase layers room for this prompt; return their capacity (None: dynamic).
 
-        They need the first-phase capacity plus the longest row's growth (LVTC; pruning needs no more). The capacity
-        only grows across calls (as Transformers sizes `max_cache_len`), so later calls keep the same shapes and
-        compiled graphs.
+        They need the first-phase capacity plus the longest row's growth (LVTC; pruning needs no more). For one
+        first-phase capacity (`max_cache_len`), the growth reserved only grows across calls, so later calls with that
+        capacity keep the same shapes and compiled graphs; another capacity means new shapes anyway and reserves
+        what its own calls need.
         """
         if not is_static_cache(cache):
             return None
@@ -591,8 +592,9 @@ class PhasedDecoder:
                 f"build it with max_cache_len ≥ {first_length} plus the tokens to generate."
             )
         growth = max(second_length - first_length, 0)
-        previous = getattr(self.model, "_second_phase_previous_growth", 0)
-        self.model._second_phase_previous_growth = max(previous, growth)
+        reserved = self.model.__dict__.setdefault("_second_phase_growth_by_capacity", {})
+        previous = reserved.get(first_capacity, 0)
+        reserved[first_capacity] = max(previous, growth)
         second_layers = cache.layers[self.switch_layer : self.num_layers]
         capacity = max(first_capacity + max(previous, growth), *(layer.max_cache_len for layer in second_layers))
         for layer in second_layers:
@@ -658,8 +660,9 @@ class PhasedDecoder:
         """`(B, 1, q, kv)` mask: query i sits at key slot `past + i` and sees the valid `keys (B, kv)` up to itself, and
         always itself (padding queries never get an empty row, so no NaN).
 
-        Bool for sdpa, additive for eager. With sdpa, no padding and every key slot filled (a whole prompt, or one new
-        token on a dynamic cache), None lets sdpa use its causal kernel, as Transformers' own mask functions do.
+        Bool for sdpa, additive for eager. With sdpa and no padding, None lets sdpa use its causal kernel, as
+        Transformers' own mask functions do: for one new token on a dynamic cache, and for a prompt into an empty cache
+        (sdpa's causal mask is aligned top-left, so a static cache's free slots after the prompt are never attended).
         """
         implementation = self.text_config._attn_implementation
         kv_length = keys.shape[1]
@@ -667,9 +670,8 @@ class PhasedDecoder:
             implementation == "sdpa"
             and not is_torchdynamo_compiling()
             and isinstance(past, int)
-            and kv_length == past + query_length
-            and (query_length == 1 or past == 0)
-            and bool(keys.all())
+            and ((query_length == 1 and kv_length == past + 1) or (past == 0 and query_length > 1))
+            and bool(keys[:, : past + query_length].all())
         ):
             return None
         slots = torch.arange(kv_length, device=keys.device)

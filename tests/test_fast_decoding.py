@@ -51,6 +51,32 @@ def test_static_cache_decodes_like_the_dynamic_cache(bundle, variant):
     assert_same_greedy(static, dynamic)
 
 
+@pytest.mark.parametrize("variant", ["plain", "lvtc"])
+def test_static_cache_without_padding_decodes_like_the_dynamic_cache(bundle, variant):
+    """Rows of one length: the prefill into the empty static cache runs sdpa's causal kernel with no mask (its
+    top-left causal alignment never reaches the free slots); a mask that let them in would change the logits."""
+    model = bundle.model(seed=3, **VARIANTS[variant])
+    ids = torch.tensor([prompt(3, image_span(2, N1SQ), 4, seed=row) for row in range(2)])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=tiles(4, seed=9))
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **greedy())
+        static = model.generate(**inputs, **greedy(cache_implementation="static"))
+    assert_same_greedy(static, dynamic)
+
+
+def test_prompt_mask_is_left_to_sdpa_only_without_padding(bundle):
+    schedule = bundle.model(seed=3, **LVTC).model.token_schedule()
+    full, padded = torch.ones(2, 9, dtype=torch.bool), torch.ones(2, 9, dtype=torch.bool)
+    padded[1, 0] = False
+    full[:, 5:] = padded[:, 5:] = False  # a static cache's free slots after a 5-token prompt
+    assert schedule.build_mask(full, 5, 0, torch.float32) is None
+    mask = schedule.build_mask(padded, 5, 0, torch.float32)
+    assert mask.shape == (2, 1, 5, 9) and not mask[1, 0, 1:, 0].any() and not mask[:, :, :, 5:].any()
+    decode = torch.ones(2, 9, dtype=torch.bool)
+    decode[:, 6:] = False
+    assert schedule.build_mask(decode, 1, 5, torch.float32) is not None  # a decode step into a static cache
+
+
 def test_static_cache_long_layers_hold_the_growth(bundle):
     """Long layers get `tiles · (N2² − N1²)` more slots per row than short ones (the longest row's tiles)."""
     model = bundle.model(seed=1, **LVTC)
@@ -60,6 +86,27 @@ def test_static_cache_long_layers_hold_the_growth(bundle):
     capacities = [layer.keys.shape[2] for layer in out.past_key_values.layers]
     short = inputs["input_ids"].shape[1] + NEW_TOKENS - 1
     assert capacities == [short] * 3 + [short + 7 * (16 - N1SQ)]
+
+
+def test_static_cache_growth_is_kept_per_cache_size(bundle):
+    """With the same `max_cache_len`, a later call with fewer tiles keeps the long layers' size (same shapes, same
+    compiled graph); a call with another size reserves only what its own rows need."""
+    model = bundle.model(seed=1, **LVTC)
+    with torch.no_grad():
+        first = model.generate(**batch((7,)), **greedy(cache_implementation="static"))
+        capacity = first.past_key_values.layers[0].max_cache_len
+        settings = greedy(cache_implementation="static")
+        settings["generation_config"].max_cache_len = capacity
+        same_size = model.generate(**batch((1,)), **settings)
+        settings = greedy(cache_implementation="static")
+        settings["generation_config"].max_cache_len = capacity + 5  # larger: Transformers builds a new cache
+        other = model.generate(**batch((1,)), **settings)
+    assert [layer.keys.shape[2] for layer in same_size.past_key_values.layers] == (
+        [capacity] * 3 + [capacity + 7 * (16 - N1SQ)]
+    )
+    assert [layer.keys.shape[2] for layer in other.past_key_values.layers] == (
+        [capacity + 5] * 3 + [capacity + 5 + 16 - N1SQ]
+    )
 
 
 @pytest.mark.parametrize("variant", ["plain", "lvtc"])
