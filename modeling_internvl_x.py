@@ -592,7 +592,7 @@ class PhasedDecoder:
                 f"build it with max_cache_len ≥ {first_length} plus the tokens to generate."
             )
         growth = max(second_length - first_length, 0)
-        reserved = self.model.__dict__.setdefault("_second_phase_growth_by_capacity", {})
+        reserved = self.model.second_phase_growth_by_capacity
         previous = reserved.get(first_capacity, 0)
         reserved[first_capacity] = max(previous, growth)
         second_layers = cache.layers[self.switch_layer : self.num_layers]
@@ -925,6 +925,8 @@ class InternVLXModel(InternVLXPreTrainedModel):
             )
             if config.lvtc_use_hr_projector and config.lvtc_expand_layer < config.text_config.num_hidden_layers:
                 self.lvtc_hr_projector = InternVLXPixelShuffleProjector(config, config.lvtc_hr_downsample_factor)
+        # Static caches: the long-layer growth reserved so far for each first-phase capacity (`max_cache_len`).
+        self.second_phase_growth_by_capacity: dict[int, int] = {}
         self.post_init()
 
     def visual_token_schedule(self, num_tiles: int) -> list[int]:

@@ -33,6 +33,11 @@ def batch(counts=(1, 3, 7)) -> dict:
     return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([tiles(n, seed=20 + n) for n in counts]))
 
 
+def growth_per_tile(model) -> int:
+    """N2² − N1²: the slots one tile adds to LVTC's long layers."""
+    return model.config.lvtc_expanded_tokens_per_tile - model.config.tokens_per_tile
+
+
 def compile_on_cpu(**options) -> CompileConfig:
     """Transformers compiles the decode step only on accelerators unless told to compile on every device."""
     config = CompileConfig(fullgraph=True, mode="default", **options)
@@ -85,28 +90,7 @@ def test_static_cache_long_layers_hold_the_growth(bundle):
         out = model.generate(**inputs, **greedy(cache_implementation="static"))
     capacities = [layer.keys.shape[2] for layer in out.past_key_values.layers]
     short = inputs["input_ids"].shape[1] + NEW_TOKENS - 1
-    assert capacities == [short] * 3 + [short + 7 * (16 - N1SQ)]
-
-
-def test_static_cache_growth_is_kept_per_cache_size(bundle):
-    """With the same `max_cache_len`, a later call with fewer tiles keeps the long layers' size (same shapes, same
-    compiled graph); a call with another size reserves only what its own rows need."""
-    model = bundle.model(seed=1, **LVTC)
-    with torch.no_grad():
-        first = model.generate(**batch((7,)), **greedy(cache_implementation="static"))
-        capacity = first.past_key_values.layers[0].max_cache_len
-        settings = greedy(cache_implementation="static")
-        settings["generation_config"].max_cache_len = capacity
-        same_size = model.generate(**batch((1,)), **settings)
-        settings = greedy(cache_implementation="static")
-        settings["generation_config"].max_cache_len = capacity + 5  # larger: Transformers builds a new cache
-        other = model.generate(**batch((1,)), **settings)
-    assert [layer.keys.shape[2] for layer in same_size.past_key_values.layers] == (
-        [capacity] * 3 + [capacity + 7 * (16 - N1SQ)]
-    )
-    assert [layer.keys.shape[2] for layer in other.past_key_values.layers] == (
-        [capacity + 5] * 3 + [capacity + 5 + 16 - N1SQ]
-    )
+    assert capacities == [short] * 3 + [short + 7 * growth_per_tile(model)]
 
 
 @pytest.mark.parametrize("variant", ["plain", "lvtc"])
@@ -147,15 +131,20 @@ def test_a_user_built_static_cache_is_reused_without_reallocation(bundle):
 
 
 def test_long_layer_capacity_only_grows_across_calls(bundle):
-    """A later call with fewer tiles keeps the earlier capacity, so compiled graphs keep their shapes."""
+    """For one `max_cache_len`, a later call with fewer tiles keeps the earlier capacity, so compiled graphs keep
+    their shapes; a call with another size reserves only what its own rows need."""
     model = bundle.model(seed=3, **LVTC)
+    growth = growth_per_tile(model)
     settings = greedy(cache_implementation="static")
     settings["generation_config"].max_cache_len = 96
+    other_size = greedy(cache_implementation="static")
+    other_size["generation_config"].max_cache_len = 101  # larger: Transformers builds a new cache
     with torch.no_grad():
         big = model.generate(**batch((7,)), **settings).past_key_values
         small = model.generate(**batch((1,)), **settings).past_key_values
-    long_slots = [layer.keys.shape[2] for layer in (big.layers[3], small.layers[3])]
-    assert long_slots == [96 + 7 * (16 - N1SQ)] * 2
+        other = model.generate(**batch((1,)), **other_size).past_key_values
+    long_slots = [layer.keys.shape[2] for layer in (big.layers[3], small.layers[3], other.layers[3])]
+    assert long_slots == [96 + 7 * growth, 96 + 7 * growth, 101 + growth]
 
 
 def test_a_static_cache_too_small_is_refused_with_both_lengths(bundle):
