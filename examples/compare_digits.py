@@ -3,12 +3,22 @@
     python examples/compare_digits.py --out benchmarks/results/digits-comparison-cpu.json   # 2-core CPU: 20 min
     python examples/compare_digits.py --batch-size 64 --curriculum-steps 400 --steps 1600 --jobs 8 --workers 1 \\
         --eval-samples 600 --out benchmarks/results/digits-comparison-gpu.json              # one H100: 6 min
+    python examples/compare_digits.py ... --seeds 0 1 2 --fastv 1:0.75 1:0.5 2:0.5         # with FastV rows
+    python examples/compare_digits.py --checkpoints CKPT [CKPT ...] --fastv 1:0.75 --out F  # FastV on saved HR-only
 
 At an equal budget of 16 visual tokens per tile entering the language model: pixel shuffle vs PVTC (Table 3), and
 LR-only (pixel shuffle, 16) vs LVTC (16 → 64 from layer 3 of 4, HR + multi projector) vs HR-only (64 throughout)
 (Table 4). Reports held-out accuracy (mean ± half the spread over seeds) and training time, whatever the outcome.
 With `--jobs N` the runs share the machine N at a time, so their times compare with each other but not with a
 sequential run.
+
+`--fastv K:R ...` adds FastV rows: each trained HR-only model is also evaluated, without training, with its visual
+tokens pruned from layer K on to the (1 − R) that get the most attention (`visual_token_pruning_layer/_ratio`), on the
+same held-out questions. On this 4-layer model K = 1, R = 0.75 gives the decoder LVTC's 112 visual token-layers per
+tile (64 + 3 × 16, against 3 × 16 + 64); at FastV's own K = 2 no R reaches LVTC's cost (2 × 64 > 112), so K = 2,
+R = 0.5 is the setting that keeps more. The table's token-layer column shows each row's cost. `--save-dir` keeps the
+trained checkpoints (for `examples/attention_analysis.py`); `--checkpoints` evaluates saved HR-only ones instead of
+training.
 """
 
 import argparse
@@ -28,6 +38,19 @@ ROWS = (("pixel_shuffle", "pixel shuffle, 16 tokens (LR-only)"), ("pvtc", "PVTC,
         ("lvtc", "LVTC 16 → 64 (HR + multi)"), ("hr_only", "HR-only, 64 tokens"))  # fmt: skip
 
 
+def fastv_settings(specs: list[str]) -> dict[str, dict]:
+    """`["1:0.75"]` → `{"FastV K=1 R=75%": {"visual_token_pruning_layer": 1, "visual_token_pruning_ratio": 0.75}}`."""
+    settings = {}
+    for spec in specs:
+        layer, _, ratio = spec.partition(":")
+        if not layer.isdigit() or not ratio:
+            raise SystemExit(f"--fastv takes K:R pairs such as 1:0.75, got {spec!r}")
+        settings[f"FastV K={layer} R={float(ratio):.0%}"] = dict(
+            visual_token_pruning_layer=int(layer), visual_token_pruning_ratio=float(ratio)
+        )
+    return settings
+
+
 def share_cores(jobs: int) -> None:
     import torch
 
@@ -35,20 +58,53 @@ def share_cores(jobs: int) -> None:
 
 
 def table(runs: list[dict]) -> str:
+    """Mean ± half the spread over seeds of every variant (and FastV setting) that has runs."""
+
     def spread(mine: list[dict], key: str) -> str:
         values = [r[key] for r in mine]
         return f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
 
-    lines = ["| variant | visual tokens per tile | accuracy | single | corner | left to right | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    def line(label: str, mine: list[dict], tokens: str, train_s: str) -> str:
+        return (f"| {label} | {tokens} | {mine[0].get('visual_token_layers_per_tile', '')} | {len(mine)} | "
+                f"{spread(mine, 'accuracy')} | {spread(mine, 'single_accuracy')} | {spread(mine, 'grid_accuracy')} | "
+                f"{spread(mine, 'row_accuracy')} | {train_s} |")  # fmt: skip
+
+    lines = ["| variant | visual tokens per tile | visual token-layers per tile | seeds | accuracy | single | corner "
+             "| left to right | train s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for variant, label in ROWS:
         mine = [r for r in runs if r["variant"] == variant]
+        if not mine:
+            continue
         first, last = mine[0]["visual_tokens_per_tile"], mine[0]["visual_tokens_per_tile_last_layer"]
         tokens = f"{first} → {last}" if last != first else str(first)
-        train_s = statistics.mean(r["train_seconds"] for r in mine)
-        lines.append(f"| {label} | {tokens} | {spread(mine, 'accuracy')} | {spread(mine, 'single_accuracy')} | "
-                     f"{spread(mine, 'grid_accuracy')} | {spread(mine, 'row_accuracy')} | {train_s:.0f} |")  # fmt: skip
+        train_s = statistics.mean(r["train_seconds"] for r in mine) if "train_seconds" in mine[0] else None
+        lines.append(line(label, mine, tokens, f"{train_s:.0f}" if train_s is not None else ""))
+        for name in mine[0].get("also", {}):
+            pruned = [r["also"][name] for r in mine]
+            lines.append(line(f"↳ {name} (pruned, no training)", pruned, "", ""))
     return "\n".join(lines)
+
+
+def evaluate_checkpoints(folders: list[Path], also: dict[str, dict], eval_samples: int) -> list[dict]:
+    """Evaluate saved checkpoints (e.g. HR-only ones from `--save-dir`) as they are and with each of `also`."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from examples.train_digits_demo import evaluate, evaluate_with, held_out
+
+    questions, runs = held_out(eval_samples), []
+    for folder in folders:
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+        saved = json.loads((folder / "metrics.json").read_text())
+        run = evaluate(model, processor, questions)
+        pruned = {name: evaluate_with(model, processor, questions, **config) for name, config in also.items()}
+        run.update(variant=saved["variant"], seed=saved["seed"], checkpoint=str(folder),
+                   visual_tokens_per_tile=model.config.tokens_per_tile,
+                   visual_tokens_per_tile_last_layer=model.model.visual_token_schedule(1)[-1],
+                   visual_token_layers_per_tile=sum(model.model.visual_token_schedule(1)),
+                   also=pruned)  # fmt: skip
+        runs.append(run)
+    return runs
 
 
 def main(argv=None) -> None:
@@ -62,18 +118,33 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. 8 on one GPU)")
     parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes per run")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is visible")
+    parser.add_argument("--variants", nargs="+", choices=[v for v, _ in ROWS], default=[v for v, _ in ROWS])
+    parser.add_argument("--fastv", nargs="+", default=[], metavar="K:R", help="FastV settings to evaluate HR-only at")
+    parser.add_argument("--save-dir", type=Path, default=None, help="keep each trained checkpoint in DIR/VARIANT-SEED")
+    parser.add_argument("--checkpoints", type=Path, nargs="+", default=None, help="evaluate these instead of training")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    settings = dict(steps=args.steps, output=None, batch_size=args.batch_size, lr=args.lr, workers=args.workers,
-                    eval_samples=args.eval_samples, warmup_steps=args.curriculum_steps, cpu=args.cpu)  # fmt: skip
-    plan = [dict(variant=variant, seed=seed, **settings) for variant, _ in ROWS for seed in args.seeds]
+    also = fastv_settings(args.fastv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.checkpoints:
+        runs = evaluate_checkpoints(args.checkpoints, also, args.eval_samples)
+        settings = vars(args) | {"out": str(args.out), "checkpoints": [str(c) for c in args.checkpoints]}
+        args.out.write_text(json.dumps({"settings": settings, "runs": runs, "table": table(runs)}, indent=2))
+        print(table(runs))
+        return
+    settings = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, workers=args.workers,
+                    eval_samples=args.eval_samples, warmup_steps=args.curriculum_steps, cpu=args.cpu,
+                    example_images=False)  # fmt: skip
+    plan = [dict(variant=variant, seed=seed, also_evaluate=also if variant == "hr_only" else None,
+                 output=args.save_dir / f"{variant}-{seed}" if args.save_dir else None, **settings)
+            for variant in args.variants for seed in args.seeds]  # fmt: skip
     runs = []
 
     def record(run: dict) -> None:  # after every finished run, so a cut-short comparison keeps what it has
         runs.append(run)
         done = len(runs) == len(plan)
-        report = {"settings": vars(args) | {"out": str(args.out)}, "runs": runs, "table": table(runs) if done else None}
+        report = {"settings": vars(args) | {"out": str(args.out), "save_dir": str(args.save_dir)}, "runs": runs,
+                  "table": table(runs) if done else None}  # fmt: skip
         args.out.write_text(json.dumps(report, indent=2))
 
     if args.jobs == 1:

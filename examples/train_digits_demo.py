@@ -121,6 +121,20 @@ def evaluate(model, processor, samples: list[dict], batch_size: int = 64) -> dic
     }
 
 
+def evaluate_with(model, processor, samples: list[dict], **overrides) -> dict:
+    """`evaluate` with the model's config changed for this call only, e.g. FastV pruning switched on without training
+    (`visual_token_pruning_layer=1, visual_token_pruning_ratio=0.75`); the changed config is validated first."""
+    type(model.config).from_dict(model.config.to_dict() | overrides)  # raises on a setting the model cannot run
+    previous = {key: getattr(model.config, key) for key in overrides}
+    model.config.update(overrides)
+    try:
+        metrics = evaluate(model, processor, samples)
+        metrics["visual_token_layers_per_tile"] = sum(model.model.visual_token_schedule(1))
+        return metrics
+    finally:
+        model.config.update(previous)
+
+
 def held_out(count: int, seed: int = 12345) -> list[dict]:
     pool, rng = DigitPool("test"), random.Random(seed)
     return [make_sample(pool, rng) for _ in range(count)]
@@ -128,8 +142,13 @@ def held_out(count: int, seed: int = 12345) -> list[dict]:
 
 def train(variant: str, seed: int, steps: int, output: Path | None, batch_size: int = 8, lr: float = 1e-3,
           eval_samples: int = 300, warmup_steps: int = 0, workers: int = 0, cpu: bool = False,
-          callbacks: list | None = None) -> dict:  # fmt: skip
-    """Train `variant` from scratch: `warmup_steps` on single digits (one tile), then `steps` on the full task."""
+          callbacks: list | None = None, also_evaluate: dict[str, dict] | None = None,
+          example_images: bool = True) -> dict:  # fmt: skip
+    """Train `variant` from scratch: `warmup_steps` on single digits (one tile), then `steps` on the full task.
+
+    `also_evaluate` maps a name to config overrides the trained model is evaluated with too, on the same held-out
+    questions (e.g. FastV settings); their metrics go under `metrics["also"][name]`. With `output`, the checkpoint is
+    saved there (with example images picked for the model card unless `example_images` is False)."""
     from transformers import Trainer, TrainingArguments
 
     cpu = cpu or not torch.cuda.is_available()
@@ -155,17 +174,23 @@ def train(variant: str, seed: int, steps: int, output: Path | None, batch_size: 
     trainer = trainer_for(GeneratedRecords(pool, steps * batch_size, seed), steps, "cosine")
     trainer.train()
     seconds = time.perf_counter() - start
-    metrics = evaluate(model, processor, held_out(eval_samples))
+    questions = held_out(eval_samples)
+    metrics = evaluate(model, processor, questions)
+    if also_evaluate:
+        metrics["also"] = {name: evaluate_with(model, processor, questions, **overrides)
+                           for name, overrides in also_evaluate.items()}  # fmt: skip
     metrics.update(variant=variant, seed=seed, steps=steps, curriculum_steps=warmup_steps, batch_size=batch_size,
                    learning_rate=lr, device=str(model.device), train_seconds=seconds,
                    visual_tokens_per_tile=model.config.tokens_per_tile,
                    visual_tokens_per_tile_last_layer=model.model.visual_token_schedule(1)[-1],
+                   visual_token_layers_per_tile=sum(model.model.visual_token_schedule(1)),
                    final_loss=trainer.state.log_history[-1].get("train_loss"))  # fmt: skip
     if output is not None:
         model.save_pretrained(output)
         processor.save_pretrained(output)
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        write_examples(output)
+        if example_images:
+            write_examples(output)
     return metrics
 
 
