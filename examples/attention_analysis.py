@@ -113,8 +113,12 @@ def analyse(folder: Path, samples: list[dict], threshold: float) -> dict:
         recorder.remove()
     layers = [{key: sum(s[key] for s in stats) / len(stats) for key in stats[0]} for stats in per_layer]
     config = model.config
-    metrics_file = folder / "metrics.json"
-    label = json.loads(metrics_file.read_text()).get("variant", folder.name) if metrics_file.exists() else folder.name
+    metrics_file = folder / "metrics.json"  # written by train_digits_demo.py: variant and training budget
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    label = metrics.get("variant", folder.name)
+    if "steps" in metrics:
+        samples = (metrics["steps"] + metrics.get("curriculum_steps", 0)) * metrics["batch_size"]
+        label += f", trained on {samples / 1000:.0f}k samples"
     return {
         "model": str(folder),
         "label": label,
@@ -135,21 +139,23 @@ def plot(results: list[dict], out: Path, threshold: float) -> None:
         ("distance_into_image", "distance into the image (0 = next to the text)"),
         ("active_visual_tokens", f"visual tokens above {threshold:g}× uniform attention"),
     )
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     for axis, (key, title) in zip(axes, panels):
         for result in results:
             tokens = result["visual_tokens_per_tile"]
+            per_tile = f"{tokens[0]}→{tokens[-1]}" if tokens[0] != tokens[-1] else str(tokens[0])
             line = axis.plot(range(len(result["layers"])), [layer[key] for layer in result["layers"]], marker="o",
-                             label=f"{result['label']} ({tokens[0]}→{tokens[-1]} per tile)" if tokens[0] != tokens[-1]
-                             else f"{result['label']} ({tokens[0]} per tile)")  # fmt: skip
+                             label=f"{result['label']} ({per_tile} visual tokens per tile)")  # fmt: skip
             if result["lvtc_expand_layer"] is not None:
                 axis.axvline(result["lvtc_expand_layer"] - 0.5, color=line[0].get_color(), linestyle=":", alpha=0.6)
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("language-model layer")
+        axis.set_xticks(range(max(len(result["layers"]) for result in results)))
         axis.set_ylim(0, 1)
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(results), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     figure.savefig(out, dpi=120)
 
 

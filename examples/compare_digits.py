@@ -86,7 +86,8 @@ def table(runs: list[dict]) -> str:
 
 
 def evaluate_checkpoints(folders: list[Path], also: dict[str, dict], eval_samples: int) -> list[dict]:
-    """Evaluate saved checkpoints (e.g. HR-only ones from `--save-dir`) as they are and with each of `also`."""
+    """Evaluate saved checkpoints (e.g. from `--save-dir`) as they are, and those without LVTC also with each of
+    `also`, all on the same held-out questions."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from examples.train_digits_demo import evaluate, evaluate_with, held_out
@@ -97,7 +98,8 @@ def evaluate_checkpoints(folders: list[Path], also: dict[str, dict], eval_sample
         model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
         saved = json.loads((folder / "metrics.json").read_text())
         run = evaluate(model, processor, questions)
-        pruned = {name: evaluate_with(model, processor, questions, **config) for name, config in also.items()}
+        prunable = not model.config.lvtc_enabled  # FastV and LVTC do not combine
+        pruned = {name: evaluate_with(model, processor, questions, **c) for name, c in also.items() if prunable}
         run.update(variant=saved["variant"], seed=saved["seed"], checkpoint=str(folder),
                    visual_tokens_per_tile=model.config.tokens_per_tile,
                    visual_tokens_per_tile_last_layer=model.model.visual_token_schedule(1)[-1],
