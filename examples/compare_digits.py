@@ -130,7 +130,8 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.checkpoints:
         runs = evaluate_checkpoints(args.checkpoints, also, args.eval_samples)
-        settings = vars(args) | {"out": str(args.out), "checkpoints": [str(c) for c in args.checkpoints]}
+        settings = vars(args) | {"out": str(args.out), "checkpoints": [str(c) for c in args.checkpoints],
+                                 "save_dir": str(args.save_dir)}  # fmt: skip
         args.out.write_text(json.dumps({"settings": settings, "runs": runs, "table": table(runs)}, indent=2))
         print(table(runs))
         return
