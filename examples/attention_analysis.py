@@ -29,15 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.train_digits_demo import held_out  # noqa: E402
-
-
-def load(folder: Path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager")
-    return model.eval(), processor
+from examples.train_digits_demo import chat_inputs, held_out, load_checkpoint  # noqa: E402
 
 
 class AttentionRecorder:
@@ -94,14 +86,12 @@ def layer_statistics(weights: torch.Tensor, visual: torch.Tensor, queries: torch
 
 
 def analyse(folder: Path, samples: list[dict], threshold: float) -> dict:
-    model, processor = load(folder)
+    model, processor = load_checkpoint(folder, attn_implementation="eager")  # eager returns the weights
     recorder = AttentionRecorder(model)
     per_layer: list[list[dict]] = []
     try:
         for sample in samples:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["question"]}]}]
-            text = processor.apply_chat_template(messages, add_generation_prompt=True)
-            inputs = processor(images=[sample["image"]], text=[text], add_special_tokens=False, return_tensors="pt")
+            inputs = chat_inputs(processor, [sample])
             with torch.no_grad():
                 model(**inputs, use_cache=False)
             for index, weights in sorted(recorder.weights.items()):

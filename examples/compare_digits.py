@@ -88,23 +88,17 @@ def table(runs: list[dict]) -> str:
 def evaluate_checkpoints(folders: list[Path], also: dict[str, dict], eval_samples: int) -> list[dict]:
     """Evaluate saved checkpoints (e.g. from `--save-dir`) as they are, and those without LVTC also with each of
     `also`, all on the same held-out questions."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from examples.train_digits_demo import evaluate, evaluate_with, held_out
+    from examples.train_digits_demo import evaluate, evaluate_with, held_out, load_checkpoint, schedule_metrics
 
     questions, runs = held_out(eval_samples), []
     for folder in folders:
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+        model, processor = load_checkpoint(folder)
         saved = json.loads((folder / "metrics.json").read_text())
         run = evaluate(model, processor, questions)
         prunable = not model.config.lvtc_enabled  # FastV and LVTC do not combine
         pruned = {name: evaluate_with(model, processor, questions, **c) for name, c in also.items() if prunable}
-        run.update(variant=saved["variant"], seed=saved["seed"], checkpoint=str(folder),
-                   visual_tokens_per_tile=model.config.tokens_per_tile,
-                   visual_tokens_per_tile_last_layer=model.model.visual_token_schedule(1)[-1],
-                   visual_token_layers_per_tile=sum(model.model.visual_token_schedule(1)),
-                   also=pruned)  # fmt: skip
+        run.update(variant=saved["variant"], seed=saved["seed"], checkpoint=str(folder), also=pruned,
+                   **schedule_metrics(model))  # fmt: skip
         runs.append(run)
     return runs
 

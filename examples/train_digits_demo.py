@@ -87,6 +87,35 @@ class GeneratedRecords:
         return as_record(make_sample(self.pool, rng)), Path(".")
 
 
+def chat_inputs(processor, samples: list[dict]):
+    """The processor's inputs for `samples` asked as user turns (the image, then the question), left-padded, ready
+    for the assistant's answer."""
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s["question"]}]}],
+            add_generation_prompt=True,
+        )
+        for s in samples
+    ]
+    return processor(images=[s["image"] for s in samples], text=texts, add_special_tokens=False, return_tensors="pt")
+
+
+def load_checkpoint(folder: Path, **model_kwargs):
+    """`(model in eval mode, processor)` of a checkpoint folder of this bundle, loaded as users load it."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, **model_kwargs)
+    return model.eval(), processor
+
+
+def schedule_metrics(model) -> dict:
+    """Visual tokens per tile entering the language model, in its last layer, and summed over its layers (the cost)."""
+    schedule = model.model.visual_token_schedule(1)
+    return dict(visual_tokens_per_tile=model.config.tokens_per_tile, visual_tokens_per_tile_last_layer=schedule[-1],
+                visual_token_layers_per_tile=sum(schedule))  # fmt: skip
+
+
 def evaluate(model, processor, samples: list[dict], batch_size: int = 64) -> dict:
     """Exact-match accuracy of greedy answers, overall and per question kind."""
     model.eval()
@@ -94,14 +123,7 @@ def evaluate(model, processor, samples: list[dict], batch_size: int = 64) -> dic
     correct = {"single": [], "grid": [], "row": []}
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
-        texts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s["question"]}]}],
-                add_generation_prompt=True,
-            )
-            for s in batch
-        ]
-        inputs = processor(images=[s["image"] for s in batch], text=texts, add_special_tokens=False).to(model.device)
+        inputs = chat_inputs(processor, batch).to(model.device)
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=end,
                                     pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
@@ -128,9 +150,7 @@ def evaluate_with(model, processor, samples: list[dict], **overrides) -> dict:
     previous = {key: getattr(model.config, key) for key in overrides}
     model.config.update(overrides)
     try:
-        metrics = evaluate(model, processor, samples)
-        metrics["visual_token_layers_per_tile"] = sum(model.model.visual_token_schedule(1))
-        return metrics
+        return evaluate(model, processor, samples) | schedule_metrics(model)
     finally:
         model.config.update(previous)
 
@@ -180,10 +200,7 @@ def train(variant: str, seed: int, steps: int, output: Path | None, batch_size: 
         metrics["also"] = {name: evaluate_with(model, processor, questions, **overrides)
                            for name, overrides in also_evaluate.items()}  # fmt: skip
     metrics.update(variant=variant, seed=seed, steps=steps, curriculum_steps=warmup_steps, batch_size=batch_size,
-                   learning_rate=lr, device=str(model.device), train_seconds=seconds,
-                   visual_tokens_per_tile=model.config.tokens_per_tile,
-                   visual_tokens_per_tile_last_layer=model.model.visual_token_schedule(1)[-1],
-                   visual_token_layers_per_tile=sum(model.model.visual_token_schedule(1)),
+                   learning_rate=lr, device=str(model.device), train_seconds=seconds, **schedule_metrics(model),
                    final_loss=trainer.state.log_history[-1].get("train_loss"))  # fmt: skip
     if output is not None:
         model.save_pretrained(output)
@@ -201,10 +218,7 @@ def write_examples(folder: Path, per_kind: int = 2, seed: int = 777) -> None:
     """Ship `per_kind` held-out images per question kind with `examples.json`: the first ones the trained checkpoint
     in `folder` answers correctly, for the kinds it answers at more than twice chance (per `metrics.json`), so a lucky
     guess is never shown as the model reading."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    model, processor = load_checkpoint(folder)
     metrics = json.loads((folder / "metrics.json").read_text())
     pool, rng = DigitPool("test"), random.Random(seed)
     chosen, tried = [], 0
