@@ -8,7 +8,8 @@
 
 At an equal budget of 16 visual tokens per tile entering the language model: pixel shuffle vs PVTC (Table 3), and
 LR-only (pixel shuffle, 16) vs LVTC (16 → 64 from layer 3 of 4, HR + multi projector) vs HR-only (64 throughout)
-(Table 4). Reports held-out accuracy (mean ± half the spread over seeds) and training time, whatever the outcome.
+(Table 4). Reports held-out accuracy (mean ± half the spread over seeds, and each seed's) and training time,
+whatever the outcome.
 With `--jobs N` the runs share the machine N at a time, so their times compare with each other but not with a
 sequential run.
 
@@ -64,24 +65,27 @@ def table(runs: list[dict]) -> str:
         values = [r[key] for r in mine]
         return f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
 
-    def line(label: str, mine: list[dict], tokens: str, train_s: str) -> str:
+    def line(label: str, mine: list[dict], seeds: list[int], tokens: str, train_s: str) -> str:
+        by_seed = " · ".join(f"{seed}: {r['accuracy']:.3f}" for seed, r in zip(seeds, mine))
         return (f"| {label} | {tokens} | {mine[0].get('visual_token_layers_per_tile', '')} | {len(mine)} | "
-                f"{spread(mine, 'accuracy')} | {spread(mine, 'single_accuracy')} | {spread(mine, 'grid_accuracy')} | "
-                f"{spread(mine, 'row_accuracy')} | {train_s} |")  # fmt: skip
+                f"{spread(mine, 'accuracy')} | {by_seed} | {spread(mine, 'single_accuracy')} | "
+                f"{spread(mine, 'grid_accuracy')} | {spread(mine, 'row_accuracy')} | {train_s} |")  # fmt: skip
 
-    lines = ["| variant | visual tokens per tile | visual token-layers per tile | seeds | accuracy | single | corner "
-             "| left to right | train s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| variant | visual tokens per tile | visual token-layers per tile | seeds | accuracy | accuracy by seed "
+             "| single | corner | left to right | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for variant, label in ROWS:
-        mine = [r for r in runs if r["variant"] == variant]
+        mine = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
         if not mine:
             continue
+        seeds = [r["seed"] for r in mine]
         first, last = mine[0]["visual_tokens_per_tile"], mine[0]["visual_tokens_per_tile_last_layer"]
         tokens = f"{first} → {last}" if last != first else str(first)
         train_s = statistics.mean(r["train_seconds"] for r in mine) if "train_seconds" in mine[0] else None
-        lines.append(line(label, mine, tokens, f"{train_s:.0f}" if train_s is not None else ""))
+        lines.append(line(label, mine, seeds, tokens, f"{train_s:.0f}" if train_s is not None else ""))
         for name in mine[0].get("also", {}):
             pruned = [r["also"][name] for r in mine]
-            lines.append(line(f"↳ {name} (pruned, no training)", pruned, "", ""))
+            lines.append(line(f"↳ {name} (pruned, no training)", pruned, seeds, "", ""))
     return "\n".join(lines)
 
 
