@@ -2,8 +2,37 @@
 # Licensed under the Apache License, Version 2.0.
 """InternVL-X configuration."""
 
+import transformers
+from packaging.version import Version
 from transformers import AutoConfig, InternVLVisionConfig, PretrainedConfig
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import logging
+
+# The oldest and the newest Transformers release the whole test suite passed on (README, "Compatibility"; CI runs a
+# subset on the newest patch of every minor in between, and on newer releases as they appear).
+TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")
+# One logger for every copy of the bundle in a process (each checkpoint folder is a module of its own).
+logger = logging.get_logger("transformers_modules.internvl_x")
+
+
+def untested_transformers_message(installed: str) -> str | None:
+    """What to tell a user whose Transformers lies outside `TESTED_TRANSFORMERS`, or None inside it."""
+    oldest, newest = TESTED_TRANSFORMERS
+    if Version(oldest) <= Version(installed) <= Version(newest):
+        return None
+    return (
+        f"InternVL-X was tested with Transformers {oldest} to {newest}, and {installed} is installed. It may work; if "
+        f"it does not, install a tested release: pip install 'transformers>={oldest},<={newest}'"
+    )
+
+
+def warn_if_untested_transformers() -> None:
+    """Log one warning per process when the installed Transformers is outside the tested range."""
+    message = untested_transformers_message(transformers.__version__)
+    if message is not None:
+        logger.warning_once(message)
+
+
+warn_if_untested_transformers()
 
 PROJECTOR_TYPES = ("pixel_shuffle", "pvtc")
 
@@ -167,7 +196,7 @@ class InternVLXConfig(PretrainedConfig):
             text_config = dict(DEFAULT_TEXT_CONFIG)
         if isinstance(text_config, dict):
             text_config = dict(text_config)
-            text_config = CONFIG_MAPPING[text_config.pop("model_type", "llama")](**text_config)
+            text_config = AutoConfig.for_model(text_config.pop("model_type", "llama"), **text_config)
 
         self.vision_config = vision_config
         self.text_config = text_config
@@ -342,4 +371,4 @@ class InternVLXConfig(PretrainedConfig):
 
 InternVLXConfig.register_for_auto_class()
 
-__all__ = ["InternVLXConfig"]
+__all__ = ["InternVLXConfig", "TESTED_TRANSFORMERS"]

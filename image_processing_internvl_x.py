@@ -14,6 +14,10 @@ from torchvision.transforms.v2 import functional as tvF
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import load_image
 
+from .configuration_internvl_x import warn_if_untested_transformers
+
+warn_if_untested_transformers()
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SLICING_MODES = ("ratio", "area", "edge")

@@ -2,6 +2,9 @@
 # Licensed under the Apache License, Version 2.0.
 """InternVL-X: InternVL2 with visual-token compression (PVTC, LVTC, RVTC)."""
 
+import dataclasses
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -13,13 +16,146 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-from transformers.utils import is_torchdynamo_compiling
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_internvl_x import InternVLXConfig
 from .processing_internvl_x import CHAT_END_TOKEN, CHAT_TEMPLATE, expand_image_placeholders
+
+# ---- Transformers compatibility -------------------------------------------------------------------------------------
+# The bundle runs on whatever Transformers its user has installed (tested: `TESTED_TRANSFORMERS` in the configuration
+# file). Every Transformers name it relies on that is not stable public API is reached through this section only:
+# `can_return_tuple` and `deprecate_kwarg` (imported above), the cache's name, the mask and decoder-layer calls, the
+# static cache's internals and the two `GenerationMixin` methods it overrides. tests/test_compat.py checks each and
+# names the release that changed it; the README's Compatibility section lists them.
+
+# The cache's keyword argument and output field: `past_key_values` up to 5.23, `cache` from 5.24.
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+# From 5.24, Transformers' own models take `past_key_values=` for `cache=` with a FutureWarning until this release.
+PAST_KEY_VALUES_REMOVAL = "5.40.0"
+
+
+def takes_cache_argument(method):
+    """Let `method`, whose cache parameter is `cache`, be called the way the installed Transformers calls its own
+    models: up to 5.23 as `past_key_values=` (the name its signature shows, which `generate` reads); from 5.24 as
+    `cache=`, a user's `past_key_values=` still taken with the FutureWarning native models give."""
+    if CACHE_NAME == "cache":
+        return deprecate_kwarg("past_key_values", version=PAST_KEY_VALUES_REMOVAL, new_name="cache")(method)
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        return method(*args, **kwargs)
+
+    signature = inspect.signature(method)
+    parameters = [p.replace(name=CACHE_NAME) if p.name == "cache" else p for p in signature.parameters.values()]
+    wrapper.__signature__ = signature.replace(parameters=parameters)
+    return wrapper
+
+
+def named_cache(cache: Cache | None) -> dict:
+    """`{name: cache}` under the installed release's name, for Transformers' calls and output classes."""
+    return {CACHE_NAME: cache}
+
+
+def output_cache(outputs) -> Cache | None:
+    """The cache a Transformers model output carries."""
+    return getattr(outputs, CACHE_NAME)
+
+
+def attention_implementation(config) -> str:
+    """The attention kernel a (text) config runs with, as `from_pretrained` set it."""
+    return config._attn_implementation
+
+
+def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids):
+    """Transformers' causal mask for the layers of `config` (None where sdpa's causal kernel does it)."""
+    return create_causal_mask(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **named_cache(cache),
+    )
+
+
+def run_decoder_layer(layer, hidden_states, attention_mask, position_ids, position_embeddings, cache, **kwargs):
+    """One decoder layer of a Transformers language model (Llama, Qwen2, Qwen3, ...), by its call convention."""
+    return layer(
+        hidden_states,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        position_embeddings=position_embeddings,
+        **named_cache(cache),
+        **kwargs,
+    )
+
+
+def is_static_cache(cache: Cache | None) -> bool:
+    """Whether `cache` pre-allocates its layers (`cache_implementation="static"`, `StaticCache`)."""
+    return cache is not None and any(isinstance(layer, StaticLayer) for layer in cache.layers)
+
+
+def static_capacity(cache: Cache, layer_index: int = 0) -> int:
+    """Tokens a static cache's layer holds."""
+    return cache.layers[layer_index].max_cache_len
+
+
+def set_static_capacity(layer: StaticLayer, capacity: int) -> None:
+    """Give a static layer `capacity` slots; one already allocated at another size is allocated again at its next
+    update."""
+    if layer.max_cache_len != capacity:
+        layer.max_cache_len = capacity
+        if layer.is_initialized:
+            layer.is_initialized = False
+            layer.keys = layer.values = None
+
+
+class InternVLXStaticLayer(StaticLayer):
+    """Transformers' static cache layer, plus `crop` (Transformers' own has it from 5.24): speculative decoding rolls
+    back rejected tokens. Only the write position moves back; the dropped slots are hidden from attention by the
+    causal mask until new tokens overwrite them, so no tensor is reallocated (compiled graphs keep their addresses)."""
+
+    is_croppable = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` tokens (a count ≤ 0, as for Transformers' caches)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes minus the number of tokens to remove, got {tokens_to_remove}.")
+        if self.is_initialized and tokens_to_remove:
+            self.cumulative_length.sub_(-tokens_to_remove)
+
+
+class InternVLXGenerationMixin(GenerationMixin):
+    """`GenerationMixin` with the two private methods this bundle overrides (same signatures 5.17–5.24), each handing
+    over to a named method of the model: `repeat_images_per_row` and `check_generation_request`."""
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
+    ) -> tuple[torch.LongTensor, dict]:
+        images = self.repeat_images_per_row(expand_size, input_ids, model_kwargs)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs.update(images)
+        return input_ids, model_kwargs
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int, **kwargs
+    ):
+        self.check_generation_request(generation_config, model_kwargs, generation_mode)
+        if generation_mode == "assisted_generation":
+            # Verifying candidates writes past the max_length - 1 tokens Transformers sizes a static cache for (5.24
+            # runs assisted decoding on its own static cache): up to max_length with an assistant model, and up to
+            # max_length - 1 + prompt_lookup_num_tokens with prompt lookup, which bounds candidates by the input only.
+            max_cache_length += generation_config.prompt_lookup_num_tokens or 1
+        result = super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, **kwargs
+        )
+        self.check_cache_capacity(model_kwargs.get(CACHE_NAME), max_cache_length)
+        return result
 
 
 def pixel_shuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
@@ -367,26 +503,6 @@ def key_validity(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return last_row if last_row.dtype == torch.bool else last_row == 0
 
 
-def is_static_cache(cache: Cache | None) -> bool:
-    """Whether `cache` pre-allocates its layers (`cache_implementation="static"`, `StaticCache`)."""
-    return cache is not None and any(isinstance(layer, StaticLayer) for layer in cache.layers)
-
-
-class InternVLXStaticLayer(StaticLayer):
-    """Transformers' static cache layer, plus `crop`: speculative decoding rolls back rejected tokens. Only the write
-    position moves back; the dropped slots are hidden from attention by the causal mask until new tokens overwrite
-    them, so no tensor is reallocated (compiled graphs keep their addresses)."""
-
-    is_croppable = True
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Forget the last `-tokens_to_remove` tokens (a count ≤ 0, as for Transformers' caches)."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes minus the number of tokens to remove, got {tokens_to_remove}.")
-        if self.is_initialized and tokens_to_remove:
-            self.cumulative_length.sub_(-tokens_to_remove)
-
-
 class InternVLXStaticCache(StaticCache):
     """`StaticCache` whose layers can `crop`, for speculative decoding on pre-allocated memory (e.g. an assistant
     model or prompt lookup in `generate(past_key_values=InternVLXStaticCache(...))`).
@@ -452,7 +568,7 @@ class PhasedDecoder:
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | dict | None,
         position_ids: torch.LongTensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         use_cache: bool | None,
         image_mask: torch.Tensor | None,
         vision_features: torch.Tensor | None,
@@ -465,14 +581,13 @@ class PhasedDecoder:
         `inputs_embeds (B, L, D)` → `last_hidden_state (B, L, D)`. With `output_hidden_states`, the input of every layer
         then the final normed state; entries of layers ≥ s (and the last) are in the second phase's layout.
         """
-        implementation = self.text_config._attn_implementation
+        implementation = attention_implementation(self.text_config)
         if implementation not in ("sdpa", "eager"):
             raise ValueError(f"{self.name} runs with attn_implementation 'sdpa' or 'eager', not {implementation!r}.")
         if output_attentions:
             raise ValueError(f"output_attentions is not available with {self.name} (the phases differ in length).")
         batch, length, _ = inputs_embeds.shape
         device = inputs_embeds.device
-        cache = past_key_values
         if use_cache and cache is None:
             cache = DynamicCache(config=self.text_config)
         state = self.continued_state(cache, vision_features is not None, batch, device)
@@ -480,23 +595,16 @@ class PhasedDecoder:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, -1)
         layers = self.decoder.layers[: self.num_layers]
-        layer_inputs = dict(past_key_values=cache, use_cache=use_cache, **kwargs)
         all_hidden_states = [] if output_hidden_states else None
 
         def run_layer(layer, hidden, mask, positions, rotary) -> torch.Tensor:
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden)
-            return layer(
-                hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary, **layer_inputs
-            )
+            return run_decoder_layer(layer, hidden, mask, positions, rotary, cache, use_cache=use_cache, **kwargs)
 
         # First phase: layers 0..s-1 on the input sequence, with the schedule's additions to the visual span.
-        first_mask = create_causal_mask(
-            config=self.text_config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=full_attention_mask(attention_mask),
-            past_key_values=cache,
-            position_ids=position_ids,
+        first_mask = causal_mask(
+            self.text_config, inputs_embeds, full_attention_mask(attention_mask), cache, position_ids
         )
         additions = self.first_phase_additions(vision_features)
         image_positions = image_mask.nonzero(as_tuple=True) if additions else None
@@ -541,8 +649,8 @@ class PhasedDecoder:
             hidden_states = self.leave(hidden_states, switch, image_mask)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=cache,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+            **named_cache(cache),
         )
 
     # ---- cache state ---------------------------------------------------------------------------------------------
@@ -557,7 +665,7 @@ class PhasedDecoder:
         if cache is None:
             return None
         state = getattr(cache, "internvl_x_phases", None)
-        if is_torchdynamo_compiling():
+        if torch.compiler.is_compiling():
             return None if has_images else state
         cached = int(cache.get_seq_length())
         if has_images:
@@ -585,7 +693,7 @@ class PhasedDecoder:
         """
         if not is_static_cache(cache):
             return None
-        first_capacity = cache.layers[0].max_cache_len
+        first_capacity = static_capacity(cache)
         if first_length > first_capacity:
             raise ValueError(
                 f"the prompt has {first_length} tokens but the static cache holds {first_capacity} per layer; "
@@ -596,13 +704,10 @@ class PhasedDecoder:
         previous = reserved.get(first_capacity, 0)
         reserved[first_capacity] = max(previous, growth)
         second_layers = cache.layers[self.switch_layer : self.num_layers]
-        capacity = max(first_capacity + max(previous, growth), *(layer.max_cache_len for layer in second_layers))
+        second_capacities = (static_capacity(cache, index) for index in range(self.switch_layer, self.num_layers))
+        capacity = max(first_capacity + max(previous, growth), *second_capacities)
         for layer in second_layers:
-            if layer.max_cache_len != capacity:
-                layer.max_cache_len = capacity
-                if layer.is_initialized:  # allocated too small by an earlier call: allocate again at the next update
-                    layer.is_initialized = False
-                    layer.keys = layer.values = None
+            set_static_capacity(layer, capacity)
         return capacity
 
     def store_state(self, cache: Cache, switch: PhaseSwitch, first_length: int) -> PhaseCacheState:
@@ -664,11 +769,11 @@ class PhasedDecoder:
         Transformers' own mask functions do: for one new token on a dynamic cache, and for a prompt into an empty cache
         (sdpa's causal mask is aligned top-left, so a static cache's free slots after the prompt are never attended).
         """
-        implementation = self.text_config._attn_implementation
+        implementation = attention_implementation(self.text_config)
         kv_length = keys.shape[1]
         if (
             implementation == "sdpa"
-            and not is_torchdynamo_compiling()
+            and not torch.compiler.is_compiling()
             and isinstance(past, int)
             and ((query_length == 1 and kv_length == past + 1) or (past == 0 and query_length > 1))
             and bool(keys[:, : past + query_length].all())
@@ -777,6 +882,14 @@ class FastVLayout:
     pruned_states: torch.Tensor  # (batch, L, D) every token's state entering layer K (the last one a pruned token has)
 
 
+def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding in the rotate-half layout of Llama, Qwen2 and Qwen3: `states (B, heads, L, head_dim)`,
+    `cos`/`sin (B, L, head_dim)` as the language model's `rotary_emb` gives them."""
+    first, second = states.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return states * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
 def keep_top_visual_tokens(scores: torch.Tensor, image_mask: torch.Tensor, ratio: float) -> torch.Tensor:
     """`(B, L)` bool: the tokens to keep. Each row keeps all its non-visual tokens and, of its n visual tokens, the
     n − floor(ratio · n) with the highest `scores`; ties go to the earlier token (a stable sort), so the choice is
@@ -823,8 +936,8 @@ class FastVSchedule(PhasedDecoder):
             query, key = attention.q_norm(query), attention.k_norm(key)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
         cos, sin = self.decoder.rotary_emb(normed, position_ids)
-        query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
-        key, _ = apply_rotary_pos_emb(key, key, cos, sin)
+        query = apply_rotary(query, cos[:, -1:], sin[:, -1:])
+        key = apply_rotary(key, cos, sin)
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         scores = (query @ key.transpose(-1, -2)).float() * attention.scaling  # (B, heads, 1, L)
         if keys is not None:
@@ -858,7 +971,8 @@ class FastVSchedule(PhasedDecoder):
 @dataclass
 class InternVLXModelOutputWithPast(BaseModelOutputWithPast):
     """
-    Outputs of [`InternVLXModel`].
+    Outputs of [`InternVLXModel`]: Transformers' `BaseModelOutputWithPast` (its cache field is `past_key_values` up
+    to Transformers 5.23 and `cache` from 5.24, readable under both names there), plus:
 
     image_hidden_states (`torch.FloatTensor` of shape `(num_tiles, tokens_per_tile, hidden_size)`, *optional*):
         Visual tokens produced by the projector for the tiles of this forward pass.
@@ -868,23 +982,16 @@ class InternVLXModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class InternVLXCausalLMOutputWithPast(ModelOutput):
+class InternVLXCausalLMOutputWithPast(CausalLMOutputWithPast):
     """
-    Outputs of [`InternVLXForConditionalGeneration`].
+    Outputs of [`InternVLXForConditionalGeneration`]: Transformers' `CausalLMOutputWithPast` (`loss`; `logits`
+    `(batch, kept_positions, vocab_size)` aligned with `input_ids`; the cache, named as in
+    `InternVLXModelOutputWithPast`; `hidden_states`, `attentions`), plus:
 
-    loss (`torch.FloatTensor` of shape `()`, *optional*): shifted next-token cross entropy, when `labels` are given.
-    logits (`torch.FloatTensor` of shape `(batch, kept_positions, vocab_size)`): scores aligned with `input_ids`.
-    past_key_values (`Cache`, *optional*): the key/value cache for the next decoding step.
-    hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*): per-layer states of the language model.
     image_hidden_states (`torch.FloatTensor` of shape `(num_tiles, tokens_per_tile, hidden_size)`, *optional*):
         Visual tokens produced by the projector.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -896,7 +1003,7 @@ class InternVLXPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["InternVLVisionLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -1009,7 +1116,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         inputs_embeds: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         num_patches: torch.LongTensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         attention_mask: torch.Tensor | None = None,
     ) -> None:
         """Refuse inputs the model cannot read, naming what was wrong and the numbers involved."""
@@ -1021,9 +1128,9 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 f"num_patches {[int(n) for n in num_patches]} add up to {int(sum(num_patches))} tiles but "
                 f"pixel_values holds {pixel_values.shape[0]}."
             )
-        cached = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
-        if is_static_cache(past_key_values):
-            capacity = past_key_values.layers[0].max_cache_len
+        cached = int(cache.get_seq_length()) if cache is not None else 0
+        if is_static_cache(cache):
+            capacity = static_capacity(cache)
             if cached + tokens.shape[1] > capacity:
                 raise ValueError(
                     f"the static cache holds {capacity} tokens per layer but already has {cached} and this step adds "
@@ -1066,13 +1173,14 @@ class InternVLXModel(InternVLXPreTrainedModel):
             )
 
     @can_return_tuple
+    @takes_cache_argument
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         num_patches: torch.LongTensor | None = None,
@@ -1088,9 +1196,9 @@ class InternVLXModel(InternVLXPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         # A compiled decode step skips the checks that read tensor values (host syncs); the eager prefill ran them.
-        checking = not is_torchdynamo_compiling()
+        checking = not torch.compiler.is_compiling()
         if checking:
-            self.check_inputs(input_ids, inputs_embeds, pixel_values, num_patches, past_key_values, attention_mask)
+            self.check_inputs(input_ids, inputs_embeds, pixel_values, num_patches, cache, attention_mask)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -1107,28 +1215,25 @@ class InternVLXModel(InternVLXPreTrainedModel):
             inputs_embeds = self.merge_image_features(inputs_embeds, image_mask, image_features)
 
         language_inputs = dict(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            **kwargs,
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
         )
         schedule = self.token_schedule()
         if schedule is not None:
-            outputs = schedule(image_mask=image_mask, vision_features=vision_features, **language_inputs)
+            outputs = schedule(
+                cache=cache, image_mask=image_mask, vision_features=vision_features, **language_inputs, **kwargs
+            )
         else:
-            outputs = self.language_model(**language_inputs, return_dict=True)
+            outputs = self.language_model(**language_inputs, **named_cache(cache), return_dict=True, **kwargs)
         return InternVLXModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
+            **named_cache(output_cache(outputs)),
         )
 
 
-class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixin):
+class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGenerationMixin):
     """InternVL-X with a language-modelling head: chat, `generate`, and training with `labels`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
@@ -1156,13 +1261,14 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         return self.model.get_image_features(pixel_values)
 
     @can_return_tuple
+    @takes_cache_argument
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -1183,11 +1289,11 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             num_patches=num_patches,
             return_dict=True,
+            **named_cache(cache),
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -1205,39 +1311,45 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
         return InternVLXCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            **named_cache(output_cache(outputs)),
         )
 
     # ---- generate integration ---------------------------------------------------------------------------------------
+    @takes_cache_argument
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         pixel_values: torch.FloatTensor | None = None,
         num_patches: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         is_first_iteration: bool | None = False,
         **kwargs,
     ) -> dict:
         """Images enter with the prefill only: the first iteration, a step without cache, or a cache that holds nothing
-        yet (an assistant model's prefill comes with `is_first_iteration=False`)."""
+        yet (an assistant model's prefill comes with `is_first_iteration=False`). `inputs_embeds` (with `<IMG_CONTEXT>`
+        embeddings where the visual tokens go) replace `input_ids` in the prefill, as for Transformers' own models."""
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **named_cache(cache),
+            **kwargs,
         )
         prefill = is_first_iteration or not kwargs.get("use_cache", True)
-        prefill = prefill or past_key_values is None or not past_key_values.is_initialized
+        prefill = prefill or cache is None or not cache.is_initialized
         if prefill and pixel_values is not None:
             model_inputs["pixel_values"] = pixel_values
             model_inputs["num_patches"] = num_patches
         return model_inputs
 
-    def _expand_inputs_for_generation(
-        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
-    ) -> tuple[torch.LongTensor, dict]:
-        """Beam search and `num_return_sequences` repeat each row: repeat its tiles with it, in row order (the generic
-        expansion would repeat every tile in place, giving a row's copies each other's tiles)."""
+    def repeat_images_per_row(self, expand_size: int, input_ids: torch.LongTensor | None, model_kwargs: dict) -> dict:
+        """Beam search and `num_return_sequences` repeat each row: take `pixel_values` and `num_patches` out of
+        `model_kwargs` and return them with each row's tiles repeated with it, in row order (the generic expansion
+        would repeat every tile in place, giving a row's copies each other's tiles)."""
         pixel_values = model_kwargs.pop("pixel_values", None)
         num_patches = model_kwargs.pop("num_patches", None)
         if expand_size > 1 and pixel_values is not None:
@@ -1253,17 +1365,10 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
             rows = pixel_values.split(tiles_per_row)
             pixel_values = torch.cat([row for row in rows for _ in range(expand_size)])
             num_patches = num_patches.repeat(expand_size) if num_patches is not None else None  # checked by total
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
-        )
-        model_kwargs.update(pixel_values=pixel_values, num_patches=num_patches)
-        return input_ids, model_kwargs
+        return dict(pixel_values=pixel_values, num_patches=num_patches)
 
-    def _prepare_cache_for_generation(
-        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int, **kwargs
-    ):
-        """Refuse cache settings that cannot hold this call, and modes that cannot work, by name, before anything
-        runs."""
+    def check_generation_request(self, generation_config, model_kwargs: dict, generation_mode: str) -> None:
+        """Refuse modes that cannot work with this model's settings, by name, before anything runs."""
         if generation_mode == "assisted_generation" and self.config.visual_token_pruning_layer is not None:
             raise ValueError(
                 "assisted generation (assistant_model, prompt_lookup_num_tokens) cannot run FastV pruning: its first "
@@ -1281,19 +1386,15 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, GenerationMixi
                     "chunks, but every image is encoded with the whole prompt (and LVTC expands each tile's span at "
                     "once); pass prefill_chunk_size=None, or a chunk at least as long as the prompt."
                 )
-        result = super()._prepare_cache_for_generation(
-            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, **kwargs
-        )
-        cache = model_kwargs.get("past_key_values")
-        if is_static_cache(cache):
-            capacity = cache.layers[0].max_cache_len
-            if capacity < max_cache_length:
-                raise ValueError(
-                    f"the static cache holds {capacity} tokens per layer but this call needs {max_cache_length} "
-                    "(the prompt plus max_new_tokens, less one); build it with max_cache_len ≥ "
-                    f"{max_cache_length}."
-                )
-        return result
+
+    def check_cache_capacity(self, cache: Cache | None, max_cache_length: int) -> None:
+        """Refuse a static cache that cannot hold this `generate` call, before anything runs."""
+        if is_static_cache(cache) and static_capacity(cache) < max_cache_length:
+            raise ValueError(
+                f"the static cache holds {static_capacity(cache)} tokens per layer but this call needs "
+                f"{max_cache_length} (the prompt plus max_new_tokens, less one); build it with max_cache_len ≥ "
+                f"{max_cache_length}."
+            )
 
     # ---- InternVL2-compatible chat API -------------------------------------------------------------------------------
     def _chat_inputs(self, tokenizer, questions: list[str], histories: list, num_patches_list: list[int]) -> dict:

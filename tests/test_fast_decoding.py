@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import CompileConfig, StaticCache
 
+from tests.compat import cache_of, with_cache
 from tests.decoding import LVTC, assert_same_greedy
 from tests.decoding import VARIANTS as SHARED_VARIANTS
 from tests.decoding import greedy as greedy_settings
@@ -52,7 +53,7 @@ def test_static_cache_decodes_like_the_dynamic_cache(bundle, variant):
     with torch.no_grad():
         dynamic = model.generate(**inputs, **greedy())
         static = model.generate(**inputs, **greedy(cache_implementation="static"))
-    assert static.past_key_values.layers[0].keys.shape[2] == inputs["input_ids"].shape[1] + NEW_TOKENS - 1
+    assert cache_of(static).layers[0].keys.shape[2] == inputs["input_ids"].shape[1] + NEW_TOKENS - 1
     assert_same_greedy(static, dynamic)
 
 
@@ -88,7 +89,7 @@ def test_static_cache_long_layers_hold_the_growth(bundle):
     inputs = batch((1, 3, 7))
     with torch.no_grad():
         out = model.generate(**inputs, **greedy(cache_implementation="static"))
-    capacities = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    capacities = [layer.keys.shape[2] for layer in cache_of(out).layers]
     short = inputs["input_ids"].shape[1] + NEW_TOKENS - 1
     assert capacities == [short] * 3 + [short + 7 * growth_per_tile(model)]
 
@@ -121,10 +122,10 @@ def test_a_user_built_static_cache_is_reused_without_reallocation(bundle):
     cache = StaticCache(config=model.config.text_config, max_cache_len=inputs["input_ids"].shape[1] + NEW_TOKENS)
     with torch.no_grad():
         dynamic = model.generate(**inputs, **greedy())
-        first = model.generate(**inputs, past_key_values=cache, **greedy())
+        first = model.generate(**inputs, **with_cache(cache), **greedy())
         storage = [layer.keys.data_ptr() for layer in cache.layers]
         cache.reset()
-        second = model.generate(**inputs, past_key_values=cache, **greedy())
+        second = model.generate(**inputs, **with_cache(cache), **greedy())
     assert [layer.keys.data_ptr() for layer in cache.layers] == storage
     assert_same_greedy(first, dynamic)
     assert_same_greedy(second, dynamic)
@@ -140,9 +141,9 @@ def test_long_layer_capacity_only_grows_across_calls(bundle):
     other_size = greedy(cache_implementation="static")
     other_size["generation_config"].max_cache_len = 101  # larger: Transformers builds a new cache
     with torch.no_grad():
-        big = model.generate(**batch((7,)), **settings).past_key_values
-        small = model.generate(**batch((1,)), **settings).past_key_values
-        other = model.generate(**batch((1,)), **other_size).past_key_values
+        big = cache_of(model.generate(**batch((7,)), **settings))
+        small = cache_of(model.generate(**batch((1,)), **settings))
+        other = cache_of(model.generate(**batch((1,)), **other_size))
     long_slots = [layer.keys.shape[2] for layer in (big.layers[3], small.layers[3], other.layers[3])]
     assert long_slots == [96 + 7 * growth, 96 + 7 * growth, 101 + growth]
 
@@ -153,13 +154,13 @@ def test_a_static_cache_too_small_is_refused_with_both_lengths(bundle):
     needed = inputs["input_ids"].shape[1] + NEW_TOKENS - 1
     cache = StaticCache(config=model.config.text_config, max_cache_len=needed - 2)
     with pytest.raises(ValueError, match=f"holds {needed - 2} tokens per layer but this call needs {needed}"):
-        model.generate(**inputs, past_key_values=cache, **greedy())
+        model.generate(**inputs, **with_cache(cache), **greedy())
     # Called directly, a step that would overflow is refused before it writes.
     prompt_length = inputs["input_ids"].shape[1]
     cache = StaticCache(config=model.config.text_config, max_cache_len=prompt_length - 1)
     message = f"holds {prompt_length - 1} tokens per layer but already has 0 and this step adds {prompt_length}"
     with pytest.raises(ValueError, match=message):
-        model(**inputs, past_key_values=cache, use_cache=True)
+        model(**inputs, **with_cache(cache), use_cache=True)
 
 
 def test_compiled_decode_step_equals_eager_decoding(bundle):
@@ -173,7 +174,7 @@ def test_compiled_decode_step_equals_eager_decoding(bundle):
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         # Another prompt and tile count with the same cache size: the compiled step is reused as it is.
         settings = greedy(cache_implementation="static", compile_config=compile_on_cpu())
-        settings["generation_config"].max_cache_len = compiled.past_key_values.layers[0].max_cache_len
+        settings["generation_config"].max_cache_len = cache_of(compiled).layers[0].max_cache_len
         again = model.generate(**batch((2, 1)), **settings)
         reference = model.generate(**batch((2, 1)), **greedy())
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

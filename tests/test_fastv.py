@@ -4,6 +4,7 @@ attention ranking against eager attention, a hand-built reference, cache, batchi
 import pytest
 import torch
 
+from tests.compat import cache_of, with_cache
 from tests.decoding import assert_same_greedy
 from tests.decoding import greedy as greedy_settings
 from tests.tiny import IMG_CONTEXT, image_span, left_pad, prompt, tiles
@@ -120,7 +121,7 @@ def test_cached_decoding_continues_the_prefill_s_pruning_and_batches_equal_their
         prefill = model(**inputs, position_ids=all_positions[:, : inputs["input_ids"].shape[1]], use_cache=True)
         positions = all_positions[:, -decoded.shape[1] :]
         continued = model(input_ids=decoded[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                          past_key_values=prefill.past_key_values, use_cache=True).logits  # fmt: skip
+                          **with_cache(cache_of(prefill)), use_cache=True).logits  # fmt: skip
         stepwise = torch.stack(batched.logits[1:], dim=1)
         torch.testing.assert_close(continued, stepwise, rtol=0, atol=1e-4)
         start = 0

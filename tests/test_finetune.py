@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from examples import finetune
+from tests.compat import CHECKPOINTING
 from tests.conftest import ROOT, make_chat_bundle
 
 
@@ -172,7 +173,7 @@ def test_stage_1_changes_only_the_projectors(lvtc_dir, data, tmp_path):
 
 
 def test_full_stage_2_lowers_the_loss_with_gradient_checkpointing(lvtc_dir, data, tmp_path):
-    run(common_args(lvtc_dir, data, tmp_path, 40) + ["--stage", 2, "--gradient_checkpointing",
+    run(common_args(lvtc_dir, data, tmp_path, 40) + ["--stage", 2, f"--{CHECKPOINTING}",
                                                      "--lr_scheduler_type", "constant"])  # fmt: skip
     history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if (
         tmp_path / "trainer_state.json").exists() else None  # fmt: skip

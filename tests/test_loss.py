@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 
+from tests.compat import CHECKPOINTING, enable_checkpointing
 from tests.tiny import IMG_CONTEXT, image_span, left_pad, prompt, tiles
 
 TOKENS = 4
@@ -53,8 +54,8 @@ def test_gradients_reach_vision_tower_projector_and_language_model(bundle):
 def test_gradient_checkpointing_gives_same_loss_and_gradients(bundle):
     model = bundle.model(seed=6).train()
     loss, grads = loss_and_grads(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert model.is_gradient_checkpointing
+    enable_checkpointing(model)
+    assert getattr(model, f"is_{CHECKPOINTING}")
     loss_ckpt, grads_ckpt = loss_and_grads(model)
     torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=1e-6)
     assert grads.keys() == grads_ckpt.keys()

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
+from tests.compat import CHECKPOINTING, enable_checkpointing
 from tests.decoding import assert_greedy_matches_recomputation, assert_same_greedy
 from tests.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD, image_span, left_pad, prompt, tiles
 
@@ -177,7 +178,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(bundle):
     loss, reference = grads()
     assert reference["model.lvtc_hr_projector.linear_1.weight"].abs().sum() > 0
     assert reference["model.lvtc_lr_projectors.0.linear_1.weight"].abs().sum() > 0
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     loss_ckpt, checkpointed = grads()
     torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=1e-6)
     for name, grad in reference.items():
@@ -254,7 +255,7 @@ def test_trainer_lowers_the_loss_in_30_steps(bundle, tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=4, learning_rate=3e-3,
         logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, seed=0, lr_scheduler_type="constant",
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        **{CHECKPOINTING: True, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
     eval_batch = collate([dataset[i] for i in range(8)])

@@ -3,8 +3,10 @@ LVTC's caches roll back rejected tokens in both phases."""
 
 import pytest
 import torch
+from packaging.version import Version
 from transformers import DynamicCache
 
+from tests.compat import TRANSFORMERS, with_cache
 from tests.decoding import LVTC, VARIANTS, assert_same_greedy
 from tests.decoding import greedy as greedy_settings
 from tests.tiny import image_span, left_pad, prompt, tiles
@@ -89,7 +91,7 @@ def test_crop_then_decoding_equals_decoding_without_the_rejected_tokens(bundle, 
     def step(cache, tokens, full_mask):
         length = tokens.shape[1]
         return model(input_ids=tokens, attention_mask=full_mask, position_ids=positions(full_mask)[:, -length:],
-                     past_key_values=cache, use_cache=True).logits  # fmt: skip
+                     **with_cache(cache), use_cache=True).logits  # fmt: skip
 
     def extend(full_mask, count):
         return torch.cat([full_mask, full_mask.new_ones(2, count)], dim=1)
@@ -97,7 +99,7 @@ def test_crop_then_decoding_equals_decoding_without_the_rejected_tokens(bundle, 
     with torch.no_grad():
         cache = new_cache()
         model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), pixel_values=pixel_values,
-              past_key_values=cache, use_cache=True)  # fmt: skip
+              **with_cache(cache), use_cache=True)  # fmt: skip
         step(cache, speculated, extend(mask, 3))
         cache.crop(-2)
         assert int(cache.get_seq_length()) == ids.shape[1] + 1
@@ -107,7 +109,7 @@ def test_crop_then_decoding_equals_decoding_without_the_rejected_tokens(bundle, 
 
         reference_cache = new_cache()
         model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), pixel_values=pixel_values,
-              past_key_values=reference_cache, use_cache=True)  # fmt: skip
+              **with_cache(reference_cache), use_cache=True)  # fmt: skip
         step(reference_cache, speculated[:, :1], extend(mask, 1))
         reference = step(reference_cache, replacement, extend(mask, 2))
     torch.testing.assert_close(rolled_back, reference, rtol=0, atol=1e-5)
@@ -117,15 +119,20 @@ def test_crop_then_decoding_equals_decoding_without_the_rejected_tokens(bundle, 
 
 @pytest.mark.parametrize("variant", ["plain", "lvtc"])
 def test_speculative_decoding_on_a_static_cache_that_can_crop(bundle, variant):
-    """Transformers refuses `cache_implementation="static"` for assisted decoding by name; a croppable static cache
-    passed by the user works, and gives the greedy output."""
+    """A croppable static cache passed by the user works for assisted decoding and gives the greedy output. Up to
+    Transformers 5.23 `cache_implementation="static"` is refused for it by name; from 5.24 Transformers' own static
+    layers crop, and that setting gives the greedy output too."""
     model = bundle.model(seed=7, **VARIANTS[variant])
     inputs = reading_prompt()
     length = inputs["input_ids"].shape[1] + NEW_TOKENS + 4
     with torch.no_grad():
         reference = model.generate(**inputs, **greedy())
-        lookup = model.generate(**inputs, past_key_values=static_cache(bundle, model, length),
+        lookup = model.generate(**inputs, **with_cache(static_cache(bundle, model, length)),
                                 **greedy(prompt_lookup_num_tokens=3))  # fmt: skip
-    assert_same_greedy(lookup, reference)
-    with pytest.raises(ValueError, match="not supported with Static cache"):
-        model.generate(**inputs, **greedy(prompt_lookup_num_tokens=3, cache_implementation="static"))
+        assert_same_greedy(lookup, reference)
+        static_setting = greedy(prompt_lookup_num_tokens=3, cache_implementation="static")
+        if TRANSFORMERS < Version("5.24.0.dev0"):
+            with pytest.raises(ValueError, match="not supported with Static cache"):
+                model.generate(**inputs, **static_setting)
+        else:
+            assert_same_greedy(model.generate(**inputs, **static_setting), reference)
