@@ -4,12 +4,14 @@ VENV ?= .venv
 MIN_SITE ?= .venv-min
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-min lint bench clean
+.PHONY: install lock demo test test-min test-compat lint bench clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# requirements-lock.txt holds the versions the suite last passed with (torch excepted: the machine's own build), so a
+# fresh clone installs what was tested; `make lock` writes it again after a requirements change.
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt -c requirements-lock.txt
 	touch $@
 
 # The oldest supported Transformers, layered over .venv (torch is shared, not installed twice).
@@ -20,6 +22,10 @@ $(MIN_SITE)/.installed: $(VENV)/.installed requirements-min.txt
 
 install: $(VENV)/.installed
 
+lock: install
+	echo "# Versions the test suite passed with; written by \`make lock\`. torch, torchvision and their CUDA wheels are left to the machine." > requirements-lock.txt
+	$(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|torchvision|triton|nvidia-|cuda-)' >> requirements-lock.txt
+
 demo: install
 	$(PY) examples/demo.py
 
@@ -29,6 +35,11 @@ test: install
 test-min: $(MIN_SITE)/.installed
 	PYTHONPATH=$(CURDIR)/$(MIN_SITE) $(PY) -m pytest
 
+# The compat-marked subset on the newest patch of every Transformers minor (and a newer pre-release), resolved from the
+# package index when it runs; each version is layered over .venv in .venv-compat/VERSION.
+test-compat: install
+	$(PY) tests/compat_matrix.py
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -37,4 +48,4 @@ bench: install
 	$(PY) benchmarks/run.py --suite baseline --out benchmarks/results/baseline-cpu.json
 
 clean:
-	rm -rf $(VENV) $(MIN_SITE) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_SITE) .venv-compat .pytest_cache .ruff_cache

@@ -36,11 +36,13 @@ def test_one_image(pair, num_tiles):
     assert_same_logits(*pair, input_ids=ids, pixel_values=tiles(num_tiles))
 
 
+@pytest.mark.compat
 def test_two_images_in_one_prompt(pair):
     ids = torch.tensor([prompt(2, image_span(1, TOKENS), 3, image_span(3, TOKENS), 4)])
     assert_same_logits(*pair, input_ids=ids, pixel_values=tiles(4, seed=3))
 
 
+@pytest.mark.compat
 def test_left_padded_batch_mixing_image_and_text_only(pair):
     ids, mask = left_pad([prompt(3, image_span(2, TOKENS), 5, seed=1), prompt(6, seed=2)])
     assert (ids == IMG_CONTEXT).sum() == 2 * TOKENS

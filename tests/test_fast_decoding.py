@@ -46,6 +46,7 @@ def compile_on_cpu(**options) -> CompileConfig:
     return config
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_static_cache_decodes_like_the_dynamic_cache(bundle, variant):
     model = bundle.model(seed=1, **VARIANTS[variant])
@@ -94,6 +95,7 @@ def test_static_cache_long_layers_hold_the_growth(bundle):
     assert capacities == [short] * 3 + [short + 7 * growth_per_tile(model)]
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("variant", ["plain", "lvtc"])
 def test_static_cache_beam_search_equals_the_dynamic_cache(bundle, variant):
     model = bundle.model(seed=2, **VARIANTS[variant])
@@ -182,6 +184,7 @@ def test_compiled_decode_step_equals_eager_decoding(bundle):
     assert_same_greedy(again, reference)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("variant", ["plain", "pvtc", "lvtc-3-lr-projectors", "lvtc-qwen2"])
 def test_decode_step_traces_as_one_graph(bundle, variant):
     """Dynamo traces a decode step of every variant without a break (the eager backend skips code generation)."""

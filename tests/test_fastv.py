@@ -108,6 +108,7 @@ def test_logits_equal_a_hand_built_pruned_run(bundle):
     assert kept[-4:].all()
 
 
+@pytest.mark.compat
 def test_cached_decoding_continues_the_prefill_s_pruning_and_batches_equal_their_rows(bundle):
     """With a cache the pruning is chosen once, at the prefill (FastV's KV-cache setting). Feeding the decoded tokens
     back in one continuation step gives the logits the step-by-step decoding had."""

@@ -32,6 +32,7 @@ def model(bundle):
     return bundle.model(seed=3)
 
 
+@pytest.mark.compat
 def test_cached_greedy_equals_recomputation(model):
     ids = torch.tensor([prompt(3, image_span(3, TOKENS), 5)])
     pixel_values = tiles(3, seed=5)
@@ -76,6 +77,7 @@ def test_left_padded_batch_logits_equal_each_prompt_alone(model):
         assert (batched[row, -logits.shape[1] :] - logits[0]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.compat
 def test_beam_search_batch_equals_each_prompt_alone_and_sampling_runs(model):
     prompts = [prompt(2, image_span(1, TOKENS), 3, seed=5), prompt(4, image_span(2, TOKENS), 1, seed=6)]
     pixel_values = [tiles(1, seed=10), tiles(2, seed=11)]

@@ -1,5 +1,6 @@
 """Training signal: the loss is the shifted cross entropy; gradients reach every part; checkpointing changes nothing."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +19,7 @@ def batch():
     return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=tiles(3, seed=3))
 
 
+@pytest.mark.compat
 def test_loss_is_shifted_cross_entropy(bundle):
     model = bundle.model(seed=4)
     inputs = batch()

@@ -40,6 +40,7 @@ def test_visual_token_schedule(bundle):
     assert plain.model.visual_token_schedule(2) == [2 * N1SQ] * LAYERS
 
 
+@pytest.mark.compat
 def test_never_expanding_with_one_projector_is_the_plain_model(bundle):
     model = lvtc(bundle, seed=1, lvtc_expand_layer=LAYERS, lvtc_num_lr_projectors=1)
     plain, missing = with_weights_of(bundle.model(seed=2, text=dict(num_hidden_layers=LAYERS)), model)
@@ -102,6 +103,7 @@ def greedy(**kwargs):
                             suppress_tokens=IMAGE_TOKENS, **settings)  # fmt: skip
 
 
+@pytest.mark.compat
 def test_cached_greedy_decoding_equals_recomputation_at_every_step(bundle):
     model = lvtc(bundle, seed=8)
     ids = torch.tensor([prompt(3, image_span(3, N1SQ), 4)])
@@ -113,6 +115,7 @@ def test_cached_greedy_decoding_equals_recomputation_at_every_step(bundle):
     assert_same_greedy(uncached, cached)
 
 
+@pytest.mark.compat
 def test_left_padded_batch_with_1_3_and_7_tiles_equals_each_prompt_alone(bundle):
     model = lvtc(bundle, seed=10)
     counts = [1, 3, 7]

@@ -30,6 +30,7 @@ def test_processor_files_and_classes(chat_dir, loaded):
         assert (chat_dir / name).exists()
 
 
+@pytest.mark.compat
 def test_placeholders_expand_to_tiles_times_tokens(loaded):
     processor, model = loaded
     out = processor(images=[image(), image(50, 50)], text=["<image>\nfirst <image>\nsecond", "no image here"])
@@ -49,6 +50,7 @@ def test_placeholder_and_image_counts_must_match(loaded):
         processor(text="<image> alone")
 
 
+@pytest.mark.compat
 def test_chat_template_is_internlm2_chat(loaded):
     processor, _ = loaded
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
@@ -74,6 +76,7 @@ def generate_from_messages(processor, model, messages):
     return inputs, answer.split("<|im_end|>")[0].strip()
 
 
+@pytest.mark.compat
 def test_generate_from_chat_template_with_an_image(loaded):
     processor, model = loaded
     messages = [{"role": "user", "content": [{"type": "image", "image": image()}, {"type": "text", "text": "What?"}]}]
@@ -83,6 +86,7 @@ def test_generate_from_chat_template_with_an_image(loaded):
     assert isinstance(answer, str)
 
 
+@pytest.mark.compat
 def test_chat_and_batch_chat_equal_the_processor_and_generate_path(loaded):
     processor, model = loaded
     pixel_values = processor.load_image(image())
@@ -116,6 +120,7 @@ def test_chat_refuses_a_processor_built_for_another_token_count(loaded, bundle):
         model.chat(other, processor.load_image(image()), "What?", GREEDY)
 
 
+@pytest.mark.compat
 def test_image_text_to_text_pipeline(chat_dir):
     pipe = pipeline("image-text-to-text", model=str(chat_dir), trust_remote_code=True)
     message = [{"role": "user", "content": [{"type": "image", "image": image()}, {"type": "text", "text": "What?"}]}]

@@ -160,6 +160,7 @@ def test_invalid_pvtc_configs_are_refused(bundle, overrides, message):
         bundle.config(projector_type="pvtc", **overrides)
 
 
+@pytest.mark.compat
 def test_pvtc_model_generates_and_round_trips(bundle, tmp_path):
     from transformers import AutoModelForImageTextToText
 

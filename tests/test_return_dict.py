@@ -49,6 +49,7 @@ def test_return_dict_false_gives_the_dataclass_fields_as_a_tuple(bundle, variant
     assert (reference.loss is not None) == with_labels and (cache_of(reference) is not None) == use_cache
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_config_return_dict_false_gives_tuples_and_generate_still_works(bundle, variant):
     model = bundle.model(seed=2, **VARIANTS[variant])

@@ -1,5 +1,6 @@
 """Round trip through save_pretrained and the Auto classes with trust_remote_code, as users load the bundle."""
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -29,6 +30,7 @@ def test_repo_root_image_processor_loads_with_auto_image_processor():
     assert processor.image_size == 448 and processor.max_patches == 1
 
 
+@pytest.mark.compat
 def test_save_and_reload_through_auto_classes(bundle, tmp_path):
     model = bundle.model(seed=8)
     model.save_pretrained(tmp_path)

@@ -117,6 +117,7 @@ def test_crop_then_decoding_equals_decoding_without_the_rejected_tokens(bundle, 
         assert int(layer.get_seq_length()) == int(reference_layer.get_seq_length())
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("variant", ["plain", "lvtc"])
 def test_speculative_decoding_on_a_static_cache_that_can_crop(bundle, variant):
     """A croppable static cache passed by the user works for assisted decoding and gives the greedy output. Up to
