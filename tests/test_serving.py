@@ -3,6 +3,8 @@ paths, URLs and base64, Transformers' OpenAI-compatible server (`examples/serve.
 client, the Inference Endpoints handler, and the model card's widget."""
 
 import base64
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from tests.conftest import ROOT
+from tests.docs import blocks
 
 DEMO = ROOT / "examples" / "digits-demo"
 EXAMPLES = json.loads((DEMO / "examples.json").read_text())
@@ -193,6 +196,16 @@ def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_answering(ser
         chat(server, [text], model="someone/unknown-model")
     assert unknown.value.status_code == 400 and "someone/unknown-model" in unknown.value.response.text
     assert ask(server, EXAMPLES[0]).strip() == EXAMPLES[0]["answer"]
+
+
+def test_the_serving_page_s_client_example_answers(server, monkeypatch):
+    """The `needs-server` block of docs/serving.md, as written, against this server (only its address differs)."""
+    (block,) = [block for block in blocks(ROOT / "docs" / "serving.md") if block.mark == "needs-server"]
+    monkeypatch.chdir(ROOT)
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(compile(block.code.replace("http://127.0.0.1:8000/v1", server), str(block), "exec"), {})
+    assert output.getvalue().strip() == "6"
 
 
 def test_the_launcher_refuses_continuous_batching_for_lvtc():
