@@ -247,11 +247,12 @@ AutoModelForImageTextToText.from_pretrained({str(chat_dir)!r}, trust_remote_code
 
 def test_the_tested_range_is_what_the_requirements_install(bundle):
     """The range the import warning names is the one CI tests: the oldest pin (`make test-min`), the upper bound of
-    `requirements.txt` and the version the lock file installs (`make test`)."""
+    `requirements.txt`, the version the lock file installs (`make test`) and the model card's front matter."""
     oldest, newest = bundle.function("configuration_internvl_x", "TESTED_TRANSFORMERS")
     assert re.search(rf"^transformers=={re.escape(oldest)}$", (ROOT / "requirements-min.txt").read_text(), re.M)
     assert re.search(rf"^transformers>=[\d.]+,<={re.escape(newest)}\b", (ROOT / "requirements.txt").read_text(), re.M)
     assert re.search(rf"^transformers=={re.escape(newest)}$", (ROOT / "requirements-lock.txt").read_text(), re.M)
+    assert f'tested_transformers: ">={oldest},<={newest}"' in (ROOT / "README.md").read_text()
 
 
 def test_the_matrix_takes_each_minor_s_newest_patch_and_a_newer_pre_release():
