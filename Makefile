@@ -4,7 +4,7 @@ VENV ?= .venv
 MIN_SITE ?= .venv-min
 PY := $(VENV)/bin/python
 
-.PHONY: install lock demo test test-min test-compat lint bench clean
+.PHONY: install lock demo test test-min test-compat test-peer test-peer-min lint bench clean
 
 # requirements-lock.txt holds the versions the suite last passed with (torch excepted: the machine's own build), so a
 # fresh clone installs what was tested; `make lock` writes it again after a requirements change.
@@ -40,6 +40,14 @@ test-min: $(MIN_SITE)/.installed
 test-compat: install
 	$(PY) tests/compat_matrix.py
 
+# Transformers' own common tests (ModelTesterMixin, ConfigTester, ImageProcessingTestMixin, ProcessorTesterMixin),
+# taken from the sdist of the installed Transformers (peer_tests/fetch_mixins.py), on the newest and the oldest.
+test-peer: install
+	$(PY) -m pytest -q peer_tests
+
+test-peer-min: $(MIN_SITE)/.installed
+	PYTHONPATH=$(CURDIR)/$(MIN_SITE) $(PY) -m pytest -q peer_tests
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -48,4 +56,4 @@ bench: install
 	$(PY) benchmarks/run.py --suite baseline --out benchmarks/results/baseline-cpu.json
 
 clean:
-	rm -rf $(VENV) $(MIN_SITE) .venv-compat .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_SITE) .venv-compat .peer .pytest_cache .ruff_cache

@@ -12,7 +12,7 @@ import PIL.Image
 import torch
 from torchvision.transforms.v2 import functional as tvF
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-from transformers.image_utils import load_image
+from transformers.image_utils import ChannelDimension, infer_channel_dimension_format, load_image
 
 from .configuration_internvl_x import warn_if_untested_transformers
 
@@ -21,9 +21,17 @@ warn_if_untested_transformers()
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SLICING_MODES = ("ratio", "area", "edge")
-# Options every call may override (`processor(images, text, max_patches=12)` passes them through).
+CHANNEL_COUNTS = (1, 3, 4)  # grayscale, RGB, RGBA
+# Options every call may override (`processor(images, text, max_patches=12)` passes them through): the tiling, then
+# Transformers' standard image options that apply to tiles.
 IMAGE_PROCESSOR_OPTIONS = ("image_size", "min_patches", "max_patches", "use_thumbnail", "slicing", "image_mean",
-                           "image_std")  # fmt: skip
+                           "image_std", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")  # fmt: skip
+# Transformers' standard image options that tiling leaves no room for, and what they must be.
+FIXED_OPTIONS = {"do_resize": True, "do_center_crop": False, "crop_size": None, "do_pad": False, "pad_size": None,
+                 "data_format": "channels_first"}  # fmt: skip
+# Standard options taken and without effect here: speed switches of Transformers' own processors, and the processor's
+# token count.
+INERT_OPTIONS = ("default_to_square", "disable_grouping", "image_seq_length", "return_tensors")
 
 
 def tile_cap(width: int, height: int, tile_size: int, max_patches: int, slicing: str) -> int:
@@ -104,13 +112,19 @@ def read_image(source: str, index: int) -> PIL.Image.Image:
         ) from None
 
 
-def to_rgb_tensor(image, index: int = 0) -> torch.Tensor:
-    """Any supported image → `(3, H, W)` tensor, uint8 (0..255) or float32 (0..255 scale).
+def to_image_tensor(
+    image, index: int = 0, input_data_format: str | ChannelDimension | None = None, convert_rgb: bool = True
+) -> torch.Tensor:
+    """Any supported image → `(3, H, W)` tensor: uint8 (0..255) for 8-bit images, float32 in [0, 1] for floating-point
+    and 16-bit ones; with `convert_rgb=False` the image keeps its own channels, `(C, H, W)` (C = 1 for grayscale, 4
+    with alpha).
 
     PIL images of any mode are converted to RGB (alpha dropped, 16-bit scaled to 8-bit); strings are read with
     `read_image`; arrays and tensors may be HW, HWC or CHW with 1, 3 or 4 channels, uint8, uint16 or floating point in
-    [0, 1]. Floating-point values outside [0, 1] (e.g. 0..255 stored as float) or not finite are refused, naming
-    `index`, the image's place in the batch.
+    [0, 1]. The channel axis is `input_data_format` (`"channels_first"` / `"channels_last"`) or, when not given, found
+    by Transformers' rule (`infer_channel_dimension_format`: an axis of 1, 3 or 4 first, then last; when both could be,
+    first, with Transformers' warning). Floating-point values outside [0, 1] (e.g. 0..255 stored as float) or not
+    finite are refused, naming `index`, the image's place in the batch.
     """
     if isinstance(image, str):
         image = read_image(image, index)
@@ -121,7 +135,10 @@ def to_rgb_tensor(image, index: int = 0) -> torch.Tensor:
             image = PIL.Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
         if image.width == 0 or image.height == 0:
             raise ValueError(f"image {index} of the batch has zero size {image.width}×{image.height}.")
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+        if convert_rgb or image.mode not in ("L", "LA", "RGB", "RGBA"):
+            image = image.convert("RGB")
+        pixels = torch.from_numpy(np.array(image))
+        return (pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)).contiguous()
     if isinstance(image, np.ndarray):
         tensor = torch.from_numpy(np.ascontiguousarray(image.astype(np.float32) if image.dtype == np.uint16 else image))
         if image.dtype == np.uint16:
@@ -137,19 +154,24 @@ def to_rgb_tensor(image, index: int = 0) -> torch.Tensor:
         )
 
     if tensor.dim() == 2:
-        tensor = tensor[None]
+        tensor, input_data_format = tensor[None], ChannelDimension.FIRST  # grayscale: the channel axis is added
     if tensor.dim() != 3:
         raise ValueError(
             f"image {index} of the batch: arrays must be (H, W), (H, W, C) or (C, H, W); got shape "
             f"{tuple(tensor.shape)}."
         )
-    if tensor.shape[0] in (1, 3, 4) and tensor.shape[-1] not in (1, 3, 4):
-        pass  # channels first
-    elif tensor.shape[-1] in (1, 3, 4):
+    if input_data_format is None:
+        if tensor.shape[0] not in CHANNEL_COUNTS and tensor.shape[-1] not in CHANNEL_COUNTS:
+            raise ValueError(
+                f"image {index} of the batch: no channel axis of size 1, 3 or 4 in shape {tuple(tensor.shape)}."
+            )
+        input_data_format = infer_channel_dimension_format(tensor, num_channels=CHANNEL_COUNTS)
+    if ChannelDimension(input_data_format) == ChannelDimension.LAST:
         tensor = tensor.permute(2, 0, 1)
-    else:
+    if tensor.shape[0] not in CHANNEL_COUNTS:
         raise ValueError(
-            f"image {index} of the batch: no channel axis of size 1, 3 or 4 in shape {tuple(tensor.shape)}."
+            f"image {index} of the batch has {tensor.shape[0]} channels in shape {tuple(image.shape)} read as "
+            f"{ChannelDimension(input_data_format).value}; images need 1, 3 or 4."
         )
     if tensor.shape[1] == 0 or tensor.shape[2] == 0:
         raise ValueError(f"image {index} of the batch has zero size {tensor.shape[2]}×{tensor.shape[1]}.")
@@ -168,11 +190,12 @@ def to_rgb_tensor(image, index: int = 0) -> torch.Tensor:
                 f"image {index} of the batch is floating point with values in [{low:.4g}, {high:.4g}], but "
                 "floating-point images are read as [0, 1]; divide 0..255 values by 255, or pass uint8."
             )
-        tensor = tensor * 255.0
     else:
         raise ValueError(
             f"image {index} of the batch has dtype {tensor.dtype}: use uint8, uint16 or floating point in [0, 1]."
         )
+    if not convert_rgb:
+        return tensor.contiguous()
     tensor = tensor[:3] if tensor.shape[0] == 4 else tensor
     return (tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor).contiguous()
 
@@ -190,6 +213,14 @@ class InternVLXImageProcessor(BaseImageProcessor):
             image was split into more than one tile.
         slicing (`str`, *optional*, defaults to `"ratio"`): `"ratio"` (InternVL), `"area"` or `"edge"` (RVTC).
         image_mean, image_std (`tuple[float]`, *optional*): normalization, ImageNet by default.
+        do_rescale (`bool`, *optional*, defaults to `True`), rescale_factor (`float`, *optional*, defaults to 1/255):
+            integer images are multiplied by `rescale_factor` (floating-point images are read as [0, 1] already).
+        do_normalize (`bool`, *optional*, defaults to `True`): subtract `image_mean` and divide by `image_std`.
+        do_convert_rgb (`bool`, *optional*, defaults to `True`): make every image RGB; `False` keeps its channels.
+
+    Per call it also takes Transformers' `size` (`{"height": s, "width": s}`, the same as `image_size=s`),
+    `input_data_format` and `device`; options that tiling leaves no room for (`do_resize=False`, cropping, padding,
+    channels-last output) are refused by name.
     """
 
     model_input_names = ["pixel_values", "num_patches"]
@@ -203,6 +234,10 @@ class InternVLXImageProcessor(BaseImageProcessor):
         slicing: str = "ratio",
         image_mean: tuple[float, ...] = IMAGENET_MEAN,
         image_std: tuple[float, ...] = IMAGENET_STD,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        do_convert_rgb: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -213,9 +248,34 @@ class InternVLXImageProcessor(BaseImageProcessor):
         self.slicing = slicing
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
+        self.do_convert_rgb = do_convert_rgb
         self._options({})  # validate
 
     def _options(self, overrides: dict) -> dict:
+        """The options of one call: this processor's, overridden by `overrides` (where an override of None, as
+        Transformers' processors pass for an unset option, keeps the processor's)."""
+        overrides = {name: value for name, value in overrides.items() if value is not None}
+        size = overrides.pop("size", None)
+        if size is not None:
+            if not isinstance(size, dict) or set(size) != {"height", "width"} or size["height"] != size["width"]:
+                raise ValueError(f"size must be a square {{'height': s, 'width': s}} (the tile side), got {size!r}.")
+            overrides["image_size"] = size["height"]
+        for name, required in FIXED_OPTIONS.items():
+            value = overrides.pop(name, required)
+            if value != required and not (name == "data_format" and ChannelDimension(value) == ChannelDimension.FIRST):
+                raise ValueError(
+                    f"{name}={value!r} does not apply: InternVL-X resizes every image to its tiles and returns them "
+                    f"channels first, whole ({name} must be {required!r})."
+                )
+        unknown = set(overrides) - {*IMAGE_PROCESSOR_OPTIONS, *INERT_OPTIONS, "resample"}
+        if unknown:
+            raise ValueError(f"unknown image processor arguments: {sorted(unknown)}")
+        resample = overrides.pop("resample", PIL.Image.Resampling.BICUBIC)
+        if resample not in (PIL.Image.Resampling.BICUBIC, tvF.InterpolationMode.BICUBIC):
+            raise ValueError(f"resample={resample!r}: InternVL-X tiles are resized bicubically, as in training.")
         options = {name: overrides.get(name, getattr(self, name)) for name in IMAGE_PROCESSOR_OPTIONS}
         if options["slicing"] not in SLICING_MODES:
             raise ValueError(f"slicing must be one of {SLICING_MODES}, got {options['slicing']!r}.")
@@ -225,6 +285,11 @@ class InternVLXImageProcessor(BaseImageProcessor):
                 f"max_patches={options['max_patches']}."
             )
         return options
+
+    def fetch_images(self, images):
+        """Images given as strings are read by `preprocess` (`read_image`: paths, `file://` and `http(s)` URLs, base64,
+        each failure named by its place in the batch), so Transformers' processors hand them over as they are."""
+        return images
 
     def get_tile_grid(self, height: int, width: int, images_kwargs: dict | None = None) -> tuple[int, int]:
         """`(columns, rows)` of tiles for an image of `height`×`width` pixels."""
@@ -262,15 +327,16 @@ class InternVLXImageProcessor(BaseImageProcessor):
                 local path, `file://` or `http(s)` URL, or base64 string (bare or as a data URI), or a (nested) list
                 of them.
             kwargs: per-call overrides of `image_size`, `min_patches`, `max_patches`, `use_thumbnail`, `slicing`,
-                `image_mean`, `image_std`.
+                `image_mean`, `image_std`; `input_data_format` (`"channels_first"` or `"channels_last"`) says where
+                the channel axis of array images is; `do_convert_rgb=False` keeps each image's channels (1 for
+                grayscale, 4 with alpha; the mean and std then need as many values) instead of making it RGB.
 
         Returns:
             `BatchFeature` with `pixel_values (total_tiles, 3, size, size)` and `num_patches`, the tiles of each
             image in order.
         """
-        unknown = set(kwargs) - {*IMAGE_PROCESSOR_OPTIONS, "do_convert_rgb", "device"}
-        if unknown:
-            raise ValueError(f"unknown image processor arguments: {sorted(unknown)}")
+        input_data_format = kwargs.pop("input_data_format", None)
+        device = kwargs.pop("device", None)
         options = self._options(kwargs)
         flat = []
 
@@ -284,23 +350,43 @@ class InternVLXImageProcessor(BaseImageProcessor):
         collect(images)
         tiles, num_patches = [], []
         for index, image in enumerate(flat):
-            image_tiles = self.tile(to_rgb_tensor(image, index), options)
+            image_tiles = self.tile(
+                to_image_tensor(image, index, input_data_format, options["do_convert_rgb"]), options
+            )
             tiles += image_tiles
             num_patches.append(len(image_tiles))
         size = options["image_size"]
         if not tiles:
             pixel_values = torch.empty(0, 3, size, size)
         else:
-            same_dtype = all(tile.dtype == tiles[0].dtype for tile in tiles)
-            pixel_values = (torch.stack(tiles) if same_dtype else torch.stack([t.float() for t in tiles])).float()
-            # (x / 255 - mean) / std as one in-place multiply-subtract
-            std = torch.tensor(options["image_std"]).view(1, 3, 1, 1)
-            mean = torch.tensor(options["image_mean"]).view(1, 3, 1, 1)
-            pixel_values.mul_(1.0 / (255.0 * std)).sub_(mean / std)
-        return BatchFeature(
-            data={"pixel_values": pixel_values, "num_patches": torch.tensor(num_patches, dtype=torch.long)},
-            tensor_type=return_tensors,
-        )
+            channels = sorted({tile.shape[0] for tile in tiles})
+            if (
+                len(channels) > 1
+                or len(options["image_mean"]) != channels[0]
+                or len(options["image_std"]) != channels[0]
+            ):
+                raise ValueError(
+                    f"the images have {channels} channels (do_convert_rgb=False keeps each image's own) but image_mean "
+                    f"and image_std have {len(options['image_mean'])} and {len(options['image_std'])} values; give "
+                    "images with one channel count and a mean and std per channel."
+                )
+            pixel_values = torch.stack([self.rescale_tile(tile, options) for tile in tiles])
+            if options["do_normalize"]:
+                std = torch.tensor(options["image_std"]).view(1, -1, 1, 1)
+                mean = torch.tensor(options["image_mean"]).view(1, -1, 1, 1)
+                pixel_values.sub_(mean).div_(std)
+        num_patches = torch.tensor(num_patches, dtype=torch.long)
+        if device is not None:
+            pixel_values, num_patches = pixel_values.to(device), num_patches.to(device)
+        return BatchFeature(data={"pixel_values": pixel_values, "num_patches": num_patches}, tensor_type=return_tensors)
+
+    @staticmethod
+    def rescale_tile(tile: torch.Tensor, options: dict) -> torch.Tensor:
+        """A tile as float32: 8-bit values times `rescale_factor` when `do_rescale` (floating-point and 16-bit images
+        are in [0, 1] already)."""
+        if tile.dtype == torch.uint8 and options["do_rescale"]:
+            return tile.float().mul_(options["rescale_factor"])
+        return tile.float()
 
 
 InternVLXImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -2,6 +2,7 @@
 # Licensed under the Apache License, Version 2.0.
 """InternVL-X: InternVL2 with visual-token compression (PVTC, LVTC, RVTC)."""
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -16,12 +17,15 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.utils import logging, output_capturing
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_internvl_x import InternVLXConfig
 from .processing_internvl_x import CHAT_END_TOKEN, CHAT_TEMPLATE, expand_image_placeholders
+
+logger = logging.get_logger(__name__)
 
 # ---- Transformers compatibility -------------------------------------------------------------------------------------
 # The bundle runs on whatever Transformers its user has installed (tested: `TESTED_TRANSFORMERS` in the configuration
@@ -34,6 +38,8 @@ from .processing_internvl_x import CHAT_END_TOKEN, CHAT_TEMPLATE, expand_image_p
 CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
 # From 5.24, Transformers' own models take `past_key_values=` for `cache=` with a FutureWarning until this release.
 PAST_KEY_VALUES_REMOVAL = "5.40.0"
+# How `output_hidden_states=[i, j]` selects a decoder's hidden states changed in 5.23 (see `select_hidden_states`).
+SELECTS_AMONG_ALL_HIDDEN_STATES = hasattr(output_capturing, "selected_hidden_states")
 
 
 def takes_cache_argument(method):
@@ -91,6 +97,37 @@ def run_decoder_layer(layer, hidden_states, attention_mask, position_ids, positi
         **named_cache(cache),
         **kwargs,
     )
+
+
+def select_hidden_states(states: list[torch.Tensor] | None, selection) -> tuple | None:
+    """The per-layer states of a decoder (the input of each of its L layers, then the final normed state) that
+    `output_hidden_states=selection` asks for, by the installed Transformers' rule for its own decoders. `True`: all
+    L + 1. An index or a list of them: from 5.23 indices into those L + 1 (negative ones from the end), every other
+    entry None; up to 5.22 only a list, of indices into the L layers' outputs (the initial state left out), every
+    other entry None."""
+    if states is None or isinstance(selection, bool) or selection is None:
+        return tuple(states) if states is not None and selection else None
+    if SELECTS_AMONG_ALL_HIDDEN_STATES:
+        selection = [selection] if isinstance(selection, int) else selection
+        chosen = {index % len(states) for index in selection if -len(states) <= index < len(states)}
+        return tuple(state if index in chosen else None for index, state in enumerate(states))
+    if isinstance(selection, int):
+        return tuple(states)
+    return tuple(state if index in set(selection) else None for index, state in enumerate(states[1:]))
+
+
+@contextlib.contextmanager
+def recorded_attention_weights(layer: nn.Module, weights: list | None):
+    """While active, the attention weights `(B, heads, q, kv)` of `layer`'s attention module (the second of what its
+    forward returns, present with eager attention) are appended to `weights`; nothing happens when it is None."""
+    if weights is None:
+        yield
+        return
+    handle = layer.self_attn.register_forward_hook(lambda module, args, output: weights.append(output[1]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def is_static_cache(cache: Cache | None) -> bool:
@@ -579,13 +616,27 @@ class PhasedDecoder:
         """Run the decoder layers under the schedule.
 
         `inputs_embeds (B, L, D)` → `last_hidden_state (B, L, D)`. With `output_hidden_states`, the input of every layer
-        then the final normed state; entries of layers ≥ s (and the last) are in the second phase's layout.
+        then the final normed state; with `output_attentions` (eager attention), each layer's weights `(B, heads, q,
+        kv)`. Both default to the language model's config, as `use_cache` does. Entries of layers ≥ s (and the last
+        hidden state) are in the second phase's layout, so their lengths differ from the first phase's.
         """
         implementation = attention_implementation(self.text_config)
         if implementation not in ("sdpa", "eager"):
             raise ValueError(f"{self.name} runs with attn_implementation 'sdpa' or 'eager', not {implementation!r}.")
-        if output_attentions:
-            raise ValueError(f"output_attentions is not available with {self.name} (the phases differ in length).")
+        # The defaults Transformers' decoders take from their config when an argument is not given.
+        if output_attentions is None:
+            output_attentions = self.text_config.output_attentions
+        if output_attentions and implementation != "eager":
+            logger.warning_once(
+                f"`{implementation}` attention computes no attention weights, so `output_attentions` gives none; load "
+                "the model with attn_implementation='eager' for them."
+            )
+        if output_hidden_states is None:
+            output_hidden_states = self.text_config.output_hidden_states
+        if use_cache is None:
+            use_cache = self.text_config.use_cache
+        if use_cache and self.decoder.gradient_checkpointing and self.decoder.training and torch.is_grad_enabled():
+            use_cache = False  # as Transformers' decoders: checkpointed layers are recomputed, so they cache nothing
         batch, length, _ = inputs_embeds.shape
         device = inputs_embeds.device
         if use_cache and cache is None:
@@ -596,11 +647,13 @@ class PhasedDecoder:
             position_ids = (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, -1)
         layers = self.decoder.layers[: self.num_layers]
         all_hidden_states = [] if output_hidden_states else None
+        all_attentions = [] if output_attentions and implementation == "eager" else None
 
         def run_layer(layer, hidden, mask, positions, rotary) -> torch.Tensor:
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden)
-            return run_decoder_layer(layer, hidden, mask, positions, rotary, cache, use_cache=use_cache, **kwargs)
+            with recorded_attention_weights(layer, all_attentions):
+                return run_decoder_layer(layer, hidden, mask, positions, rotary, cache, use_cache=use_cache, **kwargs)
 
         # First phase: layers 0..s-1 on the input sequence, with the schedule's additions to the visual span.
         first_mask = causal_mask(
@@ -649,7 +702,8 @@ class PhasedDecoder:
             hidden_states = self.leave(hidden_states, switch, image_mask)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+            hidden_states=select_hidden_states(all_hidden_states, output_hidden_states),
+            attentions=tuple(all_attentions or ()) if output_attentions else None,
             **named_cache(cache),
         )
 
@@ -1007,6 +1061,8 @@ class InternVLXPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    # Every forward compiles whole: a decode step reads only fixed-shape tensors (LVTC's and FastV's included).
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -1073,18 +1129,37 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 f"got {tuple(pixel_values.shape)}."
             )
 
-    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(tiles, 3, H, W)` → ViT hidden state `(tiles, 1 + S², C)` of `config.vision_feature_layer`, CLS first."""
+    def run_vision_tower(self, pixel_values: torch.Tensor, **kwargs) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
+        """The vision tower on `(tiles, 3, H, W)`: its output, and the hidden state `(tiles, 1 + S², C)` of
+        `config.vision_feature_layer` (CLS first) that the projectors read. `kwargs` (`output_hidden_states`,
+        `output_attentions`) go to the tower as to any Transformers model; a feature layer other than the last needs the
+        tower's hidden states, asked for or not."""
         self._check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
-        if self.config.vision_feature_layer == -1:
-            return self.vision_tower(pixel_values=pixel_values).last_hidden_state
-        outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
-        return outputs.hidden_states[self.config.vision_feature_layer]
+        layer = self.config.vision_feature_layer
+        if layer != -1:
+            kwargs["output_hidden_states"] = True
+        outputs = self.vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
+        return outputs, outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(tiles, 3, H, W)` → visual tokens `(tiles, tokens_per_tile, D)` that enter the language model."""
-        return self.multi_modal_projector(self.get_vision_features(pixel_values))
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(tiles, 3, H, W)` → ViT hidden state `(tiles, 1 + S², C)` of `config.vision_feature_layer`, CLS first."""
+        return self.run_vision_tower(pixel_values)[1]
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """The visual tokens of `pixel_values (tiles, 3, H, W)`, as Transformers' vision-language models give them: the
+        vision tower's `last_hidden_state (tiles, 1 + S², C)` (and its `hidden_states` and `attentions` when asked, by
+        argument or config) with `pooler_output (tiles, tokens_per_tile, D)`, the tokens that enter the language model.
+        `return_dict=False` (or `config.return_dict=False`) gives a tuple."""
+        asked = kwargs.get("output_hidden_states", self.config.vision_config.output_hidden_states)
+        outputs, features = self.run_vision_tower(pixel_values, **kwargs)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=self.multi_modal_projector(features),
+            hidden_states=outputs.hidden_states if asked else None,
+            attentions=outputs.attentions,
+        )
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """`(batch, seq)` boolean mask of the `<IMG_CONTEXT>` positions."""
@@ -1237,6 +1312,9 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
     """InternVL-X with a language-modelling head: chat, `generate`, and training with `labels`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Tensor parallelism: the language model follows its own plan (`text_config.base_model_tp_plan`); the LM head splits
+    # the vocabulary across processes and gathers the logits, as Llama's and native InternVL's do.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: InternVLXConfig):
         super().__init__(config)
@@ -1256,9 +1334,10 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(tiles, 3, H, W)` → visual tokens `(tiles, tokens_per_tile, D)`."""
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """See `InternVLXModel.get_image_features`: `pooler_output (tiles, tokens_per_tile, D)` holds the visual
+        tokens."""
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     @can_return_tuple
     @takes_cache_argument

@@ -6,9 +6,9 @@ import re
 
 import torch
 from transformers.image_processing_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
 
-from .image_processing_internvl_x import IMAGE_PROCESSOR_OPTIONS
+from .image_processing_internvl_x import read_image
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_START_TOKEN = "<img>"
@@ -17,6 +17,7 @@ IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 CHAT_START_TOKEN = "<|im_start|>"
 CHAT_END_TOKEN = "<|im_end|>"
 SPECIAL_TOKENS = (CHAT_END_TOKEN, CHAT_START_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
+IMAGE_SPAN_TOKENS = (IMAGE_START_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN)
 DEFAULT_SYSTEM_MESSAGE = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 )
@@ -95,13 +96,31 @@ def expand_image_placeholders(text: list[str], num_patches: list[int], tokens_pe
     return [re.sub(re.escape(IMAGE_PLACEHOLDER), span, sample) for sample in text]
 
 
+class InternVLXImagesKwargs(ImagesKwargs, total=False):
+    """The tiling options of `InternVLXImageProcessor`, beside Transformers' standard image options."""
+
+    image_size: int
+    min_patches: int
+    max_patches: int
+    use_thumbnail: bool
+    slicing: str
+
+
+class InternVLXProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: InternVLXImagesKwargs
+    _defaults = {"text_kwargs": {"padding_side": "left"}, "common_kwargs": {"return_tensors": "pt"}}
+
+
 class InternVLXProcessor(ProcessorMixin):
     r"""
     Tokenizer + [`InternVLXImageProcessor`] + chat template.
 
-    Every `<image>` in the text becomes `<img>` + `<IMG_CONTEXT>` × (`image_seq_length` × tiles of that image) +
-    `</img>`, where `image_seq_length` is the number of visual tokens per tile that *enter* the language model
-    (`config.tokens_per_tile`: N1² when LVTC is on). Batches are left-padded.
+    Every image placeholder in the text, `<IMG_CONTEXT>` (Transformers' convention, as in native InternVL) or
+    `<image>` (InternVL2's, which the chat template writes), becomes `<img>` + `<IMG_CONTEXT>` × (`image_seq_length` ×
+    tiles of that image) + `</img>`, where `image_seq_length` is the number of visual tokens per tile that *enter*
+    the language model (`config.tokens_per_tile`: N1² when LVTC is on). Batches are left-padded and returned as
+    tensors unless told otherwise. The expansion is Transformers' own (`replace_image_token`), so
+    `return_mm_token_type_ids` and `return_text_replacement_offsets` work as for its VLM processors.
 
     Args:
         image_processor ([`InternVLXImageProcessor`]): tiling and normalization.
@@ -110,51 +129,81 @@ class InternVLXProcessor(ProcessorMixin):
         image_seq_length (`int`, *optional*, defaults to 256): visual tokens per tile.
     """
 
+    valid_processor_kwargs = InternVLXProcessorKwargs
+
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length: int = 256, **kwargs):
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
         self.image_seq_length = image_seq_length
         missing = [token for token in SPECIAL_TOKENS if token not in tokenizer.get_vocab()]
         if missing:
             raise ValueError(f"the tokenizer lacks {missing}; run `prepare_tokenizer(tokenizer)` first.")
+        self.image_token = IMAGE_CONTEXT_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+        # The tokens of an image span, which `return_mm_token_type_ids` marks: <img>, <IMG_CONTEXT> and </img>.
+        self.image_token_ids = [tokenizer.convert_tokens_to_ids(token) for token in IMAGE_SPAN_TOKENS]
         self.chat_end_token_id = tokenizer.convert_tokens_to_ids(CHAT_END_TOKEN)
 
-    def __call__(self, images=None, text=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """
         Args:
-            images: images of the whole batch in order of their `<image>` placeholders (a flat or per-sample list).
-            text: a string or a list of strings holding one `<image>` per image.
-            kwargs: image-processor options (`max_patches`, `slicing`, ...) and tokenizer options.
+            images: images of the whole batch in order of their placeholders (a flat or per-sample list).
+            text: a string or a list of strings holding one placeholder (`<image>` or `<IMG_CONTEXT>`) per image.
+            kwargs: image-processor options (`max_patches`, `slicing`, ...), tokenizer options, `return_tensors`
+                (`"pt"` unless given), `return_mm_token_type_ids`, `return_text_replacement_offsets`, or the same
+                under `images_kwargs` / `text_kwargs`.
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask` and, with images, `pixel_values` and `num_patches`.
         """
         if text is None:
             raise ValueError("InternVLXProcessor needs `text` (with one `<image>` per image).")
-        text = [text] if isinstance(text, str) else list(text)
-        image_kwargs = {k: kwargs.pop(k) for k in IMAGE_PROCESSOR_OPTIONS if k in kwargs}
-        for key in ("images_kwargs", "text_kwargs"):
-            nested = kwargs.pop(key, None) or {}
-            (image_kwargs if key == "images_kwargs" else kwargs).update(nested)
-        data = {}
-        if images is not None and not (isinstance(images, (list, tuple)) and not _flatten(images)):
-            image_inputs = self.image_processor(_flatten(images), return_tensors="pt", **image_kwargs)
-            num_patches = image_inputs["num_patches"].tolist()
-            text = expand_image_placeholders(text, num_patches, self.image_seq_length)
-            data = {"pixel_values": image_inputs["pixel_values"], "num_patches": image_inputs["num_patches"]}
-        elif any(IMAGE_PLACEHOLDER in sample for sample in text):
-            count = sum(sample.count(IMAGE_PLACEHOLDER) for sample in text)
+        if kwargs.pop("videos", None) is not None or kwargs.pop("audio", None) is not None:
+            raise ValueError("InternVLXProcessor reads text and images only; it got videos or audio.")
+        given = [text] if isinstance(text, str) else list(text)
+        text = [sample.replace(IMAGE_PLACEHOLDER, IMAGE_CONTEXT_TOKEN) for sample in given]
+        images = [read_image(image, index) if isinstance(image, str) else image
+                  for index, image in enumerate(_flatten(images) if images is not None else [])]  # fmt: skip
+        if images:
+            counts = [sample.count(IMAGE_CONTEXT_TOKEN) for sample in text]
+            if sum(counts) != len(images):
+                raise ValueError(
+                    f"the text has {sum(counts)} image placeholders (`<image>` or `<IMG_CONTEXT>`; per sample: "
+                    f"{counts}) but {len(images)} images were given; put one placeholder where each image belongs."
+                )
+        elif any(IMAGE_PLACEHOLDER in sample for sample in given):
+            count = sum(sample.count(IMAGE_PLACEHOLDER) for sample in given)
             raise ValueError(f"the text has {count} `<image>` placeholders but no images were given.")
-
+        text_kwargs = kwargs.get("text_kwargs", {})
+        padding_set = "padding" in kwargs or "padding" in text_kwargs or "padding" in self.tokenizer.init_kwargs
+        if len(text) > 1 and not padding_set:
+            kwargs["padding"] = True  # a batch is padded (on the left) unless told otherwise
         bos = self.tokenizer.bos_token
-        if bos and "add_special_tokens" not in kwargs and all(sample.startswith(bos) for sample in text):
+        rendered = bos and all(sample.startswith(bos) for sample in text)
+        if rendered and "add_special_tokens" not in kwargs and "add_special_tokens" not in text_kwargs:
             kwargs["add_special_tokens"] = False  # a rendered chat template already starts with BOS: not a second
-        kwargs.setdefault("padding", len(text) > 1)
-        kwargs.setdefault("padding_side", "left")
-        for unused in ("videos", "audio"):
-            kwargs.pop(unused, None)
-        text_inputs = self.tokenizer(text, return_tensors=return_tensors, **kwargs)
-        return BatchFeature(data={**text_inputs, **data}, tensor_type=return_tensors)
+        outputs = super().__call__(images=images or None, text=text, **kwargs)
+        if "text_replacement_offsets" in outputs:
+            outputs["text_replacement_offsets"] = [
+                offsets_in_given_text(offsets, sample)
+                for offsets, sample in zip(outputs["text_replacement_offsets"], given)
+            ]
+        return outputs
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The text an image's placeholder becomes: `<img>` + `<IMG_CONTEXT>` × (tokens per tile × tiles) + `</img>`."""
+        tiles = int(image_inputs["num_patches"][image_idx])
+        return IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * (self.image_seq_length * tiles) + IMAGE_END_TOKEN
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Tokens and tiles each image of `image_sizes` (`(height, width)` pairs) takes, for the slicing options in
+        `kwargs` (what serving engines such as vLLM ask before processing): `<img>`, `</img>` and `image_seq_length`
+        per tile."""
+        data = {}
+        if image_sizes is not None:
+            images_kwargs = self._merge_kwargs(InternVLXProcessorKwargs, **kwargs)["images_kwargs"]
+            tiles = [self.image_processor.get_number_of_image_patches(h, w, images_kwargs) for h, w in image_sizes]
+            data = {"num_image_tokens": [2 + self.image_seq_length * n for n in tiles], "num_image_patches": tiles}
+        return MultiModalData(**data)
 
     def load_image(self, image, **image_kwargs) -> torch.Tensor:
         """InternVL's `load_image`: an image, or its path, URL or base64 string → `pixel_values (tiles, 3, size, size)`.
@@ -163,19 +212,16 @@ class InternVLXProcessor(ProcessorMixin):
         """
         return self.image_processor(image, return_tensors="pt", **image_kwargs)["pixel_values"]
 
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
         """Decode generated ids to text (what the `image-text-to-text` pipeline shows)."""
         return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
 
-    @property
-    def model_input_names(self):
-        return list(self.tokenizer.model_input_names) + ["pixel_values", "num_patches"]
+
+def offsets_in_given_text(offsets: list[dict], given: str) -> list[dict]:
+    """Transformers' replacement offsets of one sample, computed on its text with every `<image>` written as
+    `<IMG_CONTEXT>`, put back onto the text as given: the i-th entry is the i-th placeholder's span and string."""
+    placeholders = re.finditer(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(IMAGE_CONTEXT_TOKEN)}", given)
+    return [{**offset, "span": match.span(), "text": match.group()} for offset, match in zip(offsets, placeholders)]
 
 
 def _flatten(images) -> list:

@@ -91,7 +91,7 @@ def test_logits_equal_a_hand_built_pruned_run(bundle):
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=pixel_values).logits
         embeds = model.model.merge_image_features(
-            decoder.embed_tokens(ids), ids == IMG_CONTEXT, model.model.get_image_features(pixel_values)
+            decoder.embed_tokens(ids), ids == IMG_CONTEXT, model.model.get_image_features(pixel_values).pooler_output
         )
         states = decoder(inputs_embeds=embeds, output_hidden_states=True).hidden_states  # inputs of every layer
         positions = torch.arange(ids.shape[1])[None]

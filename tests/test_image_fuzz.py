@@ -70,11 +70,12 @@ def images(draw):
 
 
 def expected_layout(image) -> tuple[int, int] | None:
-    """`(width, height)` of an array as the processor documents reading it (None: no channel axis found)."""
+    """`(width, height)` of an array as Transformers' rule reads it, which the processor documents (None: no channel
+    axis found): an axis of 1, 3 or 4 first, else last; first when both could be."""
     shape = tuple(image.shape)
     if len(shape) == 2:
         shape = (1, *shape)
-    if shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
+    if shape[0] in (1, 3, 4):
         return shape[2], shape[1]
     if shape[-1] in (1, 3, 4):
         return shape[1], shape[0]

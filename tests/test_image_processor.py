@@ -166,5 +166,12 @@ def test_bad_options_are_refused(processor_class):
         processor_class(min_patches=3, max_patches=2)
     with pytest.raises(ValueError, match="slicing must be one of"):
         processor_class()(rgb_array(), slicing="diagonal")
-    with pytest.raises(ValueError, match="unknown image processor arguments"):
-        processor_class()(rgb_array(), crop_size=3)
+    with pytest.raises(ValueError, match="unknown image processor arguments: \\['max_patch'\\]"):
+        processor_class()(rgb_array(), max_patch=3)
+    for option, value in (("crop_size", 3), ("do_pad", True), ("do_resize", False), ("data_format", "channels_last")):
+        with pytest.raises(ValueError, match=f"{option}={value!r} does not apply"):
+            processor_class()(rgb_array(), **{option: value})
+    with pytest.raises(ValueError, match="size must be a square"):
+        processor_class()(rgb_array(), size={"shortest_edge": 224})
+    with pytest.raises(ValueError, match="resized bicubically"):
+        processor_class()(rgb_array(), resample=PIL.Image.Resampling.NEAREST)

@@ -63,7 +63,7 @@ def test_expanding_at_layer_zero_feeds_the_repeated_tokens(bundle):
 
         # Reference: build the expanded sequence by hand and run the plain language model on it.
         embeds = model.get_input_embeddings()(ids)
-        visual = model.model.get_image_features(pixel_values)  # (2, N1², D)
+        visual = model.model.get_image_features(pixel_values).pooler_output  # (2, N1², D)
         repeated = visual.view(2, 2, 2, -1).repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).reshape(2, N2SQ, -1)
         start = ids[0].tolist().index(IMG_CONTEXT)
         long_embeds = torch.cat(

@@ -44,8 +44,8 @@ def test_placeholders_expand_to_tiles_times_tokens(loaded):
 
 def test_placeholder_and_image_counts_must_match(loaded):
     processor, _ = loaded
-    with pytest.raises(ValueError, match=r"2 `<image>` placeholders \(per sample: \[2\]\) but 1 images"):
-        processor(images=[image()], text="<image> and <image>")
+    with pytest.raises(ValueError, match=r"2 image placeholders \(.*per sample: \[2\]\) but 1 images"):
+        processor(images=[image()], text="<image> and <IMG_CONTEXT>")
     with pytest.raises(ValueError, match="1 `<image>` placeholders but no images"):
         processor(text="<image> alone")
 
@@ -132,3 +132,36 @@ def test_image_text_to_text_pipeline(chat_dir):
     assert len(batch) == 2 and all(isinstance(item[0]["generated_text"], str) for item in batch)
     text_only = pipe(text=[{"role": "user", "content": [{"type": "text", "text": "Hello"}]}], max_new_tokens=4)
     assert isinstance(text_only[0]["generated_text"], list | str)
+
+
+def test_the_processor_round_trips_through_save_pretrained(loaded, tmp_path):
+    processor, _ = loaded
+    processor.save_pretrained(tmp_path)
+    again = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    # `auto_map` is what the saved copy adds for the Hub; everything else is the same
+    assert {k: v for k, v in again.to_dict().items() if k != "auto_map"} == {
+        k: v for k, v in processor.to_dict().items() if k != "auto_map"
+    }
+    batch = dict(images=[image(), image(50, 50)], text=["<image>\nfirst", "second <image>"])
+    for name, value in again(**batch).items():
+        assert torch.equal(value, processor(**batch)[name]), name
+
+
+def test_serving_engines_get_token_counts_types_and_offsets(loaded):
+    """What vLLM's Transformers backend reads: `image_token`, the token count per image before processing, which
+    tokens belong to images, and where each placeholder went (on the text as given, `<image>` or `<IMG_CONTEXT>`)."""
+    processor, model = loaded
+    images = [image(120, 60), image(50, 50)]
+    text = ["<image>\nA <IMG_CONTEXT> B"]
+    out = processor(images=images, text=text, return_mm_token_type_ids=True, return_text_replacement_offsets=True)
+    counts = processor._get_num_multimodal_tokens(image_sizes=[(60, 120), (50, 50)])
+    assert processor.image_token == "<IMG_CONTEXT>" and processor.image_token_id == model.config.image_token_id
+    assert counts["num_image_patches"] == out["num_patches"].tolist() == [3, 1]
+    assert counts["num_image_tokens"] == [2 + 3 * model.config.tokens_per_tile, 2 + model.config.tokens_per_tile]
+    assert int(out["mm_token_type_ids"].sum()) == sum(counts["num_image_tokens"])
+    (offsets,) = out["text_replacement_offsets"]
+    assert [(o["span"], o["text"]) for o in offsets] == [((0, 7), "<image>"), ((10, 23), "<IMG_CONTEXT>")]
+    assert [text[0][slice(*o["span"])] for o in offsets] == ["<image>", "<IMG_CONTEXT>"]
+    assert [len(o["replacement"]) > 0 for o in offsets] == [True, True]
+    # the slicing options reach the count as they reach the processor
+    assert processor._get_num_multimodal_tokens(image_sizes=[(60, 120)], max_patches=1)["num_image_patches"] == [1]

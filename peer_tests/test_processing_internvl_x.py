@@ -1,0 +1,43 @@
+"""Transformers' `ProcessorTesterMixin` against `InternVLXProcessor`: a tokenizer trained here (no download) and the
+image processor at one tile per image, so that each image gives `image_seq_length` tokens."""
+
+import sys
+import unittest
+from pathlib import Path
+
+from bundle import InternVLXImageProcessor, InternVLXProcessor, bundle_class, skip
+from transformers_tests.test_processing_common import ProcessorTesterMixin
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.tokenizer import build_tokenizer  # noqa: E402
+
+IMAGE_SEQ_LENGTH = 4  # visual tokens per 56-pixel tile at patch 14 and pixel shuffle 0.5
+
+
+@skip(
+    "Reads its image from the Hub (hf-internal-testing) by URL: nothing here downloads. Chat templates with images are "
+    "tested in tests/test_processor.py.",
+    "test_apply_chat_template_image",
+)
+@skip(
+    "Saving a remote-code processor adds `auto_map` to it (the Hub needs it in processor_config.json to find the "
+    "class) and from_pretrained leaves it out, so the two to_dict()s differ by that key: Transformers' behaviour for "
+    "every "
+    "remote-code processor. The round trip without that key is tests/test_processor.py::"
+    "test_the_processor_round_trips_through_save_pretrained.",
+    "test_processor_from_and_save_pretrained",
+)
+class InternVLXProcessorTest(ProcessorTesterMixin, unittest.TestCase):
+    processor_class = InternVLXProcessor
+
+    @classmethod
+    def _setup_tokenizer(cls):
+        return build_tokenizer(bundle_class("processing_internvl_x", "prepare_tokenizer"))
+
+    @classmethod
+    def _setup_image_processor(cls):
+        return InternVLXImageProcessor(image_size=56, max_patches=1)
+
+    @staticmethod
+    def prepare_processor_dict():
+        return {"image_seq_length": IMAGE_SEQ_LENGTH}
