@@ -6,7 +6,9 @@ import re
 
 import torch
 from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
+from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 
 from .image_processing_internvl_x import read_image
 
@@ -143,7 +145,12 @@ class InternVLXProcessor(ProcessorMixin):
         self.image_token_ids = [tokenizer.convert_tokens_to_ids(token) for token in IMAGE_SPAN_TOKENS]
         self.chat_end_token_id = tokenizer.convert_tokens_to_ids(CHAT_END_TOKEN)
 
-    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | PreTokenizedInput | list[TextInput] | list[PreTokenizedInput] | None = None,
+        **kwargs,
+    ) -> BatchFeature:
         """
         Args:
             images: images of the whole batch in order of their placeholders (a flat or per-sample list).
@@ -167,8 +174,9 @@ class InternVLXProcessor(ProcessorMixin):
             counts = [sample.count(IMAGE_CONTEXT_TOKEN) for sample in text]
             if sum(counts) != len(images):
                 raise ValueError(
-                    f"the text has {sum(counts)} image placeholders (`<image>` or `<IMG_CONTEXT>`; per sample: "
-                    f"{counts}) but {len(images)} images were given; put one placeholder where each image belongs."
+                    "the number of image placeholder tokens in the prompts should be the same as the number of images, "
+                    f"but the text has {sum(counts)} (`<image>` or `<IMG_CONTEXT>`; per sample: {counts}) and "
+                    f"{len(images)} images were given; put one placeholder where each image belongs."
                 )
         elif any(IMAGE_PLACEHOLDER in sample for sample in given):
             count = sum(sample.count(IMAGE_PLACEHOLDER) for sample in given)

@@ -15,9 +15,10 @@ IMAGE_SEQ_LENGTH = 4  # visual tokens per 56-pixel tile at patch 14 and pixel sh
 
 
 @skip(
-    "Reads its image from the Hub (hf-internal-testing) by URL: nothing here downloads. Chat templates with images are "
-    "tested in tests/test_processor.py.",
+    "Reads its images from the Hub (hf-internal-testing) by URL: nothing here downloads. Chat templates with images "
+    "and batches mixing image and text-only samples are tested in tests/test_processor.py.",
     "test_apply_chat_template_image",
+    "test_processor_text_has_no_visual",
 )
 @skip(
     "Saving a remote-code processor adds `auto_map` to it (the Hub needs it in processor_config.json to find the "

@@ -264,3 +264,22 @@ def test_the_matrix_takes_each_minor_s_newest_patch_and_a_newer_pre_release():
     assert versions_to_test(published, Version("5.17"))[-1] == Version("5.20.0rc2")
     published.append(Version("5.20.0"))  # the release came out: its release candidate is no longer newer
     assert versions_to_test(published, Version("5.17"))[-2:] == [Version("5.19.0"), Version("5.20.0")]
+
+
+def test_the_processor_hooks_the_bundle_relies_on_are_there():
+    """The processor runs on `ProcessorMixin.__call__`: it fills `replace_image_token`, merges options with
+    `_merge_kwargs(kwargs class, tokenizer_init_kwargs=...)`, reports counts in a `MultiModalData`; the image processor
+    reads string images itself (`fetch_images` is the hook that would otherwise load them)."""
+    from transformers.image_processing_utils import BaseImageProcessor
+    from transformers.processing_utils import MultiModalData, ProcessorMixin
+
+    for name in ("replace_image_token", "get_text_with_replacements", "_merge_kwargs", "create_mm_token_type_ids"):
+        assert hasattr(ProcessorMixin, name), changed("ProcessorMixin", f"it has no `{name}`")
+    merge = list(inspect.signature(ProcessorMixin._merge_kwargs).parameters)
+    assert merge[:3] == ["self", "ModelProcessorKwargs", "tokenizer_init_kwargs"], changed(
+        "ProcessorMixin._merge_kwargs", f"its parameters are {merge}"
+    )
+    assert {"num_image_tokens", "num_image_patches"} <= set(MultiModalData.__dataclass_fields__), changed(
+        "MultiModalData", f"its fields are {sorted(MultiModalData.__dataclass_fields__)}"
+    )
+    assert hasattr(BaseImageProcessor, "fetch_images"), changed("BaseImageProcessor", "it has no `fetch_images`")
