@@ -384,16 +384,16 @@ class InternVLXPVTCProjector(nn.Module):
         tiles, num_patches, channels = patches.shape
         side, factor = int(num_patches**0.5), self.downsample_factor
         grid = side // factor
-        patches = patches.reshape(tiles, side, side, channels)
-
-        keys_values = self.kv_mlp(patches)  # (tiles, S, S, D)
+        # The Linears see 3-D `(tiles, tokens, C)` inputs: quantized Linears (bitsandbytes 8-bit) take no more.
+        keys_values = self.kv_mlp(patches)  # (tiles, S², D)
         hidden_size = keys_values.shape[-1]
         keys_values = keys_values.view(tiles, grid, factor, grid, factor, hidden_size).transpose(2, 3)
         keys_values = keys_values.reshape(tiles * grid * grid, factor * factor, hidden_size)
 
         output = 0
         if hasattr(self, "local_blocks"):
-            local = self.local_mlp(pixel_shuffle(patches, factor)).reshape(tiles * grid * grid, 1, hidden_size)
+            windows = pixel_shuffle(patches.reshape(tiles, side, side, channels), factor).flatten(1, 2)
+            local = self.local_mlp(windows).reshape(tiles * grid * grid, 1, hidden_size)
             for block in self.local_blocks:
                 local = block(local, keys_values)
             output = output + local

@@ -752,6 +752,40 @@ def serve_suite(args) -> dict:
     return {"rows": rows, "ratios": ratios, "shapes": shapes}
 
 
+@suite("quantized-memory")
+def quantized_memory_suite(args) -> dict:
+    """Weight memory of InternVL-X-2B and -8B (PVTC + LVTC as in config.json) in bf16 and quantized, computed from
+    parameter counts (meta device) and bits, not measured: every Linear but the LM head quantized (what Transformers
+    does with each library here, tests/test_quantization.py), the rest kept in bf16. int8 stores a byte per weight and
+    a 4-byte scale per output row (bitsandbytes' LLM.int8, torchao and quanto int8 weight-only alike); NF4 half a byte
+    and a 4-byte absmax per block of 64."""
+    classes = bundle_classes()
+    eight_b = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=8, head_dim=128)  # fmt: skip
+    models = {"InternVL-X-2B": {}, "InternVL-X-8B": dict(text_config=eight_b, lvtc_expand_layer=23)}
+    rows = []
+    for name, overrides in models.items():
+        config_dict = json.loads((ROOT / "config.json").read_text())
+        config_dict["text_config"].update(overrides.pop("text_config", {}))
+        config_dict.update(overrides)
+        config = classes.Config(**{k: v for k, v in config_dict.items() if k not in ("auto_map", "architectures")})
+        with torch.device("meta"):
+            model = classes.ForConditionalGeneration(config)
+        linear_weights = sum(m.weight.numel() for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) and n != "lm_head")  # fmt: skip
+        linear_rows = sum(m.weight.shape[0] for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and n != "lm_head")  # fmt: skip
+        total = sum(p.numel() for p in model.parameters())
+        rest = total - linear_weights
+        schemes = {"bf16": 2 * total, "int8 weights": linear_weights + 4 * linear_rows + 2 * rest,
+                   "NF4 weights": linear_weights * (0.5 + 4 / 64) + 2 * rest}  # fmt: skip
+        for scheme, size in schemes.items():
+            rows.append({"model": name, "parameters (B)": total / 1e9, "weights": scheme, "GB": size / 1e9,
+                         "of bf16": size / schemes["bf16"]})  # fmt: skip
+    ratios = {f"{r['model']} {r['weights']} / bf16": r["of bf16"] for r in rows if r["weights"] != "bf16"}
+    return {"rows": rows, "ratios": ratios, "shapes": {"computed": "from parameter counts and bits, not measured"}}
+
+
 # ---- reporting ---------------------------------------------------------------------------------------------------
 def markdown_table(rows: list[dict]) -> str:
     columns = list(rows[0])
