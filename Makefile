@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 
 lock: install
 	echo "# Versions the test suite passed with; written by \`make lock\`. torch, torchvision and their CUDA wheels are left to the machine." > requirements-lock.txt
-	$(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|torchvision|triton|nvidia-|cuda-)' >> requirements-lock.txt
+	$(PY) -m pip freeze --exclude-editable | grep -viE '^((torch|torchvision|triton)==|nvidia-|cuda-)' >> requirements-lock.txt
 
 demo: install
 	$(PY) examples/demo.py
