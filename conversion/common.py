@@ -7,6 +7,7 @@ every target tensor of the InternVL-X model was produced exactly once with the r
 
 import contextlib
 import json
+import math
 import re
 import shutil
 import sys
@@ -348,17 +349,77 @@ def staging_folder(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.incomplete"
 
 
+def is_converted_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds a checkpoint these converters wrote: an InternVL-X config and its weights, and nothing
+    but the files such a checkpoint has (so `--overwrite` never deletes anything else)."""
+    config = folder / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return False
+    names = {path.name for path in folder.iterdir()}
+    ours = re.compile(
+        r"(config|generation_config|preprocessor_config|processor_config|tokenizer|tokenizer_config|"
+        r"special_tokens_map|added_tokens|chat_template)\.(json|jinja)|model(-\d+-of-\d+)?\.safetensors|"
+        r"model\.safetensors\.index\.json|tokenizer\.model|README\.md|\.gitattributes|.*_internvl_x\.py|handler\.py"
+    )
+    weights = any(name.startswith("model") and ".safetensors" in name for name in names)
+    return model_type == "internvl_x" and weights and all(ours.fullmatch(name) for name in names)
+
+
+def check_destination(dst_argument: str, src: Path, overwrite: bool) -> Path:
+    """The folder `--dst` names, refused (one line naming it) if writing or replacing it could delete or overwrite
+    anything but a checkpoint of this project: empty, the working directory or a folder above it, the source or a
+    folder holding it or held by it (a symlink counts as where it points), a file, or, without `--overwrite`, a
+    non-empty folder; with it, a folder that is not a converted checkpoint."""
+    if not dst_argument or not dst_argument.strip():
+        raise ConversionError(f"--dst {dst_argument!r} is empty: name the folder to write the checkpoint to")
+    dst = Path(dst_argument)
+    target, source, here = dst.resolve(), src.resolve(), Path.cwd().resolve()
+    pointing = f" (a link to {target})" if dst.is_symlink() else ""
+    if target == here or target in here.parents:
+        raise ConversionError(
+            f"--dst {dst_argument!r}{pointing} is the working directory or a folder above it: the checkpoint needs a "
+            "folder of its own"
+        )
+    if target == source or target in source.parents or source in target.parents:
+        raise ConversionError(
+            f"--dst {dst_argument!r}{pointing} and --src {src} must not contain each other: the source is only read"
+        )
+    if target.exists() and not target.is_dir():
+        raise ConversionError(f"--dst {dst_argument!r}{pointing} is a file, not a folder")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise ConversionError(
+                f"--dst {dst_argument!r}{pointing} is not empty; pass --overwrite to replace its contents"
+            )
+        if not is_converted_checkpoint(target):
+            raise ConversionError(
+                f"--dst {dst_argument!r}{pointing} holds files that are not a checkpoint these converters wrote; "
+                "--overwrite replaces only such a checkpoint, so nothing was deleted: choose a new or empty folder"
+            )
+    return target
+
+
+def check_arguments(args) -> None:
+    """Refuse, before anything is read, an option no conversion can use: one line naming the option and its value."""
+    checks = [("--max-patches", args.max_patches, 1, True), ("--pvtc-num-heads", args.pvtc_num_heads, 1, True)]
+    for name, value, minimum, integer in checks:
+        if not math.isfinite(value) or value < minimum or (integer and value != int(value)):
+            raise ConversionError(f"{name} must be a whole number ≥ {minimum}, got {value}")
+    shard = args.max_shard_size_gb
+    if not math.isfinite(shard) or shard <= 0:
+        raise ConversionError(f"--max-shard-size-gb must be a finite number of gigabytes above 0, got {shard}")
+
+
 @contextlib.contextmanager
-def staged_destination(dst: Path, overwrite: bool, src: Path) -> Iterator[Path]:
+def staged_destination(dst_argument: str, overwrite: bool, src: Path) -> Iterator[Path]:
     """Yield a staging folder beside `dst` to write the checkpoint into, and move it to `dst` only once it is
     complete. A conversion that fails, runs out of disk or is killed therefore never leaves a folder at `dst` that
     looks finished; with `--overwrite` the previous checkpoint at `dst` stays until the new one replaces it. A staging
-    folder left by a killed run is removed by the next run. The source is only read."""
-    source, target = src.resolve(), dst.resolve()
-    if target == source or target in source.parents or source in target.parents:
-        raise ConversionError(f"--dst {dst} and --src {src} must not contain each other: the source is only read")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise ConversionError(f"{dst} is not empty; pass --overwrite to replace its contents")
+    folder left by a killed run is removed by the next run. The source is only read; `--dst` (as given) passes
+    `check_destination` first, and a link is followed to where it points."""
+    dst = check_destination(dst_argument, src, overwrite)
     staging = staging_folder(dst)
     if staging.exists():
         shutil.rmtree(staging)
@@ -369,7 +430,7 @@ def staged_destination(dst: Path, overwrite: bool, src: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if dst.exists():
-        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        shutil.rmtree(dst)
     staging.rename(dst)
 
 
@@ -378,7 +439,7 @@ def main_with_clear_errors(convert: Callable[[], object], dst: Path) -> None:
     exit with status 1."""
     try:
         convert()
-    except ConversionError as error:
+    except (ConversionError, ValueError) as error:  # ValueError: a setting the InternVL-X config refuses, by name
         fail([str(error)])
     except (OSError, SafetensorError) as error:
         detail = f"{error.strerror} ({error.filename})" if isinstance(error, OSError) and error.strerror else error

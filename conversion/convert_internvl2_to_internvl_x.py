@@ -34,6 +34,7 @@ from conversion.common import (  # noqa: E402
     KeyMapper,
     ShardWriter,
     bundle_classes,
+    check_arguments,
     convert_tensors,
     fail,
     hf_decoder_rules,
@@ -279,9 +280,10 @@ def write_model_card(dst: Path, base: str, config, args, llm: str, name: str) ->
 
 def convert(args) -> Path:
     """Convert `args.src` into `args.dst`, written in a staging folder and moved into place once complete."""
+    check_arguments(args)
     src = resolve_source(args.src)
     dst = Path(args.dst)
-    with staged_destination(dst, args.overwrite, src) as out:
+    with staged_destination(args.dst, args.overwrite, src) as out:
         config = write_bundle(args, src, out, dst.name)
     print(
         f"wrote {dst}: projector {config.projector_type}, LVTC {'on' if config.lvtc_enabled else 'off'}, "

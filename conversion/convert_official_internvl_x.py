@@ -24,6 +24,7 @@ from conversion.common import (  # noqa: E402
     KeyMapper,
     ShardWriter,
     bundle_classes,
+    check_arguments,
     convert_tensors,
     expected_shapes,
     fail,
@@ -97,8 +98,9 @@ def target_config(src_config: dict, keys: list[str], num_heads: int) -> dict:
 
 def convert(args) -> Path:
     """Convert `args.src` into `args.dst`, written in a staging folder and moved into place once complete."""
+    check_arguments(args)
     src, dst = Path(args.src), Path(args.dst)
-    with staged_destination(dst, args.overwrite, src) as out:
+    with staged_destination(args.dst, args.overwrite, src) as out:
         config, count = write_bundle(args, src, out)
     print(
         f"converted {count} tensors into {dst} (PVTC: {config.pvtc_num_layers} layer(s), "
@@ -149,7 +151,7 @@ def write_bundle(args, src: Path, dst: Path):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", type=Path, required=True, help="folder of the released checkpoint")
-    parser.add_argument("--dst", type=Path, required=True, help="empty folder for the converted bundle")
+    parser.add_argument("--dst", required=True, help="empty folder for the converted bundle")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     parser.add_argument("--pvtc-num-heads", type=int, default=16, help="heads of the released PVTC blocks")
     parser.add_argument("--slicing", choices=["ratio", "area", "edge"], default="edge")
@@ -157,7 +159,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-shard-size-gb", type=float, default=2.0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
     args = parser.parse_args(argv)
-    main_with_clear_errors(lambda: convert(args), args.dst)
+    main_with_clear_errors(lambda: convert(args), Path(args.dst))
 
 
 if __name__ == "__main__":

@@ -60,5 +60,10 @@ def test_destination_must_be_empty_unless_overwrite(tmp_path):
     args = ["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"), "--pvtc-num-heads", "4"]
     with pytest.raises(SystemExit):
         official.main(args)
+    with pytest.raises(SystemExit):  # --overwrite replaces only a converted checkpoint, never the user's files
+        official.main([*args, "--overwrite"])
+    assert (tmp_path / "dst" / "keep.txt").read_text() == "x"
+    (tmp_path / "dst" / "keep.txt").unlink()
+    official.main(args)
     official.main([*args, "--overwrite"])
-    assert (tmp_path / "dst" / "config.json").exists() and not (tmp_path / "dst" / "keep.txt").exists()
+    assert (tmp_path / "dst" / "config.json").exists()
