@@ -35,6 +35,18 @@ def warn_if_untested_transformers() -> None:
 warn_if_untested_transformers()
 
 PROJECTOR_TYPES = ("pixel_shuffle", "pvtc")
+VISION_MODEL_TYPE = "internvl_vision"
+# The types InternVL-X's own fields must have (`bool` is no integer here, a string no boolean).
+FIELD_TYPES = {
+    **dict.fromkeys(("pvtc_use_local", "pvtc_use_global", "pvtc_learnable_cls_scale", "lvtc_enabled",
+                     "lvtc_use_hr_projector"), (bool,)),
+    **dict.fromkeys(("pvtc_num_layers", "pvtc_num_heads", "lvtc_expand_layer", "lvtc_num_lr_projectors",
+                     "lvtc_inject_start", "lvtc_inject_interval", "vision_feature_layer", "image_token_id",
+                     "image_start_token_id", "image_end_token_id"), (int,)),
+    **dict.fromkeys(("downsample_ratio", "pvtc_drop_path_rate", "lvtc_hr_downsample_ratio",
+                     "visual_token_pruning_ratio"), (int, float)),
+    "visual_token_pruning_layer": (int, type(None)),
+}  # fmt: skip
 
 # Where the Auto classes find this bundle's classes; written into every saved config.json.
 AUTO_MAP = {
@@ -191,6 +203,12 @@ class InternVLXConfig(PretrainedConfig):
         if vision_config is None:
             vision_config = dict(DEFAULT_VISION_CONFIG)
         if isinstance(vision_config, dict):
+            vision_type = vision_config.get("model_type", VISION_MODEL_TYPE)
+            if vision_type != VISION_MODEL_TYPE:
+                raise ValueError(
+                    f"vision_config model_type {vision_type!r} is not InternViT's {VISION_MODEL_TYPE!r}: InternVL-X's "
+                    "vision tower is Transformers' InternVLVisionModel."
+                )
             vision_config = InternVLVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
         if text_config is None:
             text_config = dict(DEFAULT_TEXT_CONFIG)
@@ -229,6 +247,20 @@ class InternVLXConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self._validate()
 
+    def validate(self) -> None:
+        """Transformers' validation of its own fields (`PreTrainedConfig.validate`, which it runs at init and at
+        `save_pretrained`), then InternVL-X's: types, sizes and schedules, each refusal a `ValueError` naming the field.
+        It runs however the config was made: built directly, loaded with keyword arguments (`from_pretrained(path,
+        lvtc_expand_layer=...)`, which sets them after init), or edited afterwards (checked when a model is built)."""
+        super().validate()
+        self._validate()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).validate()  # the keyword arguments are set by now
+        return result
+
     # ---- derived sizes -------------------------------------------------------------------------------------------
     @property
     def tile_size(self) -> int:
@@ -266,6 +298,7 @@ class InternVLXConfig(PretrainedConfig):
         return [self.lvtc_inject_start + self.lvtc_inject_interval * j for j in range(self.lvtc_num_lr_projectors - 1)]
 
     def _validate(self) -> None:
+        self._validate_types()
         image_size = self.tile_size
         patch_size = _square(self.vision_config.patch_size, "patch_size")
         if image_size % patch_size:
@@ -291,6 +324,15 @@ class InternVLXConfig(PretrainedConfig):
                 f"vision_feature_layer {self.vision_feature_layer} is outside the vision tower's "
                 f"{num_layers} layers (valid: -{num_layers}..{num_layers})."
             )
+
+    def _validate_types(self) -> None:
+        """Switches are booleans and counts integers: a string such as "false" from a command line or a YAML file would
+        read as true. Each refusal names the field, its value and its type."""
+        for name, kinds in FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                allowed = " or ".join("None" if kind is type(None) else kind.__name__ for kind in kinds)
+                raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__}).")
 
     def _validate_pvtc(self) -> None:
         hidden_size = self.text_config.hidden_size

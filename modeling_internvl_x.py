@@ -1078,6 +1078,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
     """
 
     def __init__(self, config: InternVLXConfig):
+        config.validate()  # a config edited after it was made is checked before anything is built from it
         super().__init__(config)
         self.vision_tower = InternVLVisionModel(config.vision_config)
         self.multi_modal_projector = PROJECTOR_CLASSES[config.projector_type](config)
@@ -1317,6 +1318,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: InternVLXConfig):
+        config.validate()
         super().__init__(config)
         self.model = InternVLXModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
