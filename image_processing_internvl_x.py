@@ -2,6 +2,8 @@
 # Licensed under the Apache License, Version 2.0.
 """InternVL-X image processor: InternVL's dynamic tiling with the paper's RVTC tile caps (area / edge matching)."""
 
+import base64
+import io
 import math
 import os
 import re
@@ -9,10 +11,11 @@ from functools import lru_cache
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from torchvision.transforms.v2 import functional as tvF
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-from transformers.image_utils import ChannelDimension, infer_channel_dimension_format, load_image
+from transformers.image_utils import ChannelDimension, infer_channel_dimension_format
 
 from .configuration_internvl_x import warn_if_untested_transformers
 
@@ -22,6 +25,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SLICING_MODES = ("ratio", "area", "edge")
 CHANNEL_COUNTS = (1, 3, 4)  # grayscale, RGB, RGBA
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # PIL modes of more than 8 bits per pixel
+FLOAT_ROUNDING = 1e-5  # how far past [0, 1] a floating-point image may stray by rounding alone
 # Options every call may override (`processor(images, text, max_patches=12)` passes them through): the tiling, then
 # Transformers' standard image options that apply to tiles.
 IMAGE_PROCESSOR_OPTIONS = ("image_size", "min_patches", "max_patches", "use_thumbnail", "slicing", "image_mean",
@@ -79,8 +84,10 @@ BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 
 
 def read_image(source: str, index: int) -> PIL.Image.Image:
-    """An image given as text → RGB PIL image, through Transformers' `load_image`: a local path, a `file://` URL, an
-    `http(s)` URL (fetched only then), or base64 (a `data:image/...;base64,` URI or the bare payload).
+    """An image given as text → PIL image as stored (its mode kept: 16-bit and float images are scaled later, not
+    clipped to 8 bits): a local path, a `file://` URL, an `http(s)` URL (fetched only then, with the HTTP client
+    Transformers uses), or base64 (a `data:image/...;base64,` URI or the bare payload). Training (`finetune.py`) and
+    inference read images through this one function.
 
     Any failure is a `ValueError` naming the image's index in the batch and why. Pillow's decompression-bomb limit
     applies, as it does to every image Pillow opens.
@@ -97,19 +104,45 @@ def read_image(source: str, index: int) -> PIL.Image.Image:
     else:
         what = f"a base64 string of {len(source)} characters"
     try:
-        return load_image(path)
+        if source.startswith(("http://", "https://")):
+            from huggingface_hub.utils import httpx  # the HTTP client Transformers' `load_image` uses
+
+            response = httpx.get(source, follow_redirects=True, timeout=60)
+            response.raise_for_status()
+            image = PIL.Image.open(io.BytesIO(response.content))
+        elif what.startswith("the file"):
+            image = PIL.Image.open(path)
+        else:
+            payload = source.split(",", 1)[1] if source.startswith("data:") else source
+            image = PIL.Image.open(io.BytesIO(base64.b64decode("".join(payload.split()), validate=True)))
+        image.load()  # decode now: a truncated or corrupt file fails here, by name
+        return image
     except PIL.Image.DecompressionBombError as error:
         raise ValueError(
             f"image {index} of the batch ({what}) exceeds Pillow's decompression-bomb limit: {error}"
         ) from error
     except Exception as error:  # noqa: BLE001 (bad base64, not an image, truncated file, network error, ...)
-        message = str(error)  # load_image's message repeats the whole payload after "Got", then the cause
-        reason = message.rsplit("Failed with ", 1)[-1] if "Failed with " in message else message
-        reason = reason[:300]
-        # `from None`: the original message holds the whole payload, which can be megabytes of base64
+        # `from None`: the original message may hold the whole payload, which can be megabytes of base64
         raise ValueError(
-            f"image {index} of the batch ({what}) could not be decoded: {type(error).__name__}: {reason}"
+            f"image {index} of the batch ({what}) could not be decoded: {type(error).__name__}: {str(error)[:300]}"
         ) from None
+
+
+def scaled_to_unit(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """A high-bit-depth PIL image's values → float32 in [0, 1], scaled by its bit depth rather than clipped: 16-bit
+    modes (and 32-bit "I" holding 16-bit data, as Pillow opens some 16-bit PNGs) over 65535, other "I" images over
+    their maximum; "F" images in [0, 1] as they are, up to 255 over 255, beyond that over their maximum."""
+    pixels = np.clip(pixels, 0, None)
+    high = float(pixels.max()) if pixels.size else 0.0
+    if mode.startswith("I;16") or (mode == "I" and high <= 65535):
+        scale = 65535.0
+    elif mode == "F" and high <= 1.0:
+        scale = 1.0
+    elif mode == "F" and high <= 255.0:
+        scale = 255.0
+    else:
+        scale = max(high, 1.0)
+    return (pixels / scale).astype(np.float32)
 
 
 def to_image_tensor(
@@ -129,16 +162,16 @@ def to_image_tensor(
     if isinstance(image, str):
         image = read_image(image, index)
     if isinstance(image, PIL.Image.Image):
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            array = np.asarray(image, dtype=np.float32)
-            scale = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-            image = PIL.Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
         if image.width == 0 or image.height == 0:
             raise ValueError(f"image {index} of the batch has zero size {image.width}×{image.height}.")
-        if convert_rgb or image.mode not in ("L", "LA", "RGB", "RGBA"):
-            image = image.convert("RGB")
-        pixels = torch.from_numpy(np.array(image))
-        return (pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)).contiguous()
+        image = PIL.ImageOps.exif_transpose(image)  # upright, as Transformers' `load_image` gives every image
+        if image.mode in HIGH_BIT_MODES:
+            image = scaled_to_unit(np.asarray(image, dtype=np.float64), image.mode)  # read on as a float array
+        else:
+            if convert_rgb or image.mode not in ("L", "LA", "RGB", "RGBA"):
+                image = image.convert("RGB")
+            pixels = torch.from_numpy(np.array(image))
+            return (pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)).contiguous()
     if isinstance(image, np.ndarray):
         tensor = torch.from_numpy(np.ascontiguousarray(image.astype(np.float32) if image.dtype == np.uint16 else image))
         if image.dtype == np.uint16:
@@ -185,11 +218,12 @@ def to_image_tensor(
                 f"image {index} of the batch has {int((~finite).sum())} pixel values that are NaN or infinite."
             )
         low, high = float(tensor.min()), float(tensor.max())
-        if low < 0.0 or high > 1.0:
+        if low < -FLOAT_ROUNDING or high > 1.0 + FLOAT_ROUNDING:
             raise ValueError(
                 f"image {index} of the batch is floating point with values in [{low:.4g}, {high:.4g}], but "
                 "floating-point images are read as [0, 1]; divide 0..255 values by 255, or pass uint8."
             )
+        tensor = tensor.clamp(0.0, 1.0)  # rounding's overshoot (1.0000001) only
     else:
         raise ValueError(
             f"image {index} of the batch has dtype {tensor.dtype}: use uint8, uint16 or floating point in [0, 1]."

@@ -4,11 +4,17 @@
         --stage 2 [--lora_rank 16] [--freeze_vision] [--bf16] [--gradient_checkpointing] ...
     torchrun --nproc_per_node 8 examples/finetune.py ...        # DDP; also `accelerate launch examples/finetune.py`
 
-`--meta_path` names the data: `{"name": {"annotation": "data.jsonl", "root": "images/"}, ...}` (paths relative to the
-meta file unless absolute). Each JSONL line is `{"image": path | [paths], "conversations": [{"from": "human",
-"value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`; lines without `image` are text-only. Labels are
--100 everywhere except the assistant replies and their `<|im_end|>`. Tiling (`slicing`, `max_patches`) comes from the
-processor config.
+`--meta_path` names the data: `{"name": {"annotation": "data.jsonl", "root": "images/", "repeat_time": 2}, ...}`
+(paths relative to the meta file unless absolute; `repeat_time` as in InternVL: whole copies, then a seeded sample of
+the fraction). Each JSONL line is either InternVL's `{"image": path | [paths], "conversations": [{"from": "human",
+"value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}` or the `messages` format of Transformers' chat
+templates and TRL: `{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]},
+{"role": "assistant", "content": "..."}], "images": [paths]}` (an image item may also carry its own `image`, `url` or
+`path`). Lines without images are text-only; images without a placeholder go at the start of the first user turn.
+A line the Trainer could not use is refused when the data is read, naming its file and line; lines without a reply
+to learn from are left out and counted. Labels are -100 everywhere except the assistant replies and their
+`<|im_end|>`. Images are read by the processor's own loader, as at inference (EXIF orientation, 16-bit images);
+tiling (`slicing`, `max_patches`) comes from the processor config.
 
 Stages (the paper trains stage 1 then stage 2, 1 epoch each, AdamW, cosine, lr 4e-5):
 - `--stage 1`: only the projectors (the main projector and LVTC's LR / HR projectors) train;
@@ -26,10 +32,11 @@ checkpoint that a killed run left half-written is skipped (with a warning), or r
 import importlib
 import json
 import logging
+import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import PIL.Image
 import torch
 from torch.utils.data import Dataset
 from transformers import (
@@ -62,40 +69,153 @@ class DataArguments:
     max_length: int = field(default=4096, metadata={"help": "longest tokenized sample; longer text is cut."})
 
 
-def read_meta(meta_path: str) -> list[tuple[dict, Path]]:
-    """All JSONL records of a meta file, each with the folder its image paths are relative to."""
+@dataclass
+class Row:
+    """One training conversation: chat messages with text content (each image an `<image>` placeholder where it
+    goes), its images (local paths, URLs, base64 or in-memory images) and `where` it came from (file and line)."""
+
+    messages: list[dict]
+    images: list
+    where: str
+
+    @property
+    def learns(self) -> bool:
+        """Whether the row has a reply to learn from (a row without one would train at loss 0)."""
+        return any(m["role"] == "assistant" and m["content"].strip() for m in self.messages)
+
+
+def image_source(item, root: Path, where: str):
+    """A row's image as the image processor reads it: a path relative to the data root (it must exist), or a URL,
+    base64 payload or in-memory image as it is."""
+    if not isinstance(item, str):
+        return item
+    if item.startswith(("http://", "https://", "data:")) or len(item) > 1024:
+        return item
+    path = Path(item) if Path(item).is_absolute() else root / item
+    if not path.is_file():
+        raise ValueError(f"{where}: image {item!r} not found (looked for {path})")
+    return str(path)
+
+
+def row_messages(record: dict, where: str) -> tuple[list[dict], list]:
+    """The row's messages with text content, and the images its content items carry, from either format:
+    InternVL's `conversations` (`from` / `value`) or Transformers' and TRL's `messages` (`role` / `content`, content a
+    string or a list of `{"type": "text" | "image", ...}` items)."""
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
+            raise ValueError(f"{where}: `conversations` must be a list of {{'from': ..., 'value': ...}} turns")
+        messages = [{"role": t["from"], "content": t["value"]} for t in turns]
+    elif "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise ValueError(f"{where}: `messages` must be a list of {{'role': ..., 'content': ...}} messages")
+    else:
+        raise ValueError(
+            f"{where}: a row needs `conversations` (InternVL: from / value) or `messages` (role / content); it has "
+            f"{sorted(record)}"
+        )
+    texts, carried = [], []
+    for message in messages:
+        role = ROLES.get(message["role"])
+        if role is None:
+            raise ValueError(f"{where}: unknown role {message['role']!r} (known: {sorted(ROLES)})")
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for item in content:
+                if item.get("type") == "text":
+                    parts.append(item.get("text", ""))
+                elif item.get("type") in ("image", "image_url"):
+                    parts.append("<image>\n")
+                    source = item.get("image") or item.get("url") or item.get("path") or item.get("image_url")
+                    carried.append(source.get("url") if isinstance(source, dict) else source)
+                else:
+                    raise ValueError(f"{where}: content item of unknown type {item.get('type')!r}")
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise ValueError(f"{where}: a {role} turn's content must be text or a list of items, got {content!r}")
+        texts.append({"role": role, "content": content})
+    return texts, carried
+
+
+def parse_row(record, root: Path, where: str) -> Row:
+    """A data row checked once, at load: refused with `where` when the Trainer could not use it."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
+    messages, carried = row_messages(record, where)
+    listed = record.get("image", record.get("images")) or []
+    listed = listed if isinstance(listed, list) else [listed]
+    # an image item without a source of its own takes the row's next listed image (TRL's `images` column)
+    listed_iter = iter(listed)
+    images = [item if item is not None else next(listed_iter, None) for item in carried] + list(listed_iter)
+    if None in images:
+        raise ValueError(f"{where}: {images.count(None)} image items have no image (no source and no `images` left)")
+    placeholders = sum(m["content"].count("<image>") for m in messages)
+    if images and not placeholders:
+        users = [m for m in messages if m["role"] == "user"]
+        if not users:
+            raise ValueError(f"{where}: the row has {len(images)} images but no user turn to put them in")
+        users[0]["content"] = "<image>\n" * len(images) + users[0]["content"]
+    elif placeholders != len(images):
+        raise ValueError(f"{where}: the text has {placeholders} `<image>` placeholders but the row has {len(images)}")
+    return Row(messages, [image_source(image, root, where) for image in images], where)
+
+
+def repeated(rows: list[Row], times: float, seed: int = 0) -> list[Row]:
+    """InternVL's `repeat_time`: the whole list `int(times)` times, then a seeded sample of the fraction left."""
+    if not math.isfinite(times) or times < 0:
+        raise ValueError(f"repeat_time must be a finite number ≥ 0, got {times}")
+    whole, fraction = int(times), times - int(times)
+    return rows * whole + random.Random(seed).sample(rows, round(fraction * len(rows)))
+
+
+def read_meta(meta_path: str) -> list[Row]:
+    """Every usable row of a meta file, `repeat_time` applied. A row the Trainer could not use is refused naming its
+    file and line; rows with no reply to learn from are left out and counted in a warning."""
     meta_file = Path(meta_path)
-    records = []
+    rows = []
     for name, entry in json.loads(meta_file.read_text()).items():
         annotation = Path(entry["annotation"])
         annotation = annotation if annotation.is_absolute() else meta_file.parent / annotation
         root = Path(entry.get("root", "."))
         root = root if root.is_absolute() else meta_file.parent / root
-        lines = [line for line in annotation.read_text().splitlines() if line.strip()]
-        records += [(json.loads(line), root) for line in lines]
-        logger.info("%s: %d samples from %s", name, len(lines), annotation)
-    return records
+        found = []
+        for number, line in enumerate(annotation.read_text().splitlines(), start=1):
+            if line.strip():
+                where = f"{annotation}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{where}: not a JSON object ({error})") from None
+                found.append(parse_row(record, root, where))
+        chosen = repeated(found, float(entry.get("repeat_time", 1)))
+        logger.info("%s: %d rows from %s, %d used (repeat_time %s)", name, len(found), annotation, len(chosen),
+                    entry.get("repeat_time", 1))  # fmt: skip
+        rows += chosen
+    idle = [row.where for row in rows if not row.learns]
+    if idle:
+        logger.warning("%d rows have no assistant reply to learn from and are left out: %s%s", len(idle),
+                       ", ".join(idle[:5]), ", ..." if len(idle) > 5 else "")  # fmt: skip
+    return [row for row in rows if row.learns]
 
 
 class ChatDataset(Dataset):
-    """InternVL chat records → `input_ids`, `labels` (assistant replies only), `pixel_values`, `num_patches`."""
+    """Rows (`read_meta`) → `input_ids`, `labels` (assistant replies only), `pixel_values`, `num_patches`."""
 
-    def __init__(self, records: list[tuple[dict, Path]], processor, max_length: int = 4096):
-        self.records, self.processor, self.max_length = records, processor, max_length
+    def __init__(self, rows: list[Row], processor, max_length: int = 4096):
+        self.rows, self.processor, self.max_length = rows, processor, max_length
         self.tokenizer = processor.tokenizer
         bundle = importlib.import_module(type(processor).__module__)  # the processor's own bundle module
         self.expand_image_placeholders = bundle.expand_image_placeholders
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.rows)
 
-    def build(self, conversations: list[dict], num_patches: list[int]) -> tuple[list[int], list[int]]:
+    def build(self, row: Row, num_patches: list[int]) -> tuple[list[int], list[int]]:
         """Tokens of the processor's chat template applied to the conversation, and labels that keep only what the
         template marks as the assistant's (each reply and its `<|im_end|>`)."""
-        messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in conversations]
-        if num_patches and not any("<image>" in m["content"] for m in messages if m["role"] == "user"):
-            first = next(m for m in messages if m["role"] == "user")
-            first["content"] = "<image>\n" * len(num_patches) + first["content"]
+        messages = [dict(message) for message in row.messages]
         contents = self.expand_image_placeholders([m["content"] for m in messages], num_patches,
                                                   self.processor.image_seq_length)  # fmt: skip
         for message, content in zip(messages, contents):
@@ -118,28 +238,31 @@ class ChatDataset(Dataset):
         return input_ids, labels
 
     def __getitem__(self, index: int) -> dict:
-        record, root = self.records[index]
-        paths = record.get("image") or []
-        paths = paths if isinstance(paths, list) else [paths]
-        # paths relative to the root; in-memory PIL images (generated data) are used as they are
-        images = [p.convert("RGB") if isinstance(p, PIL.Image.Image) else PIL.Image.open(root / p).convert("RGB")
-                  for p in paths]  # fmt: skip
+        row = self.rows[index]
         sample = {}
         num_patches = []
-        if images:
-            image_inputs = self.processor.image_processor(images, return_tensors="pt")
+        if row.images:
+            try:  # read as inference reads them (the image processor's one loader: EXIF, 16-bit images, ...)
+                image_inputs = self.processor.image_processor(row.images, return_tensors="pt")
+            except ValueError as error:
+                raise ValueError(f"{row.where}: {error}") from error
             sample["pixel_values"] = image_inputs["pixel_values"]
             num_patches = image_inputs["num_patches"].tolist()
             sample["num_patches"] = image_inputs["num_patches"]
-        input_ids, labels = self.build(record["conversations"], num_patches)
+        input_ids, labels = self.build(row, num_patches)
         if len(input_ids) > self.max_length:
             image_token = self.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
             if image_token in input_ids[self.max_length :]:
                 raise ValueError(
-                    f"sample {index} has {len(input_ids)} tokens; cutting it to max_length={self.max_length} would "
+                    f"{row.where} has {len(input_ids)} tokens; cutting it to max_length={self.max_length} would "
                     f"cut through its image tokens. Raise --max_length or lower max_patches."
                 )
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
+            if all(label == -100 for label in labels):
+                raise ValueError(
+                    f"{row.where} has {len(input_ids)} tokens; max_length={self.max_length} cuts off every reply, "
+                    "leaving nothing to learn. Raise --max_length."
+                )
         sample["input_ids"] = torch.tensor(input_ids)
         sample["labels"] = torch.tensor(labels)
         return sample

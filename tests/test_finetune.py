@@ -80,9 +80,9 @@ def test_training_prompt_before_each_reply_is_the_inference_prompt(lvtc_dir, dat
     `apply_chat_template(..., add_generation_prompt=True)` gives at inference for the turns so far."""
     processor = AutoProcessor.from_pretrained(lvtc_dir, trust_remote_code=True)
     dataset = finetune.ChatDataset(finetune.read_meta(data), processor)
-    record, root = dataset.records[2]  # image + two rounds
+    (path,) = dataset.rows[2].images  # image + two rounds
     sample = dataset[2]
-    image = PIL.Image.open(root / record["image"]).convert("RGB")
+    image = PIL.Image.open(path).convert("RGB")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
                 {"role": "assistant", "content": "red"}, {"role": "user", "content": "Sure?"},
                 {"role": "assistant", "content": "yes, red"}]  # fmt: skip

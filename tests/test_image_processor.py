@@ -4,6 +4,7 @@ import random
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import torch
 from hypothesis import given, settings
@@ -175,3 +176,66 @@ def test_bad_options_are_refused(processor_class):
         processor_class()(rgb_array(), size={"shortest_edge": 224})
     with pytest.raises(ValueError, match="resized bicubically"):
         processor_class()(rgb_array(), resample=PIL.Image.Resampling.NEAREST)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """`tmp_path` on a local HTTP server (127.0.0.1), for images given as http URLs."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_images_are_scaled_not_clipped_however_they_are_given(processor_class, served, mode):
+    """A 16-bit (or 32-bit) image is scaled to [0, 1] by its bit depth, the same given as an object, a path, a file
+    URL, an http URL, base64, a data URI or a chat item (Transformers' own `load_image` clips it to white)."""
+    import base64
+
+    folder, base_url = served
+    ramp = np.linspace(0, 65535 if mode != "F" else 1.0, 28 * 28).reshape(28, 28)
+    array = ramp.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode])
+    image = PIL.Image.fromarray(array)
+    assert image.mode == mode
+    name = "deep.png" if mode == "I;16" else "deep.tiff"  # Pillow writes 32-bit modes as TIFF
+    image.save(folder / name)
+    encoded = base64.b64encode((folder / name).read_bytes()).decode()
+    processor = processor_class(image_size=28, max_patches=1)
+    reference = processor(image)["pixel_values"]
+    sources = [str(folder / name), f"file://{folder / name}", f"{base_url}/{name}", encoded,
+               f"data:image/png;base64,{encoded}"]  # fmt: skip
+    for source in sources:
+        torch.testing.assert_close(processor(source)["pixel_values"], reference, rtol=0, atol=0, msg=source)
+    # unnormalised: the ramp's first pixel is black and its last white, and the middle is neither
+    values = processor(image, do_normalize=False)["pixel_values"][0, 0]
+    assert values[0, 0] == pytest.approx(0, abs=1e-3) and values[-1, -1] == pytest.approx(1, abs=2e-3)
+    assert 0.3 < float(values.mean()) < 0.7
+
+
+def test_a_float_image_that_overshoots_by_rounding_is_accepted(processor_class):
+    image = np.full((20, 20, 3), 0.5, np.float32)
+    image[0, 0, 0] = 1.0000001
+    image[0, 1, 0] = -1e-7
+    assert torch.isfinite(processor_class(image_size=28)(image)["pixel_values"]).all()
+    with pytest.raises(ValueError, match="values in \\[-1e-07, 1.01\\]"):
+        processor_class(image_size=28)(np.where(image > 0.9, 1.01, image).astype(np.float32))
+
+
+def test_an_exif_rotated_photo_is_read_upright_as_object_and_as_path(processor_class, tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 90, 3), dtype=np.uint8)
+    photo = PIL.Image.fromarray(pixels)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # turned: shown rotated by 90°
+    photo.save(tmp_path / "photo.jpg", exif=exif)
+    processor = processor_class(image_size=28, max_patches=6)
+    upright = PIL.ImageOps.exif_transpose(PIL.Image.open(tmp_path / "photo.jpg"))
+    expected = processor(upright)
+    for source in (str(tmp_path / "photo.jpg"), PIL.Image.open(tmp_path / "photo.jpg")):
+        out = processor(source)
+        assert out["num_patches"].tolist() == expected["num_patches"].tolist()
+        torch.testing.assert_close(out["pixel_values"], expected["pixel_values"], rtol=0, atol=0)

@@ -165,3 +165,15 @@ def test_serving_engines_get_token_counts_types_and_offsets(loaded):
     assert [len(o["replacement"]) > 0 for o in offsets] == [True, True]
     # the slicing options reach the count as they reach the processor
     assert processor._get_num_multimodal_tokens(image_sizes=[(60, 120)], max_patches=1)["num_image_patches"] == [1]
+
+
+def test_a_16_bit_image_in_a_chat_message_is_read_like_the_object(loaded, tmp_path):
+    processor, _ = loaded
+    ramp = (np.arange(56 * 56, dtype=np.uint16).reshape(56, 56) * 20).astype(np.uint16)
+    PIL.Image.fromarray(ramp).save(tmp_path / "deep.png")
+    reference = processor(images=[PIL.Image.open(tmp_path / "deep.png")], text=["<image>?"])["pixel_values"]
+    for item in ({"path": str(tmp_path / "deep.png")}, {"url": f"file://{tmp_path / 'deep.png'}"}):
+        messages = [{"role": "user", "content": [{"type": "image", **item}, {"type": "text", "text": "?"}]}]
+        out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        torch.testing.assert_close(out["pixel_values"], reference, rtol=0, atol=0)
+    assert float(reference.std()) > 0.1  # a ramp, not a white square
