@@ -1070,6 +1070,18 @@ class InternVLXPreTrainedModel(PreTrainedModel):
             init.ones_(module.cls_scale)
 
 
+def spans_hold_images(span_tiles: list[int], image_tiles: list[int]) -> bool:
+    """Whether runs of image tokens of `span_tiles` tiles each are the images of `image_tiles` tiles in order;
+    one run may hold several images written back to back without separators."""
+    remaining = list(reversed(image_tiles))
+    for span in span_tiles:
+        while span > 0 and remaining:
+            span -= remaining.pop()
+        if span != 0:
+            return False
+    return not remaining
+
+
 class InternVLXModel(InternVLXPreTrainedModel):
     """Vision tower + projector + language model, without the LM head.
 
@@ -1175,16 +1187,17 @@ class InternVLXModel(InternVLXPreTrainedModel):
         self, inputs_embeds: torch.Tensor, image_mask: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
         """Write `image_features (tiles, T, D)` into the `<IMG_CONTEXT>` positions of `inputs_embeds (B, L, D)`."""
-        num_tokens = int(image_mask.sum())
-        tiles, tokens_per_tile, _ = image_features.shape
+        self.check_image_token_count(int(image_mask.sum()), *image_features.shape[:2])
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
+
+    def check_image_token_count(self, num_tokens: int, tiles: int, tokens_per_tile: int) -> None:
         if num_tokens != tiles * tokens_per_tile:
             raise ValueError(
                 f"the text has {num_tokens} image tokens (id {self.config.image_token_id}) but pixel_values give "
                 f"{tiles} tiles × {tokens_per_tile} tokens = {tiles * tokens_per_tile} image features; each tile "
                 f"needs exactly {tokens_per_tile} `<IMG_CONTEXT>` tokens."
             )
-        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
 
     def check_inputs(
         self,
@@ -1199,11 +1212,8 @@ class InternVLXModel(InternVLXPreTrainedModel):
         tokens = input_ids if input_ids is not None else inputs_embeds
         if tokens.dim() < 2 or tokens.shape[1] == 0:
             raise ValueError(f"the input has no tokens (shape {tuple(tokens.shape)}); pass at least one token per row.")
-        if pixel_values is not None and num_patches is not None and int(sum(num_patches)) != pixel_values.shape[0]:
-            raise ValueError(
-                f"num_patches {[int(n) for n in num_patches]} add up to {int(sum(num_patches))} tiles but "
-                f"pixel_values holds {pixel_values.shape[0]}."
-            )
+        if pixel_values is not None:
+            self.check_pixel_values(pixel_values, num_patches)
         cached = int(cache.get_seq_length()) if cache is not None else 0
         if is_static_cache(cache):
             capacity = static_capacity(cache)
@@ -1218,6 +1228,53 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 raise ValueError(f"the text has {num_tokens} image tokens but no pixel_values were given.")
         if not cached and input_ids is not None:
             self.check_context_length(input_ids, attention_mask)
+
+    def check_pixel_values(self, pixel_values: torch.Tensor, num_patches: torch.LongTensor | None) -> None:
+        """Refuse tiles the vision tower cannot read as the processor makes them: not floating point (raw 0–255
+        values), not finite, or not adding up to `num_patches`."""
+        self._check_pixel_values(pixel_values)
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be floating point (the processor's normalised tiles), got {pixel_values.dtype}; "
+                "raw 0..255 pixels give a wrong answer: pass the images through the processor."
+            )
+        bad = int((~torch.isfinite(pixel_values)).sum())
+        if bad:
+            raise ValueError(f"pixel_values holds {bad} NaN or infinite values (of {pixel_values.numel()}).")
+        if num_patches is not None:
+            counts = [int(n) for n in num_patches]
+            if any(n < 1 for n in counts) or sum(counts) != pixel_values.shape[0]:
+                raise ValueError(
+                    f"num_patches {counts} must be at least 1 per image and add up to the {pixel_values.shape[0]} "
+                    "tiles of pixel_values."
+                )
+
+    def check_image_spans(
+        self, image_mask: torch.Tensor, pixel_values: torch.Tensor, num_patches: torch.LongTensor | None
+    ) -> None:
+        """Each run of `<IMG_CONTEXT>` tokens is one image of whole tiles; with `num_patches`, the images' tile
+        counts, row by row, must be what it says (a sum alone would let two images' tiles swap)."""
+        if not image_mask.any():
+            raise ValueError(
+                f"pixel_values with {pixel_values.shape[0]} tiles were given but the text has no image token "
+                f"(id {self.config.image_token_id}); expand each `<image>` with the processor."
+            )
+        per_tile = self.config.tokens_per_tile
+        self.check_image_token_count(int(image_mask.sum()), pixel_values.shape[0], per_tile)
+        edges = F.pad(image_mask.int(), (1, 1)).diff(dim=1)  # +1 where a run starts, -1 just after it ends
+        lengths = ((edges == -1).nonzero()[:, 1] - (edges == 1).nonzero()[:, 1]).tolist()  # row-major order
+        if any(length % per_tile for length in lengths):
+            raise ValueError(
+                f"the text's image spans hold {lengths} `<IMG_CONTEXT>` tokens, not whole tiles of {per_tile}."
+            )
+        if num_patches is None:
+            return
+        tiles, counts = [length // per_tile for length in lengths], [int(n) for n in num_patches]
+        if not spans_hold_images(tiles, counts):
+            raise ValueError(
+                f"the text's image spans take {tiles} tiles, row by row, but num_patches says {counts}; "
+                "give num_patches in the order the images appear."
+            )
 
     def positions_needed(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, new_tokens: int = 0):
         """Positions the language model sees for the longest row of a prompt and `new_tokens` more: its real tokens,
@@ -1281,11 +1338,8 @@ class InternVLXModel(InternVLXPreTrainedModel):
         image_features = vision_features = image_mask = None
         if pixel_values is not None:
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-            if checking and not image_mask.any():
-                raise ValueError(
-                    f"pixel_values with {pixel_values.shape[0]} tiles were given but the text has no image token "
-                    f"(id {self.config.image_token_id}); expand each `<image>` with the processor."
-                )
+            if checking:
+                self.check_image_spans(image_mask, pixel_values, num_patches)
             vision_features = self.get_vision_features(pixel_values)
             image_features = self.multi_modal_projector(vision_features)
             inputs_embeds = self.merge_image_features(inputs_embeds, image_mask, image_features)

@@ -1,5 +1,7 @@
 """Bad input is refused with a ValueError that names what was wrong and the numbers involved."""
 
+import re
+
 import pytest
 import torch
 
@@ -71,3 +73,43 @@ def test_a_prompt_longer_than_the_positions_is_refused(bundle):
         model(input_ids=ids, pixel_values=tiles(2))
     shorter = torch.tensor([prompt(1, image_span(2, 4), 1)])  # 13 tokens, 37 positions: fits
     assert model(input_ids=shorter, pixel_values=tiles(2)).logits.shape[1] == 13
+
+
+def test_pixel_values_must_be_finite_floats(model):
+    ids = torch.tensor([prompt(2, image_span(1, 4))])
+    with pytest.raises(ValueError, match=r"pixel_values must be floating point .* got torch.uint8"):
+        model(input_ids=ids, pixel_values=torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8))
+    broken = tiles(1)
+    broken[0, 1, 2, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    with pytest.raises(ValueError, match=rf"pixel_values holds 3 NaN or infinite values \(of {broken.numel()}\)"):
+        model(input_ids=ids, pixel_values=broken)
+
+
+@pytest.mark.parametrize("num_patches", [[3, -1], [0, 2], [1, 2]], ids=["negative", "zero", "wrong-sum"])
+def test_num_patches_must_be_positive_and_add_up(model, num_patches):
+    ids = torch.tensor([prompt(2, image_span(1, 4), image_span(1, 4))])
+    message = f"num_patches {num_patches} must be at least 1 per image and add up to the 2 tiles"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model(input_ids=ids, pixel_values=tiles(2), num_patches=torch.tensor(num_patches))
+
+
+def test_num_patches_must_follow_the_images_in_order(model):
+    """The sum alone matches (1 + 2 = 2 + 1): the swap would put one image's tiles into another's tokens."""
+    ids = torch.tensor([prompt(2, image_span(1, 4), 3, image_span(2, 4))])
+    with pytest.raises(ValueError, match=r"image spans take \[1, 2\] tiles, row by row, but num_patches says \[2, 1\]"):
+        model(input_ids=ids, pixel_values=tiles(3), num_patches=torch.tensor([2, 1]))
+    assert model(input_ids=ids, pixel_values=tiles(3), num_patches=torch.tensor([1, 2])).logits.shape[1] == ids.shape[1]
+
+
+def test_image_spans_must_hold_whole_tiles(model):
+    """8 image tokens for 2 tiles, but split 6 + 2 across two spans."""
+    ids = torch.tensor([prompt(2, [120] * 6, 2, [120] * 2)])
+    with pytest.raises(ValueError, match=r"image spans hold \[6, 2\] `<IMG_CONTEXT>` tokens, not whole tiles of 4"):
+        model(input_ids=ids, pixel_values=tiles(2))
+
+
+def test_images_written_back_to_back_share_one_span(model):
+    """Without separators two images are one run of tokens: num_patches [1, 2] still fits a run of 3 tiles."""
+    ids = torch.tensor([prompt(2, [120] * 12, 2)])
+    out = model(input_ids=ids, pixel_values=tiles(3), num_patches=torch.tensor([1, 2]))
+    assert out.logits.shape[1] == ids.shape[1]
