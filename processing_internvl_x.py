@@ -28,19 +28,21 @@ DEFAULT_SYSTEM_MESSAGE = (
 # newline; the InternVL2 system message unless one is given; every
 # image item becomes an `<image>` placeholder on its own line, which the processor expands into image tokens. Each
 # assistant reply and its <|im_end|> sit in a generation block: what `return_assistant_tokens_mask` marks for
-# training. This is the only rendering of the format in the project: training and inference both use it.
+# training. A content part the format cannot show (a video, audio, a part without a type) is refused, never dropped.
+# This is the only rendering of the format in the project: training and inference both use it.
 CHAT_TEMPLATE = (
     "{%- macro render_content(content) %}"
     "{%- if content is string %}{{ content }}"
-    "{%- else %}{%- for item in content %}"
-    "{%- if item['type'] == 'image' %}{{ '<image>\\n' }}"
-    "{%- elif item['type'] == 'text' %}{{ item['text'] }}{%- endif %}"
+    "{%- elif content is defined and content is not none %}{%- for item in content %}"
+    "{%- if item['type'] in ('image', 'image_url') %}{{ '<image>\\n' }}"
+    "{%- elif item['type'] == 'text' %}{{ item['text'] }}"
+    "{%- else %}{{ raise_exception('InternVL-X chats hold text and image parts only, got a part of type ' "
+    "+ (item['type'] | string)) }}{%- endif %}"
     "{%- endfor %}{%- endif %}"
     "{%- endmacro %}"
     "{{ bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set system = messages[0]['content'] if messages[0]['content'] is string "
-    "else messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set system = render_content(messages[0]['content']) %}"
     "{%- set messages = messages[1:] %}"
     "{%- else %}{%- set system = '" + DEFAULT_SYSTEM_MESSAGE + "' %}{%- endif %}"
     "{{ '<|im_start|>system\\n' + system + '<|im_end|>\\n' }}"
@@ -53,6 +55,38 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+# The content parts a chat message may hold: what the chat template renders.
+TEXT_PART, IMAGE_PARTS = "text", ("image", "image_url")
+
+
+def check_conversation(messages, where: str = "the conversation") -> None:
+    """Refuse, naming the message and the part, what the chat template cannot render faithfully: no messages, a
+    message without a string `role`, content that is not a string or a list of parts, a part without a `type`, a
+    text part without string `text`, or a part of another kind (video, audio, ...). Messages that are not dicts
+    (dataclasses, pydantic models) are left to Transformers, which converts them."""
+    if isinstance(messages, (list, tuple)) and not messages:
+        raise ValueError(f"{where} has no messages; give at least one {{'role': ..., 'content': ...}} message.")
+    for index, message in enumerate(messages if isinstance(messages, (list, tuple)) else []):
+        if not isinstance(message, dict):
+            continue
+        name = f"message {index} of {where}"
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"{name} needs a string `role` ('system', 'user', 'assistant', ...): {message!r:.200}.")
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise ValueError(f"{name} has content of type {type(content).__name__}: give a string or a list of parts.")
+        for number, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == TEXT_PART and not isinstance(part.get("text"), str):
+                raise ValueError(f"part {number} of {name} is a text part without a string `text`: {part!r:.200}.")
+            if kind != TEXT_PART and kind not in IMAGE_PARTS:
+                raise ValueError(
+                    f"part {number} of {name} has type {kind!r}; InternVL-X chats hold "
+                    f"{[TEXT_PART, *IMAGE_PARTS]} parts only: {part!r:.200}."
+                )
 
 
 def prepare_tokenizer(tokenizer, config=None) -> dict[str, int]:
@@ -178,9 +212,11 @@ class InternVLXProcessor(ProcessorMixin):
                     f"but the text has {sum(counts)} (`<image>` or `<IMG_CONTEXT>`; per sample: {counts}) and "
                     f"{len(images)} images were given; put one placeholder where each image belongs."
                 )
-        elif any(IMAGE_PLACEHOLDER in sample for sample in given):
-            count = sum(sample.count(IMAGE_PLACEHOLDER) for sample in given)
-            raise ValueError(f"the text has {count} `<image>` placeholders but no images were given.")
+        elif any(IMAGE_PLACEHOLDER in sample or IMAGE_CONTEXT_TOKEN in sample for sample in given):
+            count = sum(sample.count(IMAGE_PLACEHOLDER) + sample.count(IMAGE_CONTEXT_TOKEN) for sample in given)
+            raise ValueError(
+                f"the text has {count} image placeholders (`<image>` or `<IMG_CONTEXT>`) but no images were given."
+            )
         text_kwargs = kwargs.get("text_kwargs", {})
         padding_set = "padding" in kwargs or "padding" in text_kwargs or "padding" in self.tokenizer.init_kwargs
         if len(text) > 1 and not padding_set:
@@ -196,6 +232,18 @@ class InternVLXProcessor(ProcessorMixin):
                 for offsets, sample in zip(outputs["text_replacement_offsets"], given)
             ]
         return outputs
+
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
+        """Transformers' `apply_chat_template`, after `check_conversation` on each conversation of a batch."""
+        batched = (
+            isinstance(conversation, (list, tuple))
+            and bool(conversation)
+            and all(isinstance(item, (list, tuple)) or hasattr(item, "messages") for item in conversation)
+        )
+        for index, messages in enumerate(conversation if batched else [conversation]):
+            check_conversation(getattr(messages, "messages", messages), f"conversation {index}" if batched else
+                               "the conversation")  # fmt: skip
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The text an image's placeholder becomes: `<img>` + `<IMG_CONTEXT>` × (tokens per tile × tiles) + `</img>`."""
@@ -246,4 +294,5 @@ __all__ = [
     "expand_image_placeholders",
     "chat_generation_defaults",
     "CHAT_TEMPLATE",
+    "check_conversation",
 ]
