@@ -76,6 +76,30 @@ def report_input_errors_as_bad_requests() -> None:
     server.build_server = build_server_reporting_input_errors
 
 
+def list_the_served_model(model_dir: Path) -> None:
+    """Make `GET /v1/models` name the served checkpoint on a machine that never downloaded from the Hub.
+
+    Adapter for Transformers ≤ 5.23, whose server lists only the models of the Hub cache folder: a local checkpoint
+    is missing from the list, and with no cache folder yet (a fresh machine, `HF_HUB_OFFLINE=1`) the call fails
+    with a 500 (`CacheNotFound`). Transformers 5.24 lists the served model itself (`ModelManager.list_models`)."""
+    from huggingface_hub.errors import CacheNotFound
+    from transformers.cli.serving.model_manager import ModelManager
+
+    if hasattr(ModelManager, "list_models"):
+        return
+    scan_cache = ModelManager.get_gen_models
+    served = {"owned_by": "local", "id": str(model_dir.resolve()), "object": "model", "created": 0}
+
+    def cached_and_served_models(cache_dir: str | None = None) -> list[dict]:
+        try:
+            models = list(scan_cache(cache_dir))
+        except CacheNotFound:
+            models = []
+        return models + ([served] if all(model["id"] != served["id"] for model in models) else [])
+
+    ModelManager.get_gen_models = staticmethod(cached_and_served_models)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path, help="folder of an InternVL-X checkpoint (bundle files included)")
@@ -118,13 +142,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextlib.contextmanager
-def running(model_dir: Path, *options: str, log: Path | None = None, timeout: float = 300):
+def running(model_dir: Path, *options: str, log: Path | None = None, env: dict | None = None, timeout: float = 300):
     """Run this launcher in a child process on a free port of 127.0.0.1 until the block ends; yields the API's base
-    URL (`http://127.0.0.1:PORT/v1`) once the server answers `/health`. The child is stopped by its PID."""
+    URL (`http://127.0.0.1:PORT/v1`) once the server answers `/health`. `env` is added to this process's
+    environment. The child is stopped by its PID."""
     port = free_port()
     output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (open for the server's lifetime)
     command = [sys.executable, str(Path(__file__).resolve()), str(model_dir), "--port", str(port), *options]
-    process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -158,6 +183,7 @@ def main(argv=None) -> None:
     command = serve_arguments(args)
     register(args.model_dir)
     report_input_errors_as_bad_requests()
+    list_the_served_model(args.model_dir)
     from transformers.cli.transformers import app
 
     print(f"serving {args.model_dir.resolve()} at http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
