@@ -367,8 +367,9 @@ class InternVLXConfig(PretrainedConfig):
         self._refuse_windowed_layers("LVTC", "set lvtc_enabled=False")
         if self.lvtc_upsample_mode not in ("nearest", "bilinear"):
             raise ValueError(f"lvtc_upsample_mode must be 'nearest' or 'bilinear', got {self.lvtc_upsample_mode!r}.")
-        ratio, factor = self.lvtc_hr_downsample_ratio, self.lvtc_hr_downsample_factor
-        if not 0 < ratio <= 1 or abs(1 / ratio - factor) > 1e-6 or self.patch_grid_size % factor:
+        ratio = self.lvtc_hr_downsample_ratio
+        factor = self.lvtc_hr_downsample_factor if 0 < ratio <= 1 else None
+        if factor is None or abs(1 / ratio - factor) > 1e-6 or self.patch_grid_size % factor:
             raise ValueError(
                 f"lvtc_hr_downsample_ratio must be 1/M2 with M2 dividing the {self.patch_grid_size}-patch grid, "
                 f"got {ratio}."

@@ -410,6 +410,11 @@ def check_arguments(args) -> None:
     shard = args.max_shard_size_gb
     if not math.isfinite(shard) or shard <= 0:
         raise ConversionError(f"--max-shard-size-gb must be a finite number of gigabytes above 0, got {shard}")
+    if not 1 <= shard * 2**30 < math.inf:
+        raise ConversionError(
+            f"--max-shard-size-gb {shard} is {shard * 2**30} bytes: a shard must hold at least 1 byte and a "
+            "finite number of them"
+        )
 
 
 @contextlib.contextmanager
