@@ -65,7 +65,8 @@ def images(draw):
                  "nan": np.where(array > 0.5, np.nan, array)}[values].astype(dtype)  # fmt: skip
     if layout == "CHW":
         array = np.ascontiguousarray(np.moveaxis(array, -1, 0))
-    valid = dtype in ("uint8", "uint16") or (dtype.startswith("float") and values == "in range")
+    in_range = values == "in range" or (values == "nan" and not np.isnan(array).any())  # a draw may have no NaN
+    valid = dtype in ("uint8", "uint16") or (dtype.startswith("float") and in_range)
     return (torch.from_numpy(array) if kind == "torch" else array), (width, height), valid
 
 
