@@ -555,6 +555,14 @@ class InternVLXStaticCache(StaticCache):
         ]
 
 
+def weighing_nothing(outputs) -> torch.Tensor | float:
+    """A zero that depends on every tensor of `outputs`: added to hidden states it changes no value and no gradient
+    of the text path, but puts the modules that made `outputs` in the graph (each gets a zero gradient). ZeRO and
+    DDP then see the same modules run and the same gradients reduced on every rank, with images or without."""
+    outputs = list(outputs)
+    return sum(output.sum() for output in outputs) * 0 if outputs else 0.0
+
+
 class PhasedDecoder:
     """The decoder layers in two phases on different sequences: layers 0..s-1 run on the input sequence, layers s..
     on a sequence the schedule derives from it at layer s. LVTC (`LVTCSchedule`) expands every tile's visual span
@@ -599,6 +607,10 @@ class PhasedDecoder:
         """Final normed `(B, L2, D)` states → `(B, L, D)` aligned with the input."""
         raise NotImplementedError
 
+    def second_phase_modules(self, vision_features: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs of the modules `enter` runs on `vision_features` (LVTC's HR projector), for padding tiles."""
+        return []
+
     # ---- the layer loop ------------------------------------------------------------------------------------------
     def __call__(
         self,
@@ -611,9 +623,13 @@ class PhasedDecoder:
         vision_features: torch.Tensor | None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        padding_vision_features: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Run the decoder layers under the schedule.
+
+        `padding_vision_features` (a batch without images given padding tiles, see `InternVLXModel.forward`): the
+        schedule's projectors run on them where they would run on real tiles, in the same order, and add nothing.
 
         `inputs_embeds (B, L, D)` → `last_hidden_state (B, L, D)`. With `output_hidden_states`, the input of every layer
         then the final normed state; with `output_attentions` (eager attention), each layer's weights `(B, heads, q,
@@ -662,6 +678,9 @@ class PhasedDecoder:
         additions = self.first_phase_additions(vision_features)
         image_positions = image_mask.nonzero(as_tuple=True) if additions else None
         hidden_states = last_input = inputs_embeds
+        if padding_vision_features is not None:
+            padding_outputs = self.first_phase_additions(padding_vision_features).values()
+            hidden_states = last_input = hidden_states + weighing_nothing(padding_outputs)
         rotary = self.decoder.rotary_emb(hidden_states, position_ids)
         for layer_index, layer in enumerate(layers[: self.switch_layer]):
             if layer_index in additions:
@@ -680,6 +699,9 @@ class PhasedDecoder:
                 padding = padding[:, :length] if padding is not None else None
                 switch = self.enter(hidden_states, image_mask, padding, position_ids, vision_features, last_input)
                 hidden_states, second_positions = switch.hidden_states, switch.position_ids
+                if padding_vision_features is not None:
+                    padding_outputs = self.second_phase_modules(padding_vision_features)
+                    hidden_states = hidden_states + weighing_nothing(padding_outputs)
                 prompt_keys = switch.key_mask
                 if cache is not None:
                     prompt_keys = self.store_state(cache, switch, length).prompt_keys
@@ -880,6 +902,10 @@ class LVTCSchedule(PhasedDecoder):
     def leave(self, hidden_states: torch.Tensor, switch: PhaseSwitch, image_mask: torch.Tensor) -> torch.Tensor:
         return self.pool(hidden_states, switch.layout, image_mask, image_mask.shape[1])
 
+    def second_phase_modules(self, vision_features: torch.Tensor) -> list[torch.Tensor]:
+        hr_projector = getattr(self.model, "lvtc_hr_projector", None)
+        return [hr_projector(vision_features)] if hr_projector is not None else []
+
     def expand(
         self,
         hidden_states: torch.Tensor,
@@ -1069,6 +1095,13 @@ class InternVLXPreTrainedModel(PreTrainedModel):
         if isinstance(module, InternVLXPVTCProjector) and hasattr(module, "cls_scale"):
             init.ones_(module.cls_scale)
 
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """Transformers' `save_pretrained`, writing the bundle's own tensor names (the names every InternVL-X
+        checkpoint holds) unless `save_original_format=True` is passed. Transformers' default, True, undoes the
+        renamings it applied when loading; a model built under DeepSpeed ZeRO-3 records every renaming, used or not,
+        so its saves got `model.language_model.model.*` names that Transformers before 5.23 cannot read."""
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
 
 def spans_hold_images(span_tiles: list[int], image_tiles: list[int]) -> bool:
     """Whether runs of image tokens of `span_tiles` tiles each are the images of `image_tiles` tiles in order;
@@ -1249,6 +1282,28 @@ class InternVLXModel(InternVLXPreTrainedModel):
                     "tiles of pixel_values."
                 )
 
+    def check_image_flags(
+        self, image_flags: torch.Tensor, pixel_values: torch.Tensor, input_ids: torch.Tensor | None, inputs_embeds
+    ) -> None:
+        """`image_flags` holds one 0 or 1 per tile, all 1 (tiles of images) or all 0 (padding tiles, for a text
+        without image tokens)."""
+        flags = image_flags.flatten().tolist()
+        if len(flags) != pixel_values.shape[0] or any(flag not in (0, 1) for flag in flags):
+            raise ValueError(
+                f"image_flags must hold a 0 or 1 for each of the {pixel_values.shape[0]} tiles of pixel_values, "
+                f"got {flags[:20]}{' ...' if len(flags) > 20 else ''} ({len(flags)} values)."
+            )
+        if 0 < sum(flags) < len(flags):
+            raise ValueError(
+                f"image_flags marks {len(flags) - sum(flags)} of {len(flags)} tiles as padding: padding tiles let a "
+                "batch without images run the vision tower and cannot share a batch with images; give all 1 or all 0."
+            )
+        image_tokens = int(self.get_placeholder_mask(input_ids, inputs_embeds).sum())
+        if sum(flags) == 0 and image_tokens:
+            raise ValueError(
+                f"image_flags marks all {len(flags)} tiles as padding but the text has {image_tokens} image tokens."
+            )
+
     def check_image_spans(
         self, image_mask: torch.Tensor, pixel_values: torch.Tensor, num_patches: torch.LongTensor | None
     ) -> None:
@@ -1317,6 +1372,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         num_patches: torch.LongTensor | None = None,
+        image_flags: torch.LongTensor | None = None,
         **kwargs,
     ) -> InternVLXModelOutputWithPast:
         """
@@ -1325,6 +1381,10 @@ class InternVLXModel(InternVLXPreTrainedModel):
             pixel_values: `(num_tiles, 3, H, W)` tiles of all images of the batch, in order of appearance.
             attention_mask: `(batch, seq)`, 1 for real tokens, 0 for padding.
             num_patches: tiles per image as the processor returns them; checked against `pixel_values` when given.
+            image_flags: `(num_tiles,)`, 1 for an image's tile, 0 for a padding tile (as in InternVL's training
+                data). A batch without images may carry padding tiles (all 0) so that the vision tower and every
+                projector run on every step, as ZeRO needs when each rank gets its own batch: they add nothing to
+                the outputs and give their modules zero gradients. Tiles of both kinds in one batch are refused.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -1335,7 +1395,13 @@ class InternVLXModel(InternVLXPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        image_features = vision_features = image_mask = None
+        image_features = vision_features = image_mask = padding_vision_features = None
+        if checking and pixel_values is not None and image_flags is not None:
+            self.check_image_flags(image_flags, pixel_values, input_ids, inputs_embeds)
+        if pixel_values is not None and image_flags is not None and not bool(image_flags.flatten()[0]):
+            padding_vision_features = self.get_vision_features(pixel_values)
+            inputs_embeds = inputs_embeds + weighing_nothing([self.multi_modal_projector(padding_vision_features)])
+            pixel_values = None
         if pixel_values is not None:
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
             if checking:
@@ -1349,9 +1415,9 @@ class InternVLXModel(InternVLXPreTrainedModel):
         )
         schedule = self.token_schedule()
         if schedule is not None:
-            outputs = schedule(
-                cache=cache, image_mask=image_mask, vision_features=vision_features, **language_inputs, **kwargs
-            )
+            vision = dict(image_mask=image_mask, vision_features=vision_features,
+                          padding_vision_features=padding_vision_features)  # fmt: skip
+            outputs = schedule(cache=cache, **vision, **language_inputs, **kwargs)
         else:
             outputs = self.language_model(**language_inputs, **named_cache(cache), return_dict=True, **kwargs)
         return InternVLXModelOutputWithPast(
@@ -1409,6 +1475,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_patches: torch.LongTensor | None = None,
+        image_flags: torch.LongTensor | None = None,
         **kwargs,
     ) -> InternVLXCausalLMOutputWithPast:
         """
@@ -1427,6 +1494,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             num_patches=num_patches,
+            image_flags=image_flags,
             return_dict=True,
             **named_cache(cache),
             **kwargs,
