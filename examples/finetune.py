@@ -44,8 +44,10 @@ from transformers import (
     AutoProcessor,
     HfArgumentParser,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 logger = logging.getLogger(__name__)
 PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "model.lvtc_lr_projectors.", "model.lvtc_hr_projector.")
@@ -271,10 +273,16 @@ class ChatDataset(Dataset):
 @dataclass
 class ChatCollator:
     """Pads `input_ids` (with `pad_token_id`) and `labels` (with -100) on `padding_side`, concatenates every sample's
-    tiles into `pixel_values` and their counts into `num_patches`; batches without images carry neither."""
+    tiles into `pixel_values` and their counts into `num_patches`. A batch without images carries no tiles, or, with
+    `padding_tile` (its `(channels, height, width)`), one black padding tile marked `image_flags = [0]`: the model
+    then runs its vision tower and projectors on it and adds nothing, so every step runs the same modules whatever
+    the batch holds. DeepSpeed ZeRO needs that when each process trains on its own batch: it gathers and reduces
+    each module's parameters as the module runs, and a process that skips the vision tower while another runs it
+    stops the run."""
 
     pad_token_id: int
     padding_side: str = "right"
+    padding_tile: tuple[int, int, int] | None = None
 
     def __call__(self, samples: list[dict]) -> dict:
         longest = max(len(s["input_ids"]) for s in samples)
@@ -291,7 +299,15 @@ class ChatCollator:
         if with_images:
             batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
             batch["num_patches"] = torch.cat([s["num_patches"] for s in with_images])
+        elif self.padding_tile:
+            batch["pixel_values"] = torch.zeros(1, *self.padding_tile)
+            batch["image_flags"] = torch.zeros(1, dtype=torch.long)
         return batch
+
+
+def padding_tile(config) -> tuple[int, int, int]:
+    """`(channels, height, width)` of one tile of the model's vision tower."""
+    return (config.vision_config.num_channels, config.tile_size, config.tile_size)
 
 
 def configure_trainable(model, args: ModelArguments):
@@ -353,6 +369,64 @@ def checkpoint_problems(folder: Path) -> list[str]:
     return problems
 
 
+def parameter_count(parameter: torch.nn.Parameter) -> int:
+    """Elements of a parameter; under ZeRO-3 a parameter holds only this process's part, `ds_numel` the whole."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
+def gathered_parameters(model):
+    """A context in which every parameter is whole on every process (ZeRO-3 gathers them; read-only: changes are
+    not written back); without ZeRO-3 it does nothing. LoRA's merge reads the whole base weights."""
+    import contextlib
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def expected_tensor_names(model) -> set[str]:
+    """The tensor names a checkpoint of `model` holds: its state dict's, less the second name of tied weights."""
+    duplicates = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    duplicates -= {name for name, _ in model.named_parameters()}
+    return set(model.state_dict()) - duplicates
+
+
+def saved_tensor_names(folder: Path) -> set[str]:
+    """Tensor names of the safetensors checkpoint in `folder` (one file or an index of shards)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return set(json.loads(index.read_text())["weight_map"])
+    with safe_open(folder / "model.safetensors", framework="pt") as reader:
+        return set(reader.keys())
+
+
+def check_saved_names(folder: Path, expected: set[str]) -> None:
+    """Fail loudly if a checkpoint's tensor names are not the model's own (it would load with random weights)."""
+    saved = saved_tensor_names(folder)
+    if saved != expected:
+        unexpected, missing = sorted(saved - expected), sorted(expected - saved)
+        raise RuntimeError(
+            f"the checkpoint written to {folder} holds {len(unexpected)} tensor names the model does not have "
+            f"(e.g. {unexpected[:3]}) and lacks {len(missing)} of its own (e.g. {missing[:3]}); it would load with "
+            "random weights. Save with this bundle's save_pretrained (it keeps the model's own names)."
+        )
+
+
+class CheckSavedNames(TrainerCallback):
+    """Checks each checkpoint the Trainer writes (`check_saved_names`), on the main process."""
+
+    def __init__(self, model):
+        self.expected = expected_tensor_names(model)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            check_saved_names(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.expected)
+
+
 def resume_point(value: str | None, output_dir: str) -> str | None:
     """`--resume_from_checkpoint`: a checkpoint folder, or `last` for the newest complete one in `--output_dir`
     (incomplete ones, e.g. from a run killed while saving, are skipped with a warning naming them)."""
@@ -375,6 +449,17 @@ def resume_point(value: str | None, output_dir: str) -> str | None:
     raise ValueError(f"no complete checkpoint in {output_dir} to resume from (looked at {len(folders)}).")
 
 
+def join_deepspeed_to_the_process_group(training_args: TrainingArguments) -> None:
+    """Have DeepSpeed's communication use the process group the Trainer's arguments set up, before the model is
+    built: ZeRO-3 partitions parameters as `from_pretrained` creates them and reads the world size then. On a
+    CPU (`--use_cpu`) Accelerate starts a gloo group that DeepSpeed does not know of, and it would count 1 process."""
+    import deepspeed
+
+    training_args.device  # noqa: B018 (sets up the process group)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
 def main(argv=None) -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -382,6 +467,8 @@ def main(argv=None) -> None:
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = True  # text-only batches leave the projectors unused
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    if training_args.deepspeed:
+        join_deepspeed_to_the_process_group(training_args)
 
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
@@ -389,8 +476,8 @@ def main(argv=None) -> None:
         model_args.model_name_or_path, trust_remote_code=True, dtype=dtype if dtype != torch.float16 else torch.float32
     )
     model = configure_trainable(model, model_args)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("trainable parameters: %d of %d", trainable, sum(p.numel() for p in model.parameters()))
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    logger.info("trainable parameters: %d of %d", trainable, sum(parameter_count(p) for p in model.parameters()))
 
     train_dataset = ChatDataset(read_meta(data_args.meta_path), processor, data_args.max_length)
     eval_dataset = (
@@ -403,17 +490,24 @@ def main(argv=None) -> None:
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=ChatCollator(processor.tokenizer.pad_token_id),
+        data_collator=ChatCollator(processor.tokenizer.pad_token_id, padding_tile=padding_tile(model.config)),
+        callbacks=[CheckSavedNames(model)] if not model_args.lora_rank else None,
     )
     trainer.train(resume_from_checkpoint=resume_point(training_args.resume_from_checkpoint, training_args.output_dir))
     trainer.save_model()
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
-        if model_args.lora_rank:
-            merged_dir = Path(training_args.output_dir) / "merged"
-            model.merge_and_unload().save_pretrained(merged_dir)
-            processor.save_pretrained(merged_dir)
-            logger.info("merged LoRA model written to %s", merged_dir)
+        if not model_args.lora_rank:
+            check_saved_names(Path(training_args.output_dir), expected_tensor_names(model))
+    if model_args.lora_rank:
+        merged_dir = Path(training_args.output_dir) / "merged"
+        with gathered_parameters(model):  # every rank enters: under ZeRO-3 gathering is collective
+            if trainer.is_world_process_zero():
+                merged = model.merge_and_unload()
+                merged.save_pretrained(merged_dir)
+                processor.save_pretrained(merged_dir)
+                check_saved_names(merged_dir, expected_tensor_names(merged))
+                logger.info("merged LoRA model written to %s", merged_dir)
     if eval_dataset is not None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)

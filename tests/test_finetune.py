@@ -149,6 +149,13 @@ def test_collator_on_a_mixed_batch(lvtc_dir, data):
     assert "pixel_values" not in text_only and "num_patches" not in text_only
     model = AutoModelForImageTextToText.from_pretrained(lvtc_dir, trust_remote_code=True)
     assert torch.isfinite(model(**finetune.ChatCollator(pad)(samples)).loss)
+    # With a padding tile (what finetune.py uses): text-only batches carry one, marked as padding; the loss is the same
+    collator = finetune.ChatCollator(pad, padding_tile=finetune.padding_tile(model.config))
+    padded = collator([dataset[3], dataset[7]])
+    assert padded["pixel_values"].shape == (1, 3, model.config.tile_size, model.config.tile_size)
+    assert padded["image_flags"].tolist() == [0] and "num_patches" not in padded
+    torch.testing.assert_close(model(**padded).loss, model(**text_only).loss, rtol=0, atol=0)
+    assert "image_flags" not in collator(samples)
 
 
 def run(args):
@@ -284,6 +291,7 @@ LAUNCHERS = {
 }  # fmt: skip
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_process_launch(lvtc_dir, data, tmp_path, launcher):
     python_path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)  # keep `make test-min`'s
