@@ -32,6 +32,7 @@ def one_process(folder) -> tuple[list, torch.Tensor]:
     return output.sequences[:, inputs["input_ids"].shape[1] :].tolist(), torch.stack(output.logits, dim=1)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_two_processes_generate_what_one_process_generates(bundle, tmp_path, variant, tied):
