@@ -25,8 +25,10 @@ DEFAULT_SYSTEM_MESSAGE = (
 )
 
 # InternLM2 chat format (ChatML): each turn is the start token, its role, a newline, its content, the end token and a
-# newline; the InternVL2 system message unless one is given; every
-# image item becomes an `<image>` placeholder on its own line, which the processor expands into image tokens. Each
+# newline; the InternVL2 system message unless one is given; every image item becomes the processor's image token,
+# `<IMG_CONTEXT>`, on its own line (as in Transformers' InternVL; InternVL2's own prompts write `<image>` there, which
+# the processor reads the same), which the processor expands into the image's span of image tokens. Serving engines
+# that expand images themselves (vLLM) look for that token in the rendered prompt. Each
 # assistant reply and its <|im_end|> sit in a generation block: what `return_assistant_tokens_mask` marks for
 # training. A content part the format cannot show (a video, audio, a part without a type) is refused, never dropped.
 # This is the only rendering of the format in the project: training and inference both use it.
@@ -34,7 +36,7 @@ CHAT_TEMPLATE = (
     "{%- macro render_content(content) %}"
     "{%- if content is string %}{{ content }}"
     "{%- elif content is defined and content is not none %}{%- for item in content %}"
-    "{%- if item['type'] in ('image', 'image_url') %}{{ '<image>\\n' }}"
+    "{%- if item['type'] in ('image', 'image_url') %}{{ '<IMG_CONTEXT>\\n' }}"
     "{%- elif item['type'] == 'text' %}{{ item['text'] }}"
     "{%- else %}{{ raise_exception('InternVL-X chats hold text and image parts only, got a part of type ' "
     "+ (item['type'] | string)) }}{%- endif %}"
@@ -191,10 +193,14 @@ class InternVLXProcessor(ProcessorMixin):
             text: a string or a list of strings holding one placeholder (`<image>` or `<IMG_CONTEXT>`) per image.
             kwargs: image-processor options (`max_patches`, `slicing`, ...), tokenizer options, `return_tensors`
                 (`"pt"` unless given), `return_mm_token_type_ids`, `return_text_replacement_offsets`, or the same
-                under `images_kwargs` / `text_kwargs`.
+                under `images_kwargs` / `text_kwargs`; `return_num_patches` (see below).
 
         Returns:
-            `BatchFeature` with `input_ids`, `attention_mask` and, with images, `pixel_values` and `num_patches`.
+            `BatchFeature` with `input_ids`, `attention_mask` and, with images, `pixel_values` (every image's tiles,
+            one row each) and `num_patches` (tiles per image). A caller that asks for
+            `return_text_replacement_offsets` locates each image by its replacement and gets no `num_patches` unless
+            it passes `return_num_patches=True`: vLLM's Transformers backend asks for the offsets and cuts every
+            other output into images by their tile counts, which a field of one value per image does not fit.
         """
         if text is None:
             raise ValueError("InternVLXProcessor needs `text` (with one `<image>` per image).")
@@ -225,7 +231,12 @@ class InternVLXProcessor(ProcessorMixin):
         rendered = bos and all(sample.startswith(bos) for sample in text)
         if rendered and "add_special_tokens" not in kwargs and "add_special_tokens" not in text_kwargs:
             kwargs["add_special_tokens"] = False  # a rendered chat template already starts with BOS: not a second
+        return_num_patches = kwargs.pop("return_num_patches", None)
         outputs = super().__call__(images=images or None, text=text, **kwargs)
+        if return_num_patches is None:
+            return_num_patches = "text_replacement_offsets" not in outputs
+        if not return_num_patches:
+            outputs.pop("num_patches", None)
         if "text_replacement_offsets" in outputs:
             outputs["text_replacement_offsets"] = [
                 offsets_in_given_text(offsets, sample)

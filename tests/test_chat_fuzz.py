@@ -33,12 +33,12 @@ def data_uri(image: PIL.Image.Image) -> str:
 def expected_rendering(messages: list[dict], add_generation_prompt: bool) -> str:
     """The InternLM2 chat format, written out from its description: `<s>`, the system turn (InternVL2's system
     message unless the first message is a system message), one `<|im_start|>role\\n…<|im_end|>\\n` turn per message,
-    each image part an `<image>` line."""
+    each image part a line of the image token, `<IMG_CONTEXT>`."""
 
     def content(value) -> str:
         if value is None or isinstance(value, str):
             return value or ""
-        return "".join("<image>\n" if part["type"] in ("image", "image_url") else part["text"] for part in value)
+        return "".join("<IMG_CONTEXT>\n" if part["type"] in ("image", "image_url") else part["text"] for part in value)
 
     if messages and messages[0]["role"] == "system":
         system, messages = content(messages[0].get("content")), messages[1:]

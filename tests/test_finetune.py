@@ -70,7 +70,8 @@ def test_labels_supervise_only_the_replies_of_a_multi_turn_sample(lvtc_dir, data
                 {"role": "assistant", "content": "red"}, {"role": "user", "content": "Sure?"},
                 {"role": "assistant", "content": "yes, red"}]  # fmt: skip
     rendered = processor.apply_chat_template(messages)
-    expanded = rendered.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (tiles * processor.image_seq_length) + "</img>")
+    span = "<img>" + "<IMG_CONTEXT>" * (tiles * processor.image_seq_length) + "</img>"
+    expanded = rendered.replace(processor.image_token, span, 1)
     assert tokenizer.decode(sample["input_ids"]) == expanded
     assert sample["input_ids"][0] == tokenizer.bos_token_id
 

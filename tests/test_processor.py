@@ -55,7 +55,7 @@ def test_chat_template_is_internlm2_chat(loaded):
     processor, _ = loaded
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    expected = f"<s><|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n"
+    expected = f"<s><|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\nWhat is it?<|im_end|>\n"
     assert text == expected + "<|im_start|>assistant\n"
     custom = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert (
@@ -156,7 +156,14 @@ def test_serving_engines_get_token_counts_types_and_offsets(loaded):
     out = processor(images=images, text=text, return_mm_token_type_ids=True, return_text_replacement_offsets=True)
     counts = processor._get_num_multimodal_tokens(image_sizes=[(60, 120), (50, 50)])
     assert processor.image_token == "<IMG_CONTEXT>" and processor.image_token_id == model.config.image_token_id
-    assert counts["num_image_patches"] == out["num_patches"].tolist() == [3, 1]
+    assert counts["num_image_patches"] == [3, 1] and len(out["pixel_values"]) == 4
+    # with the offsets, no per-image field beside the tiles (vLLM cuts every output by tiles), unless asked for
+    assert "num_patches" not in out
+    asked = processor(images=images, text=text, return_text_replacement_offsets=True, return_num_patches=True)
+    assert asked["num_patches"].tolist() == [3, 1] and processor(images=images, text=text)["num_patches"].tolist() == [
+        3,
+        1,
+    ]
     assert counts["num_image_tokens"] == [2 + 3 * model.config.tokens_per_tile, 2 + model.config.tokens_per_tile]
     assert int(out["mm_token_type_ids"].sum()) == sum(counts["num_image_tokens"])
     (offsets,) = out["text_replacement_offsets"]
