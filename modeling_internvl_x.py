@@ -1115,6 +1115,33 @@ def spans_hold_images(span_tiles: list[int], image_tiles: list[int]) -> bool:
     return not remaining
 
 
+# Attention implementations of serving engines that run the decoder layers on their own paged KV cache.
+PAGED_ENGINE_ATTENTION = ("vllm",)
+
+
+def refuse_paged_engines(config: InternVLXConfig) -> None:
+    """LVTC and FastV change how many tokens the decoder layers hold (LVTC: each tile N2² tokens from layer k on
+    instead of N1²; FastV: fewer from layer K on). vLLM's paged KV cache gives every layer of a request the same
+    number of tokens (its `KVCacheSpec`, `KVCacheManager.allocate_slots` and `CommonAttentionMetadata`), so it cannot
+    run them: refused when the model is built, not at the first request."""
+    implementation = attention_implementation(config.text_config)
+    if implementation not in PAGED_ENGINE_ATTENTION:
+        return
+    if config.lvtc_enabled:
+        schedule, change, setting = "LVTC", "each tile N2² tokens from layer k on instead of N1²", "lvtc_enabled=False"
+    elif config.visual_token_pruning_layer is not None:
+        schedule, change, setting = "FastV", "fewer visual tokens from layer K on", "visual_token_pruning_layer=None"
+    else:
+        return
+    raise ValueError(
+        f"this checkpoint uses {schedule}, whose decoder layers hold different numbers of tokens ({change}), but "
+        f"{implementation!r} attention keeps one paged KV cache with the same token count in every layer (vLLM's "
+        "KVCacheSpec, KVCacheManager.allocate_slots, CommonAttentionMetadata), so it cannot run it. Serve a PVTC or "
+        f"pixel-shuffle checkpoint ({setting}, or a conversion with --no-lvtc) with it, or this one with "
+        "`transformers serve` (examples/serve.py)."
+    )
+
+
 class InternVLXModel(InternVLXPreTrainedModel):
     """Vision tower + projector + language model, without the LM head.
 
@@ -1124,6 +1151,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
 
     def __init__(self, config: InternVLXConfig):
         config.validate()  # a config edited after it was made is checked before anything is built from it
+        refuse_paged_engines(config)
         super().__init__(config)
         self.vision_tower = InternVLVisionModel(config.vision_config)
         self.multi_modal_projector = PROJECTOR_CLASSES[config.projector_type](config)

@@ -113,3 +113,25 @@ def test_images_written_back_to_back_share_one_span(model):
     ids = torch.tensor([prompt(2, [120] * 12, 2)])
     out = model(input_ids=ids, pixel_values=tiles(3), num_patches=torch.tensor([1, 2]))
     assert out.logits.shape[1] == ids.shape[1]
+
+
+@pytest.mark.parametrize(
+    "overrides,schedule",
+    [
+        (dict(text=dict(num_hidden_layers=4), lvtc_enabled=True, lvtc_expand_layer=3, lvtc_inject_start=1), "LVTC"),
+        (dict(text=dict(num_hidden_layers=4), visual_token_pruning_layer=2, visual_token_pruning_ratio=0.5), "FastV"),
+    ],
+)
+def test_lvtc_and_fastv_are_refused_under_vllm_attention_when_the_model_is_built(bundle, overrides, schedule):
+    """vLLM's Transformers backend builds the model with `_attn_implementation = "vllm"` (tests/test_vllm.py runs the
+    engine); a paged KV cache holds the same token count in every layer, which LVTC and FastV change."""
+    config = bundle.config(**overrides)
+    config.text_config._attn_implementation = "vllm"
+    with pytest.raises(ValueError, match=rf"uses {schedule}, whose decoder layers hold different numbers of tokens"):
+        bundle.Model(config)
+    refuse = bundle.function("modeling_internvl_x", "refuse_paged_engines")
+    plain = bundle.config(**{**overrides, "lvtc_enabled": False, "visual_token_pruning_layer": None})
+    plain.text_config._attn_implementation = "vllm"
+    assert refuse(plain) is None  # PVTC and pixel shuffle serve: tests/test_vllm.py
+    config.text_config._attn_implementation = "sdpa"
+    assert refuse(config) is None
