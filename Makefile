@@ -4,7 +4,7 @@ VENV ?= .venv
 MIN_SITE ?= .venv-min
 PY := $(VENV)/bin/python
 
-.PHONY: install lock demo test test-min test-compat test-peer test-peer-min lint bench clean
+.PHONY: install lock demo test test-min test-compat test-peer test-peer-min test-vllm lint bench clean
 
 # requirements-lock.txt holds the versions the suite last passed with (torch excepted: the machine's own build), so a
 # fresh clone installs what was tested; `make lock` writes it again after a requirements change.
@@ -50,6 +50,14 @@ test-peer: install
 test-peer-min: $(MIN_SITE)/.installed
 	PYTHONPATH=$(CURDIR)/$(MIN_SITE) $(PY) -m pytest -q peer_tests
 
+# vLLM's CPU build in its own virtualenv (tests/vllm_env.py says what it needs here), then tests/test_vllm.py in it.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: requirements-vllm.txt serving/vllm_cpu_fixes.py tests/vllm_env.py
+	$(PYTHON) tests/vllm_env.py --venv $(VLLM_VENV)
+
+test-vllm: $(VLLM_VENV)/.installed
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -58,4 +66,4 @@ bench: install
 	$(PY) benchmarks/run.py --suite baseline --out benchmarks/results/baseline-cpu.json
 
 clean:
-	rm -rf $(VENV) $(MIN_SITE) .venv-compat .peer .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_SITE) $(VLLM_VENV) .venv-compat .peer .pytest_cache .ruff_cache

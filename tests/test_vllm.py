@@ -1,0 +1,242 @@
+"""Serving with vLLM's Transformers backend (`model_impl="transformers"`), on vLLM's CPU build: `make test-vllm` runs
+this file in `.venv-vllm` (tests/vllm_env.py); elsewhere vLLM is not importable and it is skipped.
+
+Checkpoints are built from the committed digits demo: with LVTC off (its PVTC projector, as the authors' released
+models), and with LVTC off and a pixel-shuffle projector (InternVL2's). Each engine runs in a process of its own
+(tests/vllm_runs.py, or `vllm serve`), so it is shut down with it. References are Transformers' `generate` on the same
+checkpoint, in this process.
+"""
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vLLM runs in its own virtualenv: make test-vllm")
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+
+from tests.conftest import ROOT  # noqa: E402
+
+DEMO = ROOT / "examples" / "digits-demo"
+EXAMPLES = json.loads((DEMO / "examples.json").read_text())
+MAX_TOKENS = 8
+ENV = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(ROOT))
+
+
+def build(folder: Path, seed: int = 0, **overrides) -> Path:
+    """The demo checkpoint with `overrides`, saved with its processor (and, with `projector_type`, a new projector
+    initialised from `seed`)."""
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_pretrained(DEMO, trust_remote_code=True, **overrides)
+    model.save_pretrained(folder)
+    AutoProcessor.from_pretrained(DEMO, trust_remote_code=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vllm-checkpoints")
+    return {
+        "pvtc": build(root / "pvtc", lvtc_enabled=False),
+        "pixel_shuffle": build(root / "pixel_shuffle", seed=1, lvtc_enabled=False, projector_type="pixel_shuffle"),
+        "fastv": build(
+            root / "fastv", lvtc_enabled=False, visual_token_pruning_layer=1, visual_token_pruning_ratio=0.5
+        ),  # fmt: skip
+        "lvtc": DEMO,
+    }
+
+
+def question(example: dict) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example["question"]}]}]
+
+
+def transformers_greedy(path: Path, examples: list[dict], **processor_kwargs) -> list[dict]:
+    """Per example: Transformers' greedy tokens (ending at `<|im_end|>`), their log-probabilities, the prompt."""
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+    results = []
+    for example in examples:
+        prompt = processor.apply_chat_template(question(example), add_generation_prompt=True, tokenize=False)
+        image = Image.open(DEMO / example["image"]).convert("RGB")
+        inputs = processor(images=[image], text=prompt, return_tensors="pt", **processor_kwargs)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)  # fmt: skip
+        tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(out.logits, tokens)]
+        results.append({"prompt": prompt, "token_ids": tokens, "logprobs": logprobs,
+                        "prompt_token_ids": inputs["input_ids"][0].tolist()})  # fmt: skip
+    return results
+
+
+def vllm_run(tmp_path: Path, spec: dict) -> subprocess.CompletedProcess:
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    command = [sys.executable, str(ROOT / "tests" / "vllm_runs.py"), str(tmp_path / "spec.json"),
+               str(tmp_path / "out.json")]  # fmt: skip
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
+
+
+def vllm_results(tmp_path: Path, spec: dict) -> list[dict]:
+    result = vllm_run(tmp_path, spec)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((tmp_path / "out.json").read_text())["results"]
+
+
+def raw_prompt(prompt: str, bos: str = "<s>") -> str:
+    """A rendered chat prompt as vLLM's `generate` takes it: vLLM's tokenizer adds the BOS the template wrote."""
+    return prompt.removeprefix(bos)
+
+
+@pytest.mark.parametrize("name", ["pvtc", "pixel_shuffle"])
+def test_a_batch_of_demo_questions_gives_transformers_greedy_tokens(checkpoints, name, tmp_path):
+    references = transformers_greedy(checkpoints[name], EXAMPLES)
+    requests = [{"prompt": raw_prompt(r["prompt"]), "images": [str(DEMO / e["image"])]}
+                for r, e in zip(references, EXAMPLES)]  # fmt: skip
+    results = vllm_results(tmp_path, {"model": str(checkpoints[name]), "requests": requests, "max_tokens": MAX_TOKENS})
+    worst = 0.0
+    for reference, result in zip(references, results):
+        assert result["prompt_token_ids"] == reference["prompt_token_ids"]  # the same image spans, token for token
+        assert result["token_ids"] == reference["token_ids"]
+        worst = max([worst] + [abs(a - b) for a, b in zip(result["logprobs"], reference["logprobs"])])
+    assert worst <= 1e-4, worst
+    if name == "pvtc":  # the answers end the turn: `<|im_end|>` is the checkpoint's end of generation
+        end = AutoProcessor.from_pretrained(checkpoints[name], trust_remote_code=True).tokenizer.convert_tokens_to_ids(
+            "<|im_end|>"
+        )
+        assert all(result["token_ids"][-1] == end and result["finish_reason"] == "stop" for result in results)
+
+
+def test_chat_with_an_image_url_answers_as_transformers_and_stops_at_the_end_of_the_turn(checkpoints, tmp_path):
+    examples = EXAMPLES[:3]
+    references = transformers_greedy(checkpoints["pvtc"], examples)
+    conversations = []
+    for example in examples:
+        data = base64.b64encode((DEMO / example["image"]).read_bytes()).decode()
+        conversations.append([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+            {"type": "text", "text": example["question"]}]}])  # fmt: skip
+    spec = {"model": str(checkpoints["pvtc"]), "kind": "chat", "requests": conversations, "max_tokens": MAX_TOKENS}
+    results = vllm_results(tmp_path, spec)
+    processor = AutoProcessor.from_pretrained(checkpoints["pvtc"], trust_remote_code=True)
+    for reference, result in zip(references, results):
+        assert result["prompt_token_ids"] == reference["prompt_token_ids"]
+        assert result["token_ids"] == reference["token_ids"] and result["finish_reason"] == "stop"
+        assert result["text"].strip() == processor.decode(reference["token_ids"], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("name,schedule", [("lvtc", "LVTC"), ("fastv", "FastV")])
+def test_lvtc_and_fastv_are_refused_when_the_engine_loads_them(checkpoints, name, schedule, tmp_path):
+    spec = {"model": str(checkpoints[name]), "requests": [{"prompt": "Hello"}], "max_tokens": 2}
+    result = vllm_run(tmp_path, spec)
+    assert result.returncode != 0 and not (tmp_path / "out.json").exists()
+    output = result.stdout + result.stderr
+    assert f"this checkpoint uses {schedule}, whose decoder layers hold different numbers of tokens" in output
+    assert "Serve a PVTC or pixel-shuffle checkpoint" in output and "transformers serve" in output
+
+
+@pytest.mark.parametrize("slicing", ["area", "edge"])
+def test_rvtc_slicing_gives_vllm_the_processor_s_tile_counts(checkpoints, slicing, tmp_path):
+    """Images of several shapes: vLLM asks the processor how many tiles each takes (`_get_num_multimodal_tokens`)
+    and cuts `pixel_values` by it; the prompts it builds are the processor's, token for token."""
+    sizes = [(64, 64), (200, 70), (30, 180), (300, 300)]
+    options = {"slicing": slicing, "max_patches": 6}
+    processor = AutoProcessor.from_pretrained(checkpoints["pvtc"], trust_remote_code=True)
+    requests, expected = [], []
+    for index, (width, height) in enumerate(sizes):
+        path = tmp_path / f"{index}.png"
+        Image.open(DEMO / EXAMPLES[0]["image"]).convert("RGB").resize((width, height)).save(path)
+        prompt = processor.apply_chat_template(question(EXAMPLES[0]), add_generation_prompt=True, tokenize=False)
+        inputs = processor(images=[Image.open(path)], text=prompt, **options)
+        requests.append({"prompt": raw_prompt(prompt), "images": [str(path)]})
+        expected.append(inputs["input_ids"][0].tolist())
+    tiles = [processor.image_processor.get_number_of_image_patches(h, w, options) for w, h in sizes]
+    assert len(set(tiles)) > 2, tiles  # the shapes exercise the slicing
+    spec = {"model": str(checkpoints["pvtc"]), "requests": requests, "max_tokens": 1, "mm_processor_kwargs": options}
+    results = vllm_results(tmp_path, spec)
+    assert [result["prompt_token_ids"] for result in results] == expected
+
+
+# ---- vllm serve ----------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def server(checkpoints, tmp_path):
+    """`vllm serve` on a free port of 127.0.0.1 in its own process group, stopped with it."""
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "vllm"), "serve", str(checkpoints["pvtc"]), "--trust-remote-code",
+               "--model-impl", "transformers", "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1",
+               "--port", str(port)]  # fmt: skip
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (open for the server's lifetime)
+    process = subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "vllm serve did not answer /health in 600 s"
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_group(process)
+        log.close()
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (its engine processes included), SIGKILL after 60 s."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def test_vllm_serve_answers_the_openai_client_as_transformers(checkpoints, server):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=server, api_key="unused", max_retries=0, timeout=300)
+    (model,) = [entry.id for entry in client.models.list()]
+    processor = AutoProcessor.from_pretrained(checkpoints["pvtc"], trust_remote_code=True)
+    references = transformers_greedy(checkpoints["pvtc"], EXAMPLES[:2])
+
+    def ask(example: dict, url: str) -> str:
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": example["question"]}]
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                               max_tokens=MAX_TOKENS, temperature=0)  # fmt: skip
+        return reply.choices[0].message.content
+
+    def image_url(example: dict) -> str:
+        return "data:image/png;base64," + base64.b64encode((DEMO / example["image"]).read_bytes()).decode()
+
+    for example, reference in zip(EXAMPLES[:2], references):
+        expected = processor.decode(reference["token_ids"], skip_special_tokens=True).strip()
+        assert ask(example, image_url(example)).strip() == expected
+    with pytest.raises(BadRequestError) as refused:
+        ask(EXAMPLES[0], "data:image/png;base64,AAAAbm90IGFuIGltYWdl")
+    assert 400 <= refused.value.status_code < 500
+    expected = processor.decode(references[0]["token_ids"], skip_special_tokens=True).strip()
+    assert ask(EXAMPLES[0], image_url(EXAMPLES[0])).strip() == expected  # still answering
