@@ -309,3 +309,25 @@ def test_two_process_launch(lvtc_dir, data, tmp_path, launcher):
     assert state["epoch"] == pytest.approx(4 / 3)
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "checkpoint-4", trust_remote_code=True)
     assert reloaded.config.lvtc_enabled
+
+
+def test_a_distributed_run_ends_with_its_exit_handlers_run_and_its_output_flushed(tmp_path):
+    """`exit_before_interpreter_teardown` (the end of a run of more than one process) skips Python's teardown only:
+    the `atexit` handlers still run, buffered output and log records still arrive, and the status is the one given."""
+    marker = tmp_path / "handler-ran"
+    script = f"""
+import atexit, logging, pathlib, sys
+from examples import finetune
+atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text("yes"))
+logging.basicConfig(stream=sys.stderr)
+logging.getLogger("run").warning("last log record")
+sys.stdout.write("buffered, no newline")
+finetune.exit_before_interpreter_teardown(3)
+print("never reached")
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stdout == "buffered, no newline"
+    assert "last log record" in result.stderr
+    assert marker.read_text() == "yes"
