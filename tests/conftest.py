@@ -25,6 +25,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def child_env(**variables: str) -> dict[str, str]:
+    """This process's environment for a child Python that imports the project (`examples`, `tests`): the checkout
+    appended to PYTHONPATH, keeping what is already there (`make test-min` puts Transformers 5.17 in front)."""
+    python_path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
+    return dict(os.environ, PYTHONPATH=python_path, **variables)
+
+
 class Bundle:
     """The bundle's classes, imported from the repository folder through Transformers' remote-code loader."""
 

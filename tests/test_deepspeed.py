@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, make_chat_bundle
+from tests.conftest import ROOT, child_env, make_chat_bundle
 
 pytestmark = pytest.mark.distributed
 STEPS = 6
@@ -68,8 +68,7 @@ def free_port() -> int:
 
 def launch(model_dir: Path, data: Path, out: Path, *extra, zero: str | None = None) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 examples/finetune.py` with SGD, one row per process per step, on the CPU."""
-    python_path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)  # keep make test-min's
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
+    env = child_env(OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), str(ROOT / "examples" / "finetune.py"), "--model_name_or_path", model_dir,
                "--meta_path", data, "--output_dir", out, "--max_steps", STEPS, "--per_device_train_batch_size", 1,

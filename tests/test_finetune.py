@@ -1,7 +1,6 @@
 """examples/finetune.py: data, labels, collator, stages, LoRA, and real Trainer runs (one and two processes)."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from examples import finetune
 from tests.compat import CHECKPOINTING
-from tests.conftest import ROOT, make_chat_bundle
+from tests.conftest import ROOT, child_env, make_chat_bundle
 
 
 def write_dataset(folder, samples: int = 12, seed: int = 0):
@@ -295,8 +294,7 @@ LAUNCHERS = {
 @pytest.mark.distributed
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_process_launch(lvtc_dir, data, tmp_path, launcher):
-    python_path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)  # keep `make test-min`'s
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
+    env = child_env(OMP_NUM_THREADS="1")
     command = [sys.executable, *LAUNCHERS[launcher], str(ROOT / "examples" / "finetune.py")]
     command += [str(a) for a in common_args(lvtc_dir, data, tmp_path, 4)]
     command += ["--ddp_backend", "gloo", "--save_strategy", "steps", "--save_steps", "4",
@@ -325,8 +323,9 @@ sys.stdout.write("buffered, no newline")
 finetune.exit_before_interpreter_teardown(3)
 print("never reached")
 """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p))
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=child_env(), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 3, result.stderr[-2000:]
     assert result.stdout == "buffered, no newline"
     assert "last log record" in result.stderr

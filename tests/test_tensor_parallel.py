@@ -3,7 +3,6 @@ loads a checkpoint with `DistributedConfig(tp_plan="auto")` and generates what o
 and LVTC models with tied and untied embeddings."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from examples.tp_generate import prompts
-from tests.conftest import ROOT, make_chat_bundle
+from tests.conftest import ROOT, child_env, make_chat_bundle
 
 VARIANTS = {
     "plain": {},
@@ -40,8 +39,7 @@ def test_two_processes_generate_what_one_process_generates(bundle, tmp_path, var
     # tokenizer's 325 would not; see docs/serving.md for real checkpoints' 92553).
     text = dict(num_hidden_layers=3, tie_word_embeddings=tied, vocab_size=328)
     folder = make_chat_bundle(bundle, tmp_path / "model", text=text, **VARIANTS[variant])
-    python_path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)  # keep `make test-min`'s
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
+    env = child_env(OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
                str(ROOT / "examples" / "tp_generate.py"), str(folder), "--out", str(tmp_path / "tp.json"),
                "--max-new-tokens", str(NEW_TOKENS)]  # fmt: skip
