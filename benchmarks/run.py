@@ -836,7 +836,7 @@ def vllm_suite(args) -> dict:
     the digits demo with LVTC off (PVTC, what vLLM can serve), its 6 questions 16 times over (96 requests, one image
     each), greedy, 64 new tokens each (end of turn ignored, so both generate the same count), both on the same number
     of threads (vLLM alone would drop to one on this CPU). Run with the Python of `.venv-vllm` (`make test-vllm` makes
-    it). Seconds are the median of 5 runs of the batch after a warm-up: vLLM's
+    it). Seconds are the median of `--repeats` runs of the batch after a warm-up: vLLM's
     `generate` call (engine start excluded), Transformers' batched `generate` (left-padded; model load excluded). One
     run of the suite, one engine after the other (vLLM in a child process, as tests/vllm_runs.py runs it)."""
     import importlib.metadata
@@ -850,7 +850,6 @@ def vllm_suite(args) -> dict:
     demo = ROOT / "examples" / "digits-demo"
     examples = json.loads((demo / "examples.json").read_text()) * (1 if args.quick else 16)
     new_tokens = 8 if args.quick else 64
-    repeats = 1 if args.quick else 5
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "pvtc"
         model = AutoModelForImageTextToText.from_pretrained(demo, trust_remote_code=True, lvtc_enabled=False)
@@ -866,7 +865,7 @@ def vllm_suite(args) -> dict:
         timings = []
         with torch.no_grad():
             model.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up
-            for _ in range(repeats):
+            for _ in range(args.repeats):
                 start = time.perf_counter()
                 output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                         do_sample=False)  # fmt: skip
@@ -879,7 +878,7 @@ def vllm_suite(args) -> dict:
             "ignore_eos": True,
             "max_num_seqs": len(examples),
             "warm_up": True,
-            "repeats": repeats,
+            "repeats": args.repeats,
             "requests": [
                 {"prompt": prompt.removeprefix(processor.tokenizer.bos_token), "images": [str(demo / example["image"])]}
                 for prompt, example in zip(prompts, examples)
