@@ -163,3 +163,28 @@ def test_lvtc_offloaded_caches_on_cuda_decode_like_the_dynamic_cache(bundle, imp
         dynamic = model.generate(**inputs, **decoding_settings())
         offloaded = model.generate(**inputs, **decoding_settings(cache_implementation=implementation))
     assert_same_greedy(offloaded, dynamic)
+
+
+@pytest.mark.parametrize("variant", ["lvtc", "fastv"])
+def test_hub_kernels_on_cuda_decode_like_the_torch_layers(bundle, tmp_path, monkeypatch, variant):
+    """Transformers ≥ 5.25 kernelizes at load (RMSNorm, SiLU/GELU, rotary on CUDA): LVTC's two phases and FastV's
+    ranking (its own rotary of the last prompt token) must decode as with the torch layers, dynamic and static cache."""
+    from transformers.utils import is_kernels_available
+
+    if not is_kernels_available():
+        pytest.skip("needs the kernels package at the versions Transformers accepts (and Hub access for its kernels)")
+    overrides = LVTC if variant == "lvtc" else dict(text=dict(num_hidden_layers=4), visual_token_pruning_layer=1,
+                                                    visual_token_pruning_ratio=0.5)  # fmt: skip
+    bundle.model(seed=7, **overrides).save_pretrained(tmp_path)
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    # kernelize picks kernels for the device the model is on at load, so both load onto the GPU.
+    load = dict(trust_remote_code=True, device_map="cuda")
+    plain = AutoModelForImageTextToText.from_pretrained(tmp_path, use_kernels=False, **load).eval()
+    kernelized = AutoModelForImageTextToText.from_pretrained(tmp_path, use_kernels=True, **load).eval()
+    assert kernelized.use_kernels
+    inputs = batch("cuda")
+    with torch.no_grad():
+        for cache in (None, "static"):
+            expected = plain.generate(**inputs, **decoding_settings(cache_implementation=cache))
+            actual = kernelized.generate(**inputs, **decoding_settings(cache_implementation=cache))
+            assert_same_greedy(actual, expected, atol=1e-4)
