@@ -178,9 +178,15 @@ def running(model_dir: Path, *options: str, log: Path | None = None, env: dict |
             output.close()
 
 
+# From Transformers 5.25 the server loads and runs the model in a process it spawns. A spawned process imports the
+# parent's main file again, as `__mp_main__`: there the bundle's classes are registered from this variable.
+SERVED_MODEL = "INTERNVL_X_SERVED_MODEL"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     command = serve_arguments(args)
+    os.environ[SERVED_MODEL] = str(args.model_dir.resolve())
     register(args.model_dir)
     report_input_errors_as_bad_requests()
     list_the_served_model(args.model_dir)
@@ -192,3 +198,5 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+elif __name__ == "__mp_main__" and SERVED_MODEL in os.environ:
+    register(Path(os.environ[SERVED_MODEL]))
