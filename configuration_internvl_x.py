@@ -48,10 +48,11 @@ FIELD_TYPES = {
     "visual_token_pruning_layer": (int, type(None)),
 }  # fmt: skip
 
-# Where the Auto classes find this bundle's classes; written into every saved config.json.
+# Where the Auto classes find this bundle's classes; written into every saved config.json. `AutoModel` gives the model
+# that chats, as InternVL's own remote code does (its `from_config` builds the base model, as for native models).
 AUTO_MAP = {
     "AutoConfig": "configuration_internvl_x.InternVLXConfig",
-    "AutoModel": "modeling_internvl_x.InternVLXModel",
+    "AutoModel": "modeling_internvl_x.InternVLXChatModel",
     "AutoModelForCausalLM": "modeling_internvl_x.InternVLXForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_internvl_x.InternVLXForConditionalGeneration",
 }

@@ -18,12 +18,19 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
-from transformers.utils import logging, output_capturing
+from transformers.utils import is_flash_attn_2_available, logging, output_capturing
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_internvl_x import InternVLXConfig
-from .processing_internvl_x import CHAT_END_TOKEN, CHAT_TEMPLATE, expand_image_placeholders
+from .processing_internvl_x import (
+    CHAT_END_TOKEN,
+    CHAT_TEMPLATE,
+    IMAGE_CONTEXT_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_START_TOKEN,
+    expand_image_placeholders,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -1075,6 +1082,41 @@ class InternVLXCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
 
 
+# ---- InternVL's loading keywords ------------------------------------------------------------------------------------
+# InternVL's own remote code takes these in its model's constructor, so its README, model cards and evaluation harnesses
+# pass them to `from_pretrained`, which hands every keyword that is not a config field to the constructor.
+def take_internvl_loading_keywords(
+    config: InternVLXConfig,
+    use_flash_attn: bool | None = None,
+    use_flash_attention_2: bool | None = None,
+    load_in_8bit: bool | None = None,
+    load_in_4bit: bool | None = None,
+) -> None:
+    """Accept InternVL's `use_flash_attn` / `use_flash_attention_2`: flash attention where asked runs as InternVL's code
+    runs it without flash-attn, on the attention Transformers chose (sdpa by default), with one warning saying why and
+    how to ask Transformers for it. Refuse `load_in_8bit` / `load_in_4bit`, which Transformers 5 no longer takes as
+    keywords, naming the quantization config that replaces them."""
+    for name, value in (("load_in_8bit", load_in_8bit), ("load_in_4bit", load_in_4bit)):
+        if value:
+            raise ValueError(
+                f"{name}=True is InternVL2's loading keyword from Transformers 4; Transformers 5 takes quantized "
+                f"loading as from_pretrained(..., quantization_config=BitsAndBytesConfig({name}=True)) "
+                "(from transformers import BitsAndBytesConfig; docs/loading.md, Quantized loading)."
+            )
+    for name, value in (("use_flash_attn", use_flash_attn), ("use_flash_attention_2", use_flash_attention_2)):
+        if value:
+            reason = (
+                "InternVL-X's tested fast path is sdpa"
+                if is_flash_attn_2_available()
+                else "flash-attn is not installed (InternVL's own code falls back the same way)"
+            )
+            logger.warning_once(
+                f"{name}=True (InternVL's loading keyword): {reason}, so the model runs "
+                f"{attention_implementation(config)} attention. To ask Transformers for flash attention, "
+                "load with attn_implementation='flash_attention_2' instead."
+            )
+
+
 class InternVLXPreTrainedModel(PreTrainedModel):
     config_class = InternVLXConfig
     config: InternVLXConfig
@@ -1149,10 +1191,11 @@ class InternVLXModel(InternVLXPreTrainedModel):
     `transformers.InternVLModel`, so its checkpoints load without renaming.
     """
 
-    def __init__(self, config: InternVLXConfig):
+    def __init__(self, config: InternVLXConfig, **internvl_loading_keywords):
         config.validate()  # a config edited after it was made is checked before anything is built from it
         refuse_paged_engines(config)
         super().__init__(config)
+        take_internvl_loading_keywords(config, **internvl_loading_keywords)
         self.vision_tower = InternVLVisionModel(config.vision_config)
         self.multi_modal_projector = PROJECTOR_CLASSES[config.projector_type](config)
         self.language_model = AutoModel.from_config(config.text_config)
@@ -1465,9 +1508,10 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
     # the vocabulary across processes and gathers the logits, as Llama's and native InternVL's do.
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
-    def __init__(self, config: InternVLXConfig):
+    def __init__(self, config: InternVLXConfig, **internvl_loading_keywords):
         config.validate()
         super().__init__(config)
+        take_internvl_loading_keywords(config, **internvl_loading_keywords)
         self.model = InternVLXModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
@@ -1660,20 +1704,31 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
         num_patches_list: list[int] | None = None,
         history=None,
         return_history: bool = False,
-        **_unused,
+        IMG_START_TOKEN: str = IMAGE_START_TOKEN,  # InternVL's keyword names
+        IMG_END_TOKEN: str = IMAGE_END_TOKEN,
+        IMG_CONTEXT_TOKEN: str = IMAGE_CONTEXT_TOKEN,
+        verbose: bool = False,
+        image_counts: list[int] | None = None,
     ) -> list[str]:
         """InternVL2's `batch_chat`: one question per image (`num_patches_list` tiles each), answers in order.
 
         `tokenizer` may be the tokenizer or the `InternVLXProcessor`; `generation_config` is a dict of `generate`
-        arguments. Generation stops at `<|im_end|>`.
+        arguments (a `streamer` included). Generation stops at `<|im_end|>`. `image_counts` is InternVL's older name
+        for `num_patches_list`; the image token keywords must be the checkpoint's own.
         """
         if history is not None or return_history:
             raise ValueError("batch_chat does not keep a history; call chat() for multi-round conversations.")
+        check_image_token_names(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+        num_patches_list = num_patches_list if num_patches_list is not None else image_counts
         if pixel_values is not None:
             num_patches_list = num_patches_list or [1] * len(questions)
             questions = [q if "<image>" in q else "<image>\n" + q for q in questions]
-        return self._generate_answers(tokenizer, pixel_values, questions, [None] * len(questions),
-                                      num_patches_list or [], generation_config)  # fmt: skip
+        answers = self._generate_answers(tokenizer, pixel_values, questions, [None] * len(questions),
+                                         num_patches_list or [], generation_config)  # fmt: skip
+        if verbose:
+            for question, answer in zip(questions, answers):
+                print(question, "\n", answer)
+        return answers
 
     def chat(
         self,
@@ -1684,15 +1739,23 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
         history: list[tuple[str, str]] | None = None,
         return_history: bool = False,
         num_patches_list: list[int] | None = None,
+        IMG_START_TOKEN: str = IMAGE_START_TOKEN,  # InternVL's keyword names
+        IMG_END_TOKEN: str = IMAGE_END_TOKEN,
+        IMG_CONTEXT_TOKEN: str = IMAGE_CONTEXT_TOKEN,
         verbose: bool = False,
-        **_unused,
     ):
         """InternVL2's `chat`: answer `question` about `pixel_values (tiles, 3, H, W)`, optionally after `history`.
 
-        In a first round `<image>\n` is prepended when there are tiles and the question has no `<image>`; later
-        rounds keep the image where the history has it. Returns the answer, or `(answer, history)` with
-        `return_history=True`.
+        `pixel_values` may come from this bundle's processor or from InternVL's own `load_image` recipe (ImageNet
+        mean and std, the checkpoint's tile size, a thumbnail after several tiles); the recipe tiles by aspect ratio,
+        so for a checkpoint whose processor caps tiles by area or edges (RVTC) the two may cut an image differently.
+        Several images or video frames: `num_patches_list` gives each one's tiles in order, with one `<image>` in the
+        question for each (`Image-1: <image>\n...`, `Frame1: <image>\n...`). In a first round `<image>\n` is
+        prepended when there are tiles and the question has no `<image>`; later rounds keep the image where the
+        history has it. `generation_config` is a dict of `generate` arguments (a `streamer` included); generation
+        stops at `<|im_end|>`. Returns the answer, or `(answer, history)` with `return_history=True`.
         """
+        check_image_token_names(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
         if not history and pixel_values is not None and "<image>" not in question:
             question = "<image>\n" + question
         if num_patches_list is None:
@@ -1705,6 +1768,12 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
         return (answer, history) if return_history else answer
 
     def _generate_answers(self, tokenizer, pixel_values, questions, histories, num_patches_list, generation_config):
+        tiles = pixel_values.shape[0] if pixel_values is not None else 0
+        if sum(num_patches_list) != tiles:
+            raise ValueError(
+                f"num_patches_list {list(num_patches_list)} adds up to {sum(num_patches_list)} tiles but pixel_values "
+                f"has {tiles}; give each image's (or frame's) tile count in order."
+            )
         inputs = self._chat_inputs(tokenizer, questions, histories, num_patches_list).to(self.device)
         text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         generation_config = dict(generation_config)
@@ -1717,7 +1786,40 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
         return [answer.split(CHAT_END_TOKEN)[0].strip() for answer in answers]
 
 
+def check_image_token_names(start: str, end: str, context: str) -> None:
+    """`chat`'s `IMG_START_TOKEN`, `IMG_END_TOKEN`, `IMG_CONTEXT_TOKEN`: InternVL lets a caller name them; the image
+    token ids of this model are its config's, so other names are refused rather than silently ignored."""
+    given = (start, end, context)
+    ours = (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
+    if given != ours:
+        raise ValueError(
+            f"IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN = {given}, but this model's image tokens are {ours} "
+            "(config.image_start_token_id, image_end_token_id, image_token_id); leave them at their defaults."
+        )
+
+
+class InternVLXChatModel(InternVLXForConditionalGeneration):
+    """What `AutoModel` gives: the model with `chat`, `batch_chat` and `generate`, as InternVL's own remote code maps
+    `AutoModel` to its chat model (its README, model cards and evaluation harnesses load it that way).
+
+    `AutoModel.from_config` still builds the base `InternVLXModel`, as for Transformers' native models: serving engines
+    (vLLM's Transformers backend) build the base model that way and add their own LM head. For hidden states only,
+    take `model.model` of a loaded model, or load `InternVLXModel` itself (docs/loading.md).
+    """
+
+    @classmethod
+    def _from_config(cls, config: InternVLXConfig, **kwargs) -> InternVLXModel:
+        return InternVLXModel._from_config(config, **kwargs)
+
+
 InternVLXModel.register_for_auto_class("AutoModel")
 InternVLXForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+InternVLXChatModel.register_for_auto_class("AutoModel")
 
-__all__ = ["InternVLXPreTrainedModel", "InternVLXModel", "InternVLXForConditionalGeneration", "InternVLXStaticCache"]
+__all__ = [
+    "InternVLXPreTrainedModel",
+    "InternVLXModel",
+    "InternVLXForConditionalGeneration",
+    "InternVLXChatModel",
+    "InternVLXStaticCache",
+]

@@ -45,9 +45,11 @@ def test_save_and_reload_through_auto_classes(bundle, tmp_path):
             reloaded = auto.from_pretrained(tmp_path, trust_remote_code=True).eval()
             assert type(reloaded).__name__ == "InternVLXForConditionalGeneration"
             assert torch.equal(reloaded(**inputs).logits, expected.logits)
-        base = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
-        assert type(base).__name__ == "InternVLXModel"
-        assert torch.equal(base(**inputs).last_hidden_state, model.model(**inputs).last_hidden_state)
+        # AutoModel gives the model that chats, as InternVL's remote code does; its `model` is the base model.
+        chat_model = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+        assert type(chat_model).__name__ == "InternVLXChatModel"
+        assert torch.equal(chat_model(**inputs).logits, expected.logits)
+        assert torch.equal(chat_model.model(**inputs).last_hidden_state, model.model(**inputs).last_hidden_state)
 
 
 def test_resave_of_loaded_model_keeps_the_bundle(bundle, tmp_path):
@@ -57,4 +59,4 @@ def test_resave_of_loaded_model_keeps_the_bundle(bundle, tmp_path):
     for name in BUNDLE_FILES:
         assert (tmp_path / "b" / name).exists()
     config = AutoConfig.from_pretrained(tmp_path / "b", trust_remote_code=True)
-    assert config.auto_map["AutoModel"] == "modeling_internvl_x.InternVLXModel"
+    assert config.auto_map["AutoModel"] == "modeling_internvl_x.InternVLXChatModel"
