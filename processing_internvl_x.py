@@ -117,6 +117,14 @@ def chat_generation_defaults(tokenizer) -> dict[str, int | list[int]]:
     return {"eos_token_id": eos, "pad_token_id": pad, "bos_token_id": tokenizer.bos_token_id}
 
 
+def make_turn_end_the_eos(tokenizer) -> None:
+    """Make `<|im_end|>` the tokenizer's end-of-sequence token, as Qwen-style chat tokenizers and Transformers' own
+    InternVL conversions have it, so a caller that stops at `tokenizer.eos_token` (generic evaluation harnesses) stops
+    where a turn ends. Call it after `chat_generation_defaults`, whose list keeps the tokenizer's previous EOS.
+    Training labels do not change: the chat template writes `<|im_end|>` itself and padding keeps its own token."""
+    tokenizer.eos_token = CHAT_END_TOKEN
+
+
 def expand_image_placeholders(text: list[str], num_patches: list[int], tokens_per_tile: int) -> list[str]:
     """Replace the i-th `<image>` (counted across the batch) by `<img>` + `<IMG_CONTEXT>` × (tokens_per_tile ×
     num_patches[i]) + `</img>`."""

@@ -453,7 +453,7 @@ def main_with_clear_errors(convert: Callable[[], object], dst: Path) -> None:
 
 def write_chat_files(dst: Path, tokenizer, config, max_patches: int, slicing: str) -> None:
     """The bundle files, the processor (tokenizer, tiling image processor, chat template) and a generation config that
-    ends each turn at `<|im_end|>`: what a checkpoint needs besides its weights and config."""
+    ends each turn at `<|im_end|>`, also the tokenizer's EOS: what a checkpoint needs besides its weights and config."""
     from transformers import GenerationConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -461,6 +461,7 @@ def write_chat_files(dst: Path, tokenizer, config, max_patches: int, slicing: st
         return get_class_from_dynamic_module(name, ROOT)
 
     GenerationConfig(**bundle("processing_internvl_x.chat_generation_defaults")(tokenizer)).save_pretrained(dst)
+    bundle("processing_internvl_x.make_turn_end_the_eos")(tokenizer)
     copy_bundle_files(dst)
     image_processor = bundle("image_processing_internvl_x.InternVLXImageProcessor")(
         image_size=config.tile_size, max_patches=max_patches, slicing=slicing

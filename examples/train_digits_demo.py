@@ -61,6 +61,7 @@ def build(variant: str, seed: int):
     torch.manual_seed(seed)
     model = bundle("modeling_internvl_x.InternVLXForConditionalGeneration")(config)
     model.generation_config.update(**bundle("processing_internvl_x.chat_generation_defaults")(tokenizer))
+    bundle("processing_internvl_x.make_turn_end_the_eos")(tokenizer)
     image_processor = bundle("image_processing_internvl_x.InternVLXImageProcessor")(
         image_size=64, max_patches=4, slicing="edge"
     )
