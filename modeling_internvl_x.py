@@ -547,6 +547,17 @@ def key_validity(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return last_row if last_row.dtype == torch.bool else last_row == 0
 
 
+def packed_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """`(B, L)` the index of the sequence each token belongs to in rows that pack several sequences (positions
+    restart, as padding-free collators write them), or None when every row holds one. Transformers' decoders read
+    restarting positions this way when neither an attention mask nor a cache is given, and keep the sequences apart."""
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    ids = (step != 1).cumsum(-1)
+    if not torch.compiler.is_compiling() and not bool(ids[:, -1].any()):
+        return None
+    return ids
+
+
 class InternVLXStaticCache(StaticCache):
     """`StaticCache` whose layers can `crop`, for speculative decoding on pre-allocated memory (e.g. an assistant
     model or prompt lookup in `generate(past_key_values=InternVLXStaticCache(...))`).
@@ -665,6 +676,11 @@ class PhasedDecoder:
         if use_cache and cache is None:
             cache = DynamicCache(config=self.text_config)
         state = self.continued_state(cache, vision_features is not None, batch, device)
+        packed = None
+        if position_ids is not None and cache is None and full_attention_mask(attention_mask) is None:
+            packed = packed_sequence_ids(position_ids.expand(batch, -1))
+            if packed is not None and image_mask is not None and not torch.compiler.is_compiling():
+                self.refuse_packed_images(packed, image_mask)
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, -1)
@@ -712,9 +728,12 @@ class PhasedDecoder:
                 prompt_keys = switch.key_mask
                 if cache is not None:
                     prompt_keys = self.store_state(cache, switch, length).prompt_keys
-                second_mask = self.prompt_attention_mask(
-                    cache, prompt_keys, second_positions.shape[1], hidden_states.dtype
-                )
+                if packed is None:
+                    second_mask = self.prompt_attention_mask(
+                        cache, prompt_keys, second_positions.shape[1], hidden_states.dtype
+                    )
+                else:  # text-only packed rows: the second phase has the first one's layout
+                    second_mask = self.build_mask(prompt_keys.bool(), length, 0, hidden_states.dtype, packed)
             else:
                 second_positions = position_ids + state.growth[:, None]
                 second_mask = self.continuation_attention_mask(
@@ -735,6 +754,18 @@ class PhasedDecoder:
             attentions=tuple(all_attentions or ()) if output_attentions else None,
             **named_cache(cache),
         )
+
+    def refuse_packed_images(self, packed: torch.Tensor, image_mask: torch.Tensor) -> None:
+        """Rows that pack several sequences are kept apart for text only: the second phase's layout (LVTC's expanded
+        tiles, FastV's ranking by the row's last token) is made per row, not per packed sequence."""
+        image_tokens = int(image_mask.sum())
+        if image_tokens:
+            sequences = (packed[:, -1] + 1).tolist()
+            raise ValueError(
+                f"{self.name} cannot keep packed sequences apart when they hold images: the rows pack {sequences} "
+                f"sequences (position_ids restart without an attention mask) and {image_tokens} image tokens. Pack "
+                "text-only rows, or pad the batch instead (TRL: padding_free=False, packing=False)."
+            )
 
     # ---- cache state ---------------------------------------------------------------------------------------------
     def continued_state(
@@ -843,10 +874,16 @@ class PhasedDecoder:
         return self.build_mask(keys, query_length, past, dtype)
 
     def build_mask(
-        self, keys: torch.Tensor, query_length: int, past: int | torch.Tensor, dtype: torch.dtype
+        self,
+        keys: torch.Tensor,
+        query_length: int,
+        past: int | torch.Tensor,
+        dtype: torch.dtype,
+        packed: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """`(B, 1, q, kv)` mask: query i sits at key slot `past + i` and sees the valid `keys (B, kv)` up to itself, and
-        always itself (padding queries never get an empty row, so no NaN).
+        always itself (padding queries never get an empty row, so no NaN). With `packed (B, kv)` (a prompt of rows
+        that pack several sequences, `packed_sequence_ids`) a query sees only keys of its own sequence.
 
         Bool for sdpa, additive for eager. With sdpa and no padding, None lets sdpa use its causal kernel, as
         Transformers' own mask functions do: for one new token on a dynamic cache, and for a prompt into an empty cache
@@ -856,6 +893,7 @@ class PhasedDecoder:
         kv_length = keys.shape[1]
         if (
             implementation == "sdpa"
+            and packed is None
             and not torch.compiler.is_compiling()
             and isinstance(past, int)
             and ((query_length == 1 and kv_length == past + 1) or (past == 0 and query_length > 1))
@@ -865,6 +903,8 @@ class PhasedDecoder:
         slots = torch.arange(kv_length, device=keys.device)
         queries = torch.arange(query_length, device=keys.device)[:, None] + past
         allowed = ((slots <= queries)[None, None] & keys[:, None, None, :]) | (slots == queries)[None, None]
+        if packed is not None:
+            allowed = allowed & (packed[:, None, past : past + query_length, None] == packed[:, None, None, :])
         if implementation == "sdpa":
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
@@ -1311,6 +1351,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         num_patches: torch.LongTensor | None,
         cache: Cache | None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
     ) -> None:
         """Refuse inputs the model cannot read, naming what was wrong and the numbers involved."""
         tokens = input_ids if input_ids is not None else inputs_embeds
@@ -1331,7 +1372,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
             if num_tokens:
                 raise ValueError(f"the text has {num_tokens} image tokens but no pixel_values were given.")
         if not cached and input_ids is not None:
-            self.check_context_length(input_ids, attention_mask)
+            self.check_context_length(input_ids, attention_mask, position_ids=position_ids)
 
     def check_pixel_values(self, pixel_values: torch.Tensor, num_patches: torch.LongTensor | None) -> None:
         """Refuse tiles the vision tower cannot read as the processor makes them: not floating point (raw 0–255
@@ -1402,19 +1443,35 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 "give num_patches in the order the images appear."
             )
 
-    def positions_needed(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, new_tokens: int = 0):
-        """Positions the language model sees for the longest row of a prompt and `new_tokens` more: its real tokens,
-        plus (with LVTC) each of its tiles' N2² − N1² extra tokens from the expansion layer on."""
+    def positions_needed(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        new_tokens: int = 0,
+        position_ids: torch.LongTensor | None = None,
+    ):
+        """Positions the language model sees for the longest row of a prompt and `new_tokens` more: its real tokens
+        (without a padding mask, the highest of `position_ids` plus one: a row that packs several sequences needs the
+        longest one's), plus (with LVTC) each of its tiles' N2² − N1² extra tokens from the expansion layer on."""
         padding_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2  # not a prepared mask
         real = attention_mask.bool() if padding_mask else None
-        lengths = real.sum(1) if real is not None else torch.full((input_ids.shape[0],), input_ids.shape[1])
+        if real is not None:
+            lengths = real.sum(1)
+        elif position_ids is not None:
+            lengths = position_ids.expand(input_ids.shape[0], -1).max(1).values + 1
+        else:
+            lengths = torch.full((input_ids.shape[0],), input_ids.shape[1])
         if self.config.lvtc_enabled and self.config.lvtc_expand_layer < self.config.text_config.num_hidden_layers:
             tiles = (input_ids == self.config.image_token_id).sum(1) // self.config.tokens_per_tile
             lengths = lengths + tiles * (self.config.lvtc_expanded_tokens_per_tile - self.config.tokens_per_tile)
         return int(lengths.max()) + new_tokens
 
     def check_context_length(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, new_tokens: int = 0
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        new_tokens: int = 0,
+        position_ids: torch.LongTensor | None = None,
     ) -> None:
         """Refuse prompts longer than the language model's positions (`max_position_embeddings`), unless its RoPE is
         scaled to reach past them: beyond them it would extrapolate silently."""
@@ -1423,7 +1480,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         rope = getattr(text_config, "rope_parameters", None) or {}
         if limit is None or rope.get("rope_type", "default") != "default":
             return
-        needed = self.positions_needed(input_ids, attention_mask, new_tokens)
+        needed = self.positions_needed(input_ids, attention_mask, new_tokens, position_ids)
         if needed > limit:
             extra = " (LVTC's expanded tiles included)" if self.config.lvtc_enabled else ""
             raise ValueError(
@@ -1462,7 +1519,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         # A compiled decode step skips the checks that read tensor values (host syncs); the eager prefill ran them.
         checking = not torch.compiler.is_compiling()
         if checking:
-            self.check_inputs(input_ids, inputs_embeds, pixel_values, num_patches, cache, attention_mask)
+            self.check_inputs(input_ids, inputs_embeds, pixel_values, num_patches, cache, attention_mask, position_ids)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
