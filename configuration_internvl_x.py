@@ -9,7 +9,7 @@ from transformers.utils import logging
 
 # The oldest and the newest Transformers release the whole test suite passed on (README, "Compatibility"; CI runs a
 # subset on the newest patch of every minor in between, and on newer releases as they appear).
-TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.17.0", "5.25.0")
 # One logger for every copy of the bundle in a process (each checkpoint folder is a module of its own).
 logger = logging.get_logger("transformers_modules.internvl_x")
 
