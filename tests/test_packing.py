@@ -83,8 +83,10 @@ def test_packed_rows_with_images_keep_apart_where_the_decoder_is_transformers_ow
     pixel_values = tiles(2)
     with torch.no_grad():
         packed = model(input_ids=ids, position_ids=positions, pixel_values=pixel_values, use_cache=False).logits[0]
-        alone = [model(input_ids=torch.tensor([s]), use_cache=False,
-                       pixel_values=pixel_values if s is with_image else None).logits[0] for s in sequences]  # fmt: skip
+        alone = [
+            model(input_ids=torch.tensor([s]), pixel_values=pixel_values if s is with_image else None).logits[0]
+            for s in sequences
+        ]
     torch.testing.assert_close(packed, torch.cat(alone), rtol=0, atol=1e-5)
 
 
