@@ -3,10 +3,16 @@
 """InternVL-X image processor: InternVL's dynamic tiling with the paper's RVTC tile caps (area / edge matching)."""
 
 import base64
+import dataclasses
 import io
+import ipaddress
+import json
 import math
 import os
 import re
+import socket
+import time
+import urllib.parse
 from functools import lru_cache
 
 import numpy as np
@@ -83,45 +89,182 @@ def tile_grid(width: int, height: int, tile_size: int, min_patches: int, max_pat
 BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 
 
-def read_image(source: str, index: int) -> PIL.Image.Image:
+# ---- where images may come from -------------------------------------------------------------------------------------
+MEDIA_POLICY_VARIABLE = "INTERNVL_X_MEDIA_POLICY"  # JSON of `MediaPolicy` fields; servers set it for their processes
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaPolicy:
+    """Which image sources `read_image` reads, and how far it reaches for them.
+
+    The default is a user's own machine: any local path or `file://` URL, any `http(s)` URL. A server or handler that
+    strangers can reach runs with `MediaPolicy.for_servers()` (in its processes through the `INTERNVL_X_MEDIA_POLICY`
+    variable, which `examples/serve.py` and `handler.py` set): no local file unless under `local_root`, URLs to public
+    addresses only, and an image's size read from its header and checked before it is decoded. Every fetch is bounded
+    in time (in total, not per read), bytes and redirects.
+    """
+
+    local_files: bool = True  # read local paths and file:// URLs at all
+    local_root: str | None = None  # if set, only under this folder (links resolved)
+    remote_urls: bool = True  # fetch http(s) URLs at all
+    internal_urls: bool = True  # fetch URLs whose host resolves to a loopback, private, link-local, ... address
+    fetch_timeout: float = 60.0  # seconds for a whole fetch, redirects included
+    max_bytes: int = 512 * 2**20  # of one fetched image
+    max_redirects: int = 5
+    max_pixels: int | None = None  # of one image, from its header; None: Pillow's decompression-bomb limit only
+
+    @classmethod
+    def for_servers(cls, **overrides) -> "MediaPolicy":
+        """What a network service accepts by default: base64 and data URIs, public http(s) URLs (20 s, 20 MB, 3
+        redirects), images of at most 40 megapixels, no local files."""
+        settings = dict(local_files=False, internal_urls=False, fetch_timeout=20.0, max_bytes=20 * 2**20,
+                        max_redirects=3, max_pixels=40_000_000)  # fmt: skip
+        return cls(**{**settings, **overrides})
+
+    @classmethod
+    def current(cls) -> "MediaPolicy":
+        """The policy of this process: `INTERNVL_X_MEDIA_POLICY` (JSON of fields) if set, else the default."""
+        text = os.environ.get(MEDIA_POLICY_VARIABLE)
+        return cls(**json.loads(text)) if text else cls()
+
+    def to_environment(self) -> dict[str, str]:
+        """`{INTERNVL_X_MEDIA_POLICY: json}`, for the environment of the processes that read images."""
+        return {MEDIA_POLICY_VARIABLE: json.dumps(dataclasses.asdict(self))}
+
+
+def host_is_public(host: str, port: int) -> bool:
+    """Whether every address `host` resolves to is a public (global unicast) one."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError):
+        return False
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        ip = ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+        if not ip.is_global or ip.is_multicast:
+            return False
+    return bool(addresses)
+
+
+def fetch_image_bytes(url: str, where: str, policy: MediaPolicy) -> bytes:
+    """The bytes at `url` under `policy`: each hop's host checked, redirects followed by hand up to the limit, the body
+    read in chunks against the byte cap and one deadline for the whole fetch. Failures are `ValueError`s naming the
+    image (`where`, e.g. "image 1 of the batch (a URL)") and the rule, without the network's details (a refused
+    address and a closed port read the same)."""
+    from huggingface_hub.utils import httpx  # the HTTP client Transformers' `load_image` uses
+
+    deadline = time.monotonic() + policy.fetch_timeout
+    for _ in range(policy.max_redirects + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{where}: only http(s) URLs are fetched, got a {parts.scheme or 'schemeless'} URL.")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if not policy.internal_urls and not host_is_public(parts.hostname, port):
+            raise ValueError(
+                f"{where}: its host is not a public address; this server fetches images from public hosts only."
+            )
+        remaining = deadline - time.monotonic()
+        try:
+            with httpx.stream("GET", url, follow_redirects=False, timeout=max(remaining, 0.001)) as response:
+                if response.is_redirect:
+                    url = urllib.parse.urljoin(url, response.headers.get("location", ""))
+                    continue
+                if response.status_code != 200:
+                    raise ValueError(f"{where}: the server answered HTTP {response.status_code}.")
+                declared = int(response.headers.get("content-length") or 0)
+                if declared > policy.max_bytes:
+                    raise ValueError(f"{where}: {declared} bytes, more than the {policy.max_bytes} allowed.")
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > policy.max_bytes:
+                        raise ValueError(f"{where}: more than the {policy.max_bytes} bytes allowed.")
+                    if time.monotonic() > deadline:
+                        raise ValueError(f"{where}: not fetched within {policy.fetch_timeout:g} s.")
+                return bytes(body)
+        except ValueError:
+            raise
+        except httpx.TimeoutException:
+            raise ValueError(f"{where}: not fetched within {policy.fetch_timeout:g} s.") from None
+        except Exception:  # noqa: BLE001 (connection refused, reset, TLS, malformed answer: one message for all)
+            raise ValueError(f"{where}: could not be fetched.") from None
+    raise ValueError(f"{where}: more than {policy.max_redirects} redirects.")
+
+
+def local_path_allowed(path: str, index: int, policy: MediaPolicy) -> str:
+    """`path` if `policy` lets it be read (resolved, under `local_root` when one is set); else a `ValueError` that
+    says the rule, not whether the file exists."""
+    if not policy.local_files:
+        raise ValueError(
+            f"image {index} of the batch is a local path or file:// URL; this server reads no local files (send the "
+            "image as base64, a data URI or an http(s) URL)."
+        )
+    if policy.local_root is not None:
+        resolved, root = os.path.realpath(path), os.path.realpath(policy.local_root)
+        if os.path.commonpath([resolved, root]) != root:
+            raise ValueError(f"image {index} of the batch is a local path outside the folder this server reads from.")
+        return resolved
+    return path
+
+
+def read_image(source: str, index: int, policy: MediaPolicy | None = None) -> PIL.Image.Image:
     """An image given as text → PIL image as stored (its mode kept: 16-bit and float images are scaled later, not
     clipped to 8 bits): a local path, a `file://` URL, an `http(s)` URL (fetched only then, with the HTTP client
     Transformers uses), or base64 (a `data:image/...;base64,` URI or the bare payload). Training (`finetune.py`) and
-    inference read images through this one function.
+    inference read images through this one function, under `policy` (default: this process's, `MediaPolicy.current`).
 
-    Any failure is a `ValueError` naming the image's index in the batch and why. Pillow's decompression-bomb limit
-    applies, as it does to every image Pillow opens.
+    Any failure is a `ValueError` naming the image's index in the batch and why. The image's size is checked from its
+    header before it is decoded (`policy.max_pixels`, and Pillow's decompression-bomb limit, as for every image Pillow
+    opens).
     """
+    policy = policy or MediaPolicy.current()
     path = source.removeprefix("file://") if source.startswith("file://") else source
+    remote = source.startswith(("http://", "https://"))
     if source.startswith("data:"):
         what = f"a data URI of {len(source)} characters"
-    elif source.startswith(("http://", "https://")):
-        what = f"the URL {source}"
-    elif os.path.isfile(path) or not BASE64.match(source) or len(source) < 64:
+    elif remote:
+        if not policy.remote_urls:
+            raise ValueError(f"image {index} of the batch is a URL; this service fetches no URLs.")
+        what = "a URL" if not policy.internal_urls else f"the URL {source}"
+    elif (
+        source.startswith("file://")
+        or not BASE64.match(source)
+        or len(source) < 64
+        or (policy.local_files and os.path.isfile(path))  # without local files, no look at the disk at all
+    ):
+        path = local_path_allowed(path, index, policy)
         if not os.path.isfile(path):
             raise ValueError(f"image {index} of the batch: no such file {path!r} (nor a URL or base64 image).")
         what = f"the file {path}"
     else:
         what = f"a base64 string of {len(source)} characters"
     try:
-        if source.startswith(("http://", "https://")):
-            from huggingface_hub.utils import httpx  # the HTTP client Transformers' `load_image` uses
-
-            response = httpx.get(source, follow_redirects=True, timeout=60)
-            response.raise_for_status()
-            image = PIL.Image.open(io.BytesIO(response.content))
+        if remote:
+            image = PIL.Image.open(
+                io.BytesIO(fetch_image_bytes(source, f"image {index} of the batch ({what})", policy))
+            )
         elif what.startswith("the file"):
             image = PIL.Image.open(path)
         else:
             payload = source.split(",", 1)[1] if source.startswith("data:") else source
             image = PIL.Image.open(io.BytesIO(base64.b64decode("".join(payload.split()), validate=True)))
+        width, height = image.size  # from the header: nothing is decoded yet
+        if policy.max_pixels is not None and width * height > policy.max_pixels:
+            raise ValueError(
+                f"image {index} of the batch ({what}) is {width}×{height} = {width * height} pixels, more than the "
+                f"{policy.max_pixels} allowed; send a smaller image."
+            )
         image.load()  # decode now: a truncated or corrupt file fails here, by name
         return image
     except PIL.Image.DecompressionBombError as error:
         raise ValueError(
             f"image {index} of the batch ({what}) exceeds Pillow's decompression-bomb limit: {error}"
         ) from error
-    except Exception as error:  # noqa: BLE001 (bad base64, not an image, truncated file, network error, ...)
+    except ValueError as error:
+        if str(error).startswith(f"image {index} of the batch"):
+            raise
+        raise ValueError(f"image {index} of the batch ({what}) could not be decoded: {str(error)[:300]}") from None
+    except Exception as error:  # noqa: BLE001 (bad base64, not an image, truncated file, ...)
         # `from None`: the original message may hold the whole payload, which can be megabytes of base64
         raise ValueError(
             f"image {index} of the batch ({what}) could not be decoded: {type(error).__name__}: {str(error)[:300]}"

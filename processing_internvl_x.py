@@ -2,15 +2,18 @@
 # Licensed under the Apache License, Version 2.0.
 """InternVL-X processor: tokenizer + tiling image processor + the InternLM2 (ChatML) chat template."""
 
+import base64
+import io
 import re
 
+import PIL.Image
 import torch
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
 from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 
-from .image_processing_internvl_x import read_image
+from .image_processing_internvl_x import MediaPolicy, fetch_image_bytes, local_path_allowed, read_image
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_START_TOKEN = "<img>"
@@ -140,6 +143,81 @@ def expand_image_placeholders(text: list[str], num_patches: list[int], tokens_pe
         return IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * (tokens_per_tile * next(tiles)) + IMAGE_END_TOKEN
 
     return [re.sub(re.escape(IMAGE_PLACEHOLDER), span, sample) for sample in text]
+
+
+def image_parts(messages) -> list[tuple[dict, str]]:
+    """`(part, key)` of every image given as a string in chat `messages` (Transformers' `{"type": "image", "url" |
+    "path" | "base64" | "image": ...}` parts and OpenAI's `image_url` parts), in order."""
+    found = []
+    for message in messages if isinstance(messages, list) else []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "image_url":
+                holder = part["image_url"] if isinstance(part.get("image_url"), dict) else part
+                found.append((holder, "url" if holder is not part else "image_url"))
+            elif part.get("type") == "image":
+                found += [(part, key) for key in ("url", "path", "base64", "image") if isinstance(part.get(key), str)]
+    return found
+
+
+def admit_chat_images(
+    messages, image_processor, image_seq_length: int, policy: MediaPolicy, max_images: int, max_tokens: int
+) -> None:
+    """Take a stranger's chat `messages` in, in place: every image (a URL, base64, a data URI, a local path) becomes a
+    data URI of its bytes, read under `policy` (URLs fetched with its limits, local files only where it allows), and
+    each image's size is read from its header, before anything is decoded, against `policy.max_pixels` and against the
+    tokens its tiles take: the request's images may take at most `max_tokens` (the model's context). At most
+    `max_images` images. A refusal is a `ValueError` naming the image and the rule. Blocking (fetches): a server calls
+    it off its event loop."""
+    parts = image_parts(messages)
+    if len(parts) > max_images:
+        raise ValueError(f"the request holds {len(parts)} images; this server takes at most {max_images}.")
+    tokens = 0
+    for index, (part, key) in enumerate(parts):
+        source = part[key] if isinstance(part[key], str) else ""
+        if source.startswith(("http://", "https://")):
+            if not policy.remote_urls:
+                raise ValueError(f"image {index} of the request is a URL; this server fetches no URLs.")
+            data = fetch_image_bytes(source, f"image {index} of the request (a URL)", policy)
+        elif source.startswith("data:") or (len(source) >= 64 and BASE64_TEXT.match(source)):
+            payload = source.split(",", 1)[1] if source.startswith("data:") else source
+            try:
+                data = base64.b64decode("".join(payload.split()), validate=True)
+            except ValueError:
+                raise ValueError(f"image {index} of the request: its base64 could not be decoded.") from None
+        else:
+            path = local_path_allowed(source.removeprefix("file://"), index, policy)
+            try:
+                with open(path, "rb") as file:
+                    data = file.read(policy.max_bytes + 1)
+            except OSError:
+                raise ValueError(f"image {index} of the request: the file could not be read.") from None
+        if len(data) > policy.max_bytes:
+            raise ValueError(f"image {index} of the request: more than the {policy.max_bytes} bytes allowed.")
+        try:
+            header = PIL.Image.open(io.BytesIO(data))  # reads the header only
+            width, height, kind = *header.size, (header.format or "png").lower()
+        except Exception:  # noqa: BLE001 (not an image Pillow knows)
+            raise ValueError(f"image {index} of the request is not an image Pillow can read.") from None
+        if policy.max_pixels is not None and width * height > policy.max_pixels:
+            raise ValueError(
+                f"image {index} of the request is {width}×{height} = {width * height} pixels, more than the "
+                f"{policy.max_pixels} allowed; send a smaller image."
+            )
+        tiles = image_processor.get_number_of_image_patches(height, width)
+        tokens += 2 + tiles * image_seq_length
+        if tokens > max_tokens:
+            raise ValueError(
+                f"the request's images take {tokens} tokens or more by their sizes (image {index}: {width}×{height}, "
+                f"{tiles} tiles of {image_seq_length}), more than the model's {max_tokens} positions; send fewer or "
+                "smaller images."
+            )
+        part[key] = f"data:image/{kind};base64," + base64.b64encode(data).decode()
+
+
+BASE64_TEXT = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 
 
 class InternVLXImagesKwargs(ImagesKwargs, total=False):

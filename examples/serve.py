@@ -25,6 +25,7 @@ it falls back to one request at a time.)
 """
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -56,9 +57,138 @@ def register(model_dir: Path) -> str:
     return model_type
 
 
+# ---- what a client may ask ----------------------------------------------------------------------------------------
+# Body fields of a chat completion whose values the gate bounds, by name: (lowest, highest). Tokens are bounded by the
+# model's context separately.
+BOUNDED_FIELDS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "frequency_penalty": (-2.0, 2.0)}
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+# Fields refused unless the deployer opts in: `generation_config` sets any `generate` argument (a static cache of a
+# million positions, a thousand beams); `stop` needs a tokenizer Transformers' server does not hand `generate`.
+GUARDED_FIELDS = {
+    "generation_config": "--allow-generation-config",
+    "stop": None,
+}
+CHAT_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/completions")
+MANAGEMENT_PATHS = ("/load_model", "/reset")
+
+
+class RequestGate:
+    """An ASGI middleware in front of Transformers' server: what strangers may ask of this machine.
+
+    `POST /load_model` and `/reset` (load any folder or Hub repo with remote code; unload the model) are refused. A
+    chat request's body is read up to `max_body_bytes`; its generation fields are checked against bounds (and
+    `generation_config` refused unless allowed); its images are taken in by the bundle's `admit_chat_images` in a worker
+    thread (fetches never block the event loop, `/health` keeps answering), so the model sees data URIs whose sizes
+    were checked from their headers. Every refusal is a 4xx with the field or image and the rule.
+    """
+
+    def __init__(self, app, *, admit, max_body_bytes: int, max_new_tokens: int, allow_generation_config: bool):
+        self.app, self.admit = app, admit
+        self.max_body_bytes, self.max_new_tokens = max_body_bytes, max_new_tokens
+        self.allow_generation_config = allow_generation_config
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        if path in MANAGEMENT_PATHS:
+            return await self.refuse(send, 403, f"{path} is disabled: this server serves one checkpoint only.")
+        if path not in CHAT_PATHS:
+            return await self.app(scope, receive, send)
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                return await self.refuse(send, 413, f"the request body exceeds {self.max_body_bytes} bytes.")
+            if not message.get("more_body"):
+                break
+        try:
+            request = json.loads(body or b"{}")
+            if not isinstance(request, dict):
+                raise ValueError("the request body must be a JSON object.")
+            self.check_fields(request)
+            await asyncio.to_thread(self.admit, request.get("messages") or request.get("input"))
+        except ValueError as error:
+            return await self.refuse(send, 400, str(error))
+        replayed = json.dumps(request).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        scope = {**scope, "headers": [*headers, (b"content-length", str(len(replayed)).encode())]}
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": replayed, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    def check_fields(self, request: dict) -> None:
+        for name, switch in GUARDED_FIELDS.items():
+            if request.get(name) is None or (name == "generation_config" and self.allow_generation_config):
+                continue
+            how = f"; the deployer may allow it with {switch}" if switch else ""
+            raise ValueError(f"`{name}` is not accepted by this server{how}.")
+        for name, (low, high) in BOUNDED_FIELDS.items():
+            value = request.get(name)
+            if value is not None and (not isinstance(value, (int, float)) or not low <= value <= high):
+                raise ValueError(f"`{name}` must be a number from {low} to {high}, got {value!r}.")
+        for name in TOKEN_FIELDS:
+            value = request.get(name)
+            if value is not None and (not isinstance(value, int) or not 1 <= value <= self.max_new_tokens):
+                raise ValueError(f"`{name}` must be an integer from 1 to {self.max_new_tokens}, got {value!r}.")
+        bias = request.get("logit_bias")
+        if bias is not None and (not isinstance(bias, dict) or len(bias) > 300):
+            raise ValueError("`logit_bias` must be an object of at most 300 token ids.")
+
+    @staticmethod
+    async def refuse(send, status: int, message: str) -> None:
+        body = json.dumps({"error": {"message": message, "type": "invalid_request"}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def request_gate(args: argparse.Namespace):
+    """The `RequestGate` settings for the served checkpoint: the bundle's image intake under `media_policy(args)`, the
+    model's context as the bound on images' tokens and on new tokens."""
+    from transformers import AutoConfig, AutoImageProcessor
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    config = AutoConfig.from_pretrained(args.model_dir, trust_remote_code=True)
+    context = config.text_config.max_position_embeddings
+    image_processor = AutoImageProcessor.from_pretrained(args.model_dir, trust_remote_code=True)
+    admit_chat_images = get_class_from_dynamic_module("processing_internvl_x.admit_chat_images", args.model_dir)
+    policy = media_policy(args)
+
+    def admit(messages) -> None:
+        admit_chat_images(messages, image_processor, config.tokens_per_tile, policy, args.max_images, context)
+
+    return dict(admit=admit, max_body_bytes=args.max_request_mb * 2**20, max_new_tokens=context,
+                allow_generation_config=args.allow_generation_config)  # fmt: skip
+
+
+def media_policy(args: argparse.Namespace):
+    """The bundle's `MediaPolicy.for_servers()` with this launcher's switches."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    policy_class = get_class_from_dynamic_module("image_processing_internvl_x.MediaPolicy", args.model_dir)
+    local_root = str(args.allowed_local_media_path.resolve()) if args.allowed_local_media_path else None
+    return policy_class.for_servers(local_files=local_root is not None, local_root=local_root,
+                                    internal_urls=args.allow_internal_urls, remote_urls=not args.no_remote_urls,
+                                    fetch_timeout=args.fetch_timeout, max_bytes=args.max_image_mb * 2**20,
+                                    max_pixels=args.max_image_pixels)  # fmt: skip
+
+
+GATE: dict | None = None  # the `RequestGate` settings `main` builds for the served checkpoint
+
+
 def report_input_errors_as_bad_requests() -> None:
-    """Make the server answer a request the model refuses (a `ValueError` from the processor or the model: an image
-    that does not decode, too many images for the context, ...) with 400 and the reason, instead of a bare 500."""
+    """Put the `RequestGate` in front of the server, and make it answer a request the model refuses (a `ValueError`
+    from the processor or the model: an image that does not decode, too many images for the context, ...) with 400 and
+    the reason, instead of a bare 500."""
     from fastapi.responses import JSONResponse
     from transformers.cli.serving import server
 
@@ -66,6 +196,8 @@ def report_input_errors_as_bad_requests() -> None:
 
     def build_server_reporting_input_errors(*args, **kwargs):
         app = build_server(*args, **kwargs)
+        if GATE is not None:
+            app.add_middleware(RequestGate, **GATE)
 
         async def bad_request(request, error: ValueError) -> JSONResponse:
             return JSONResponse(status_code=400, content={"error": {"message": str(error), "type": "invalid_request"}})
@@ -110,6 +242,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="static cache + compiled decode step (accelerators)")
     parser.add_argument("--continuous-batching", action="store_true", help="not available with LVTC (see above)")
     parser.add_argument("--log-level", default="warning")
+    safety = parser.add_argument_group("what clients may reach (docs/serving.md, Security); all off by default")
+    safety.add_argument(
+        "--allowed-local-media-path",
+        type=Path,
+        default=None,
+        help="read images given as local paths or file:// URLs, under this folder only",
+    )
+    safety.add_argument(
+        "--allow-internal-urls",
+        action="store_true",
+        help="fetch image URLs whose host is a loopback, private or link-local address",
+    )
+    safety.add_argument("--no-remote-urls", action="store_true", help="fetch no image URLs at all")
+    safety.add_argument(
+        "--allow-generation-config",
+        action="store_true",
+        help="accept a request's `generation_config` (any generate argument)",
+    )
+    safety.add_argument("--fetch-timeout", type=float, default=20.0, help="seconds for a whole image fetch")
+    safety.add_argument("--max-image-mb", type=int, default=20, help="bytes of one image, in MiB")
+    safety.add_argument("--max-image-pixels", type=int, default=40_000_000, help="pixels of one image (header)")
+    safety.add_argument("--max-images", type=int, default=8, help="images in one request")
+    safety.add_argument("--max-request-mb", type=int, default=64, help="bytes of one request body, in MiB")
     return parser.parse_args(argv)
 
 
@@ -188,6 +343,10 @@ def main(argv=None) -> None:
     command = serve_arguments(args)
     os.environ[SERVED_MODEL] = str(args.model_dir.resolve())
     register(args.model_dir)
+    global GATE
+    GATE = request_gate(args)
+    # The processes that read images (this one, and the one 5.25's server spawns) read them under the same policy.
+    os.environ.update(media_policy(args).to_environment())
     report_input_errors_as_bad_requests()
     list_the_served_model(args.model_dir)
     from transformers.cli.transformers import app

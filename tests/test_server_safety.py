@@ -1,0 +1,246 @@
+"""What a stranger can reach through `examples/serve.py` (Transformers' server behind the launcher's `RequestGate`),
+driven by the real `openai` client and plain HTTP over 127.0.0.1: no code loading, no local files, no internal
+addresses, bounded fetches that never freeze the server, image sizes checked from their headers, generation fields
+within bounds; and each opt-in switch reaching exactly as far as documented. Image hosts are local HTTP servers the
+test runs itself (a slow one trickles bytes, one redirects forever)."""
+
+import base64
+import io
+import json
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import PIL.Image
+import pytest
+from transformers import AutoImageProcessor
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+from tests.conftest import ROOT
+from tests.test_serving import DEMO, EXAMPLES, chat, client, encoded, image_part
+
+TEXT = {"type": "text", "text": EXAMPLES[0]["question"]}
+MODEL = str(DEMO.resolve())
+
+
+def url_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def refused(base_url: str, content: list[dict], **fields) -> tuple[int, str]:
+    """Status and message of a chat request the server is expected to refuse."""
+    from openai import APIStatusError
+
+    request = dict(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0)
+    with pytest.raises(APIStatusError) as error:
+        client(base_url).chat.completions.create(**{**request, **fields})
+    body = error.value.response.json()
+    return error.value.status_code, body["error"]["message"] if "error" in body else json.dumps(body)
+
+
+def post(base_url: str, path: str, body: dict) -> tuple[int, str]:
+    root = base_url.removesuffix("/v1")
+    request = urllib.request.Request(root + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+class ImageHost(BaseHTTPRequestHandler):
+    """`/demo/NAME`: a demo image; `/slow`: headers, then a byte every 0.2 s for a minute; `/hop/N`: a redirect to
+    `/hop/N+1`, forever; `/big`: 3 MB."""
+
+    trickling = threading.Event()
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if self.path.startswith("/demo/"):
+            data = (DEMO / self.path.removeprefix("/demo/")).read_bytes()
+            self.answer(data)
+        elif self.path == "/slow":
+            self.send_response(200)
+            self.send_header("content-type", "image/png")
+            self.end_headers()
+            ImageHost.trickling.set()
+            try:
+                for _ in range(300):
+                    self.wfile.write(b"\x89")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+            finally:
+                ImageHost.trickling.clear()
+        elif self.path.startswith("/hop/"):
+            self.send_response(302)
+            self.send_header("location", f"/hop/{int(self.path.rsplit('/', 1)[1]) + 1}")
+            self.end_headers()
+        elif self.path == "/big":
+            self.answer(b"\x89PNG" + b"\0" * (3 * 2**20))
+
+    def answer(self, data: bytes):
+        self.send_response(200)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    host = ThreadingHTTPServer(("127.0.0.1", 0), ImageHost)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{host.server_address[1]}"
+    host.shutdown()
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """The launcher with its defaults."""
+    from examples.serve import running
+
+    env = {"HF_HOME": str(tmp_path_factory.mktemp("hf") / "hf"), "HF_HUB_OFFLINE": "1"}
+    with running(DEMO, "--device", "cpu", env=env, log=ROOT / ".pytest-serve-safety.log") as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def opened(tmp_path_factory):
+    """The launcher with every reach switched on, and tight limits."""
+    from examples.serve import running
+
+    env = {"HF_HOME": str(tmp_path_factory.mktemp("hf") / "hf"), "HF_HUB_OFFLINE": "1"}
+    options = ("--device", "cpu", "--allow-internal-urls", "--allowed-local-media-path", str(DEMO),
+               "--fetch-timeout", "3", "--max-image-mb", "1")  # fmt: skip
+    with running(DEMO, *options, env=env, log=ROOT / ".pytest-serve-opened.log") as base_url:
+        yield base_url
+
+
+def test_no_client_can_load_code_or_unload_the_model(guarded, tmp_path):
+    planted = tmp_path / "evil"
+    planted.mkdir()
+    (planted / "config.json").write_text('{"auto_map": {"AutoConfig": "evil.Config"}}')
+    (planted / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n")
+    for path, body in (("/load_model", {"model": str(planted)}), ("/reset", {})):
+        status, text = post(guarded, path, body)
+        assert status == 403 and "serves one checkpoint only" in text
+    assert not (tmp_path / "ran").exists()
+    # a request naming another model is refused by Transformers' pinning; the served one still answers
+    assert refused(guarded, [TEXT], model=str(planted))[0] == 400
+    assert chat(guarded, [image_part(EXAMPLES[0]["image"]), TEXT]).strip() == EXAMPLES[0]["answer"]
+
+
+def test_local_files_are_refused_without_telling_whether_they_exist(guarded):
+    existing, missing = str(DEMO / EXAMPLES[0]["image"]), str(DEMO / "no-such-image.png")
+    messages = set()
+    for source in (existing, missing, f"file://{existing}", f"file://{missing}", "../../../etc/hostname"):
+        status, message = refused(guarded, [url_part(source), TEXT])
+        assert status == 400 and "reads no local files" in message
+        messages.add(message)
+    assert len(messages) == 1  # the same words for a file that exists and one that does not
+
+
+def test_internal_addresses_are_refused_alike(guarded, image_host):
+    messages = set()
+    internal = (f"{image_host}/demo/{EXAMPLES[0]['image']}", "http://127.0.0.1:9/closed.png",
+                "http://169.254.169.254/latest/meta-data", "http://[::1]:9/x.png",
+                "http://localhost:1/x.png")  # fmt: skip
+    for url in internal:
+        status, message = refused(guarded, [url_part(url), TEXT])
+        assert status == 400 and "not a public address" in message
+        messages.add(message)
+    assert len(messages) == 1  # an open port and a closed one read the same: no port scanning
+
+
+def test_generation_fields_are_bounded(guarded):
+    image = [image_part(EXAMPLES[0]["image"]), TEXT]
+    cases = {
+        "stop": (dict(stop=["\n"]), "`stop` is not accepted by this server"),
+        "generation_config": (dict(extra_body={"generation_config": json.dumps({"max_length": 10**6})}),
+                              "may allow it with --allow-generation-config"),
+        "max_tokens": (dict(max_tokens=10**6), r"`max_tokens` must be an integer from 1 to 1024"),
+        "temperature": (dict(temperature=9.0), r"`temperature` must be a number from 0.0 to 2.0"),
+    }  # fmt: skip
+    for name, (fields, message) in cases.items():
+        status, text = refused(guarded, image, **fields)
+        assert status == 400 and re.search(message, text), (name, text)
+
+
+def test_image_sizes_are_checked_from_the_header_before_decoding(guarded):
+    huge = PIL.Image.new("1", (10_000, 10_000))  # 100 megapixels in a few kilobytes of PNG
+    buffer = io.BytesIO()
+    huge.save(buffer, format="PNG")
+    data_uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    status, message = refused(guarded, [url_part(data_uri), TEXT])
+    assert status == 400 and "10000×10000 = 100000000 pixels, more than the 40000000 allowed" in message
+
+
+def test_a_slow_image_host_does_not_freeze_the_server(opened, image_host):
+    """The fetch runs off the event loop and stops at the total timeout (3 s here) although bytes keep coming."""
+    outcome = {}
+
+    def slow_request():
+        outcome["refusal"] = refused(opened, [url_part(f"{image_host}/slow"), TEXT])
+
+    worker = threading.Thread(target=slow_request)
+    worker.start()
+    assert ImageHost.trickling.wait(30)
+    with urllib.request.urlopen(opened.removesuffix("/v1") + "/health", timeout=30) as response:
+        assert response.status == 200
+    health_answered_while_trickling = ImageHost.trickling.is_set()
+    worker.join(60)
+    assert health_answered_while_trickling
+    status, message = outcome["refusal"]
+    assert status == 400 and "not fetched within 3 s" in message
+
+
+def test_what_each_switch_opens(opened, image_host, tmp_path):
+    example = EXAMPLES[1]
+    question = {"type": "text", "text": example["question"]}
+    # --allow-internal-urls: a URL on this machine is fetched and answered
+    assert chat(opened, [url_part(f"{image_host}/demo/{example['image']}"), question]).strip() == example["answer"]
+    # --allowed-local-media-path DEMO: a file there is read; one outside it is not
+    assert chat(opened, [url_part(str(DEMO / example["image"])), question]).strip() == example["answer"]
+    outside = tmp_path / "outside.png"
+    outside.write_bytes((DEMO / example["image"]).read_bytes())
+    status, message = refused(opened, [url_part(str(outside)), question])
+    assert status == 400 and "outside the folder this server reads from" in message
+    # the limits still hold: bytes (--max-image-mb 1) and redirects (3)
+    status, message = refused(opened, [url_part(f"{image_host}/big"), question])
+    assert status == 400 and "3145732 bytes, more than the 1048576 allowed" in message
+    status, message = refused(opened, [url_part(f"{image_host}/hop/0"), question])
+    assert status == 400 and "more than 3 redirects" in message
+
+
+def test_the_images_tokens_are_checked_against_the_context_from_their_headers():
+    """`admit_chat_images` refuses by the tiles the images' header sizes give, before decoding: a PNG whose pixel data
+    is cut off is admitted (nothing decoded) while the budget holds, and refused by the budget when it does not."""
+    admit = get_class_from_dynamic_module("processing_internvl_x.admit_chat_images", DEMO)
+    policy = get_class_from_dynamic_module("image_processing_internvl_x.MediaPolicy", DEMO).for_servers()
+    image_processor = AutoImageProcessor.from_pretrained(DEMO, trust_remote_code=True)
+    cut = base64.b64encode((DEMO / EXAMPLES[2]["image"]).read_bytes()[:120]).decode()  # header intact, data cut
+    messages = [{"role": "user", "content": [url_part(f"data:image/png;base64,{cut}"), TEXT]}]
+    admit(messages, image_processor, 16, policy, 8, 1024)
+    assert messages[0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    tiles = image_processor.get_number_of_image_patches(*PIL.Image.open(DEMO / EXAMPLES[2]["image"]).size[::-1])
+    with pytest.raises(ValueError, match=rf"take {2 + 16 * tiles} tokens or more .* {tiles} tiles of 16\), more than "):
+        admit(messages, image_processor, 16, policy, 8, 2 + 16 * tiles - 1)
+
+
+def test_the_processor_of_a_server_process_reads_no_local_files(monkeypatch):
+    """Defence in depth: the launcher puts the same policy in the environment of the processes that read images."""
+    media_policy = get_class_from_dynamic_module("image_processing_internvl_x.MediaPolicy", DEMO)
+    read_image = get_class_from_dynamic_module("image_processing_internvl_x.read_image", DEMO)
+    monkeypatch.setenv(*media_policy.for_servers().to_environment().popitem())
+    with pytest.raises(ValueError, match="reads no local files"):
+        read_image(str(DEMO / EXAMPLES[0]["image"]), 0)
+    assert read_image(f"data:image/png;base64,{encoded(EXAMPLES[0]['image'])}", 0).size  # data URIs still read
+    monkeypatch.delenv(get_class_from_dynamic_module("image_processing_internvl_x.MEDIA_POLICY_VARIABLE", DEMO))
+    assert read_image(str(DEMO / EXAMPLES[0]["image"]), 0).size  # a library user's own files, by default
