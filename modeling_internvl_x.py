@@ -1185,6 +1185,22 @@ class InternVLXPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
 
+def images_per_row(image_tiles: list[int], tiles_per_row: list[int]) -> list[list[int]]:
+    """The tile counts of `image_tiles` (every image of the batch, in order) grouped by row, each row holding
+    `tiles_per_row` tiles; refused where the images do not divide into the rows."""
+    grouped, images = [], iter(image_tiles)
+    for tiles in tiles_per_row:
+        row = []
+        while sum(row) < tiles:
+            row.append(next(images, tiles))
+        if sum(row) != tiles:
+            raise ValueError(
+                f"num_patches {image_tiles} does not divide into the rows' image tiles {tiles_per_row} in order."
+            )
+        grouped.append(row)
+    return grouped
+
+
 def spans_hold_images(span_tiles: list[int], image_tiles: list[int]) -> bool:
     """Whether runs of image tokens of `span_tiles` tiles each are the images of `image_tiles` tiles in order;
     one run may hold several images written back to back without separators."""
@@ -1696,8 +1712,52 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
                 )
             rows = pixel_values.split(tiles_per_row)
             pixel_values = torch.cat([row for row in rows for _ in range(expand_size)])
-            num_patches = num_patches.repeat(expand_size) if num_patches is not None else None  # checked by total
+            if num_patches is not None:
+                images = images_per_row(num_patches.tolist(), tiles_per_row)
+                num_patches = num_patches.new_tensor([n for row in images for _ in range(expand_size) for n in row])
         return dict(pixel_values=pixel_values, num_patches=num_patches)
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate`, stopping at the language model's last position: where the prompt (LVTC's
+        expanded tiles included) plus the tokens asked for would run past `max_position_embeddings` (and RoPE is not
+        scaled to reach further), fewer new tokens are generated, with a warning that says how many and why, as
+        decoding past the trained positions would extrapolate silently."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+            self.fit_new_tokens_to_context(input_ids, kwargs, generation_config or self.generation_config)
+        return super().generate(inputs, generation_config, **kwargs)
+
+    def fit_new_tokens_to_context(self, input_ids: torch.LongTensor, kwargs: dict, generation_config) -> None:
+        text_config = self.config.text_config
+        limit = getattr(text_config, "max_position_embeddings", None)
+        rope = getattr(text_config, "rope_parameters", None) or {}
+        if limit is None or rope.get("rope_type", "default") != "default":
+            return
+        prompt = self.model.positions_needed(input_ids, kwargs.get("attention_mask"))
+        if kwargs.get("max_new_tokens") is not None:
+            asked = kwargs["max_new_tokens"]
+        elif kwargs.get("max_length") is not None:
+            asked = kwargs["max_length"] - input_ids.shape[1]
+        elif generation_config.max_new_tokens is not None:
+            asked = generation_config.max_new_tokens
+        else:
+            asked = generation_config.max_length - input_ids.shape[1]
+        room = limit - prompt
+        expanded = " (LVTC's expanded tiles included)" if self.config.lvtc_enabled else ""
+        if room < 0:
+            return  # the prompt alone is too long: the forward's context check refuses it, with its numbers
+        if asked > 0 and room == 0:
+            raise ValueError(
+                f"the prompt takes {prompt} positions{expanded}, all of the language model's max_position_embeddings "
+                f"= {limit}: no room for a new token; send a shorter prompt or fewer tiles."
+            )
+        if asked > room:
+            logger.warning(
+                f"generating at most {room} new tokens instead of {asked}: the prompt takes {prompt} of the language "
+                f"model's max_position_embeddings = {limit} positions{expanded}."
+            )
+            kwargs.pop("max_length", None)
+            kwargs["max_new_tokens"] = room
 
     def check_generation_request(self, generation_config, model_kwargs: dict, generation_mode: str) -> None:
         """Refuse modes that cannot work with this model's settings, by name, before anything runs."""

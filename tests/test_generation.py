@@ -100,3 +100,67 @@ def test_beam_search_batch_equals_each_prompt_alone_and_sampling_runs(model):
             runs.append(model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixel_values),
                                        generation_config=sampling))  # fmt: skip
     assert runs[0].shape == (2, ids.shape[1] + NEW_TOKENS) and torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(num_beams=2),
+        dict(num_beams=2, num_return_sequences=2),
+        dict(do_sample=True, top_k=1, num_return_sequences=2),
+    ],
+    ids=["beams", "beams-returning-2", "sampling-returning-2"],
+)
+def test_beams_and_returned_sequences_take_each_row_s_images_with_it(settings):
+    """The processor's batch of two images of 3 and 5 tiles (with `num_patches`): every copy of a row keeps its own
+    image, so each row's sequences are those of the row alone."""
+    import PIL.Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tests.conftest import ROOT
+
+    demo = ROOT / "examples" / "digits-demo"
+    processor = AutoProcessor.from_pretrained(demo, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(demo, trust_remote_code=True).eval()
+    images = [PIL.Image.open(demo / name) for name in ("example-single-0.png", "example-row-0.png")]
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read the digits."}]}]
+    text = processor.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+    batch = processor(text=[text, text], images=images, return_tensors="pt")
+    assert batch["num_patches"].tolist() == [3, 5]
+    copies = settings.get("num_return_sequences", 1)
+    with torch.no_grad():
+        together = model.generate(**batch, max_new_tokens=6, **settings)[:, batch["input_ids"].shape[1] :]
+        for row, image in enumerate(images):
+            alone = processor(text=[text], images=[image], return_tensors="pt")
+            expected = model.generate(**alone, max_new_tokens=6, **settings)[:, alone["input_ids"].shape[1] :]
+            assert together[row * copies : (row + 1) * copies].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("asked", [dict(max_new_tokens=100), dict(max_length=200)])
+def test_decoding_stops_at_the_last_position_lvtc_s_expansion_included(bundle, asked, caplog):
+    """64 positions; the prompt's 26 tokens take 50 with LVTC's expanded tiles: 14 new tokens, and a warning that says
+    so. A prompt that takes every position leaves no room and is refused."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    from tests.decoding import LVTC
+
+    model = bundle.model(seed=1, **{**LVTC, "text": {**LVTC["text"], "max_position_embeddings": 64}})
+    ids = torch.tensor([prompt(10, image_span(2, 4), 5)])
+    logging.Logger.warning_once.cache_clear()
+    transformers_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"), torch.no_grad():
+            out = model.generate(input_ids=ids, pixel_values=tiles(2), do_sample=False, eos_token_id=None,
+                                 pad_token_id=PAD, **asked)  # fmt: skip
+    finally:
+        transformers_logging.disable_propagation()
+    assert out.shape[1] - ids.shape[1] == 14
+    assert "generating at most 14 new tokens" in caplog.text and "takes 50 of" in caplog.text
+    full = torch.tensor([prompt(38, image_span(2, 4), 1)])  # 50 tokens, 74 positions with LVTC: over the limit
+    with pytest.raises(ValueError, match="needs 74 positions"):
+        model.generate(input_ids=full, pixel_values=tiles(2), max_new_tokens=5)
+    exact = torch.tensor([prompt(28, image_span(2, 4), 1)])  # 40 tokens, 64 positions: nothing left
+    with pytest.raises(ValueError, match="takes 64 positions .* no room for a new token"):
+        model.generate(input_ids=exact, pixel_values=tiles(2), max_new_tokens=5)
