@@ -54,6 +54,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 logger = logging.getLogger(__name__)
 PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "model.lvtc_lr_projectors.", "model.lvtc_hr_projector.")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_SPAN_TOKENS = ("<IMG_CONTEXT>", "<img>", "</img>")  # written by the processor, never by the data
 
 
 @dataclass
@@ -121,13 +122,15 @@ def row_messages(record: dict, where: str) -> tuple[list[dict], list]:
         )
     texts, carried = [], []
     for message in messages:
-        role = ROLES.get(message["role"])
+        role = ROLES.get(message["role"]) if isinstance(message["role"], str) else None
         if role is None:
             raise ValueError(f"{where}: unknown role {message['role']!r} (known: {sorted(ROLES)})")
         content = message.get("content")
         if isinstance(content, list):
             parts = []
             for item in content:
+                if not isinstance(item, dict):
+                    raise ValueError(f"{where}: a content item must be an object with a `type`, got {item!r:.100}")
                 if item.get("type") == "text":
                     parts.append(item.get("text", ""))
                 elif item.get("type") in ("image", "image_url"):
@@ -155,6 +158,18 @@ def parse_row(record, root: Path, where: str) -> Row:
     images = [item if item is not None else next(listed_iter, None) for item in carried] + list(listed_iter)
     if None in images:
         raise ValueError(f"{where}: {images.count(None)} image items have no image (no source and no `images` left)")
+    for message in messages:
+        spans = [token for token in IMAGE_SPAN_TOKENS if token in message["content"]]
+        if spans:
+            raise ValueError(
+                f"{where}: a {message['role']} turn holds {spans}, the tokens the processor writes for images; mark "
+                "each image with `<image>` (or an image item) instead"
+            )
+        if message["role"] == "assistant" and "<image>" in message["content"]:
+            raise ValueError(
+                f"{where}: an assistant turn holds an image; the model would be trained to emit image tokens. Put "
+                "images in user turns"
+            )
     placeholders = sum(m["content"].count("<image>") for m in messages)
     if images and not placeholders:
         users = [m for m in messages if m["role"] == "user"]
@@ -174,16 +189,43 @@ def repeated(rows: list[Row], times: float, seed: int = 0) -> list[Row]:
     return rows * whole + random.Random(seed).sample(rows, round(fraction * len(rows)))
 
 
+def read_meta_entries(meta_file: Path) -> dict[str, dict]:
+    """The meta file's datasets, `{name: {"annotation": ..., ...}}`, refused by name when the file is not that: not
+    JSON, not an object, a dataset without an `annotation` path, or a name given twice (JSON keeps only the last)."""
+
+    def refuse_repeated_names(pairs):
+        names = [name for name, _ in pairs]
+        repeated_names = sorted({name for name in names if names.count(name) > 1})
+        if repeated_names:
+            raise ValueError(f"{meta_file}: dataset names {repeated_names} are given more than once")
+        return dict(pairs)
+
+    try:
+        entries = json.loads(meta_file.read_text(), object_pairs_hook=refuse_repeated_names)
+    except FileNotFoundError:
+        raise ValueError(f"no meta file {meta_file}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{meta_file}: not JSON ({error})") from None
+    if not isinstance(entries, dict) or not entries:
+        raise ValueError(f"{meta_file}: must be an object of datasets, {{name: {{'annotation': file.jsonl}}}}")
+    for name, entry in entries.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("annotation"), str):
+            raise ValueError(f"{meta_file}: dataset {name!r} needs an `annotation` path (a JSONL file), got {entry!r}")
+    return entries
+
+
 def read_meta(meta_path: str) -> list[Row]:
     """Every usable row of a meta file, `repeat_time` applied. A row the Trainer could not use is refused naming its
     file and line; rows with no reply to learn from are left out and counted in a warning."""
     meta_file = Path(meta_path)
     rows = []
-    for name, entry in json.loads(meta_file.read_text()).items():
+    for name, entry in read_meta_entries(meta_file).items():
         annotation = Path(entry["annotation"])
         annotation = annotation if annotation.is_absolute() else meta_file.parent / annotation
         root = Path(entry.get("root", "."))
         root = root if root.is_absolute() else meta_file.parent / root
+        if not annotation.is_file():
+            raise ValueError(f"{meta_file}: dataset {name!r} names the annotation file {annotation}, which is missing")
         found = []
         for number, line in enumerate(annotation.read_text().splitlines(), start=1):
             if line.strip():
@@ -193,7 +235,10 @@ def read_meta(meta_path: str) -> list[Row]:
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{where}: not a JSON object ({error})") from None
                 found.append(parse_row(record, root, where))
-        chosen = repeated(found, float(entry.get("repeat_time", 1)))
+        try:
+            chosen = repeated(found, float(entry.get("repeat_time", 1)))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{meta_file}: dataset {name!r}: {error}") from None
         logger.info("%s: %d rows from %s, %d used (repeat_time %s)", name, len(found), annotation, len(chosen),
                     entry.get("repeat_time", 1))  # fmt: skip
         rows += chosen
@@ -451,6 +496,53 @@ def resume_point(value: str | None, output_dir: str) -> str | None:
     raise ValueError(f"no complete checkpoint in {output_dir} to resume from (looked at {len(folders)}).")
 
 
+def check_output_dir(model_path: str, output_dir: str, resuming: bool) -> None:
+    """Training writes only where it may: never into the model folder it reads (or a folder inside it), and, unless it
+    resumes, not into a folder that holds another run's `checkpoint-*` folders, which checkpoint rotation
+    (`--save_total_limit`) would delete and new checkpoints of the same step would overwrite."""
+    out = Path(output_dir).resolve()
+    source = Path(model_path)
+    if source.is_dir() and (out == source.resolve() or source.resolve() in out.parents):
+        raise ValueError(
+            f"--output_dir {output_dir} is the model folder {model_path} or inside it: training would overwrite the "
+            "weights it starts from. Choose another folder."
+        )
+    existing = sorted(path.name for path in Path(output_dir).glob("checkpoint-*") if path.is_dir())
+    if existing and not resuming:
+        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise ValueError(
+            f"--output_dir {output_dir} already holds {len(existing)} checkpoint folders ({shown}) that this run did "
+            "not write: checkpoint rotation would delete them and new checkpoints could overwrite them. Resume that "
+            "run (--resume_from_checkpoint last) or choose an empty folder."
+        )
+
+
+def check_resumable(checkpoint: str, model) -> None:
+    """Refuse, naming the checkpoint and what differs, one written by another model or stage: its tensor names (a
+    full checkpoint) and the number of parameters its optimizer state holds against what this run trains."""
+    folder = Path(checkpoint)
+    if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+        saved, expected = saved_tensor_names(folder), expected_tensor_names(model)
+        if saved != expected:
+            unexpected, missing = sorted(saved - expected), sorted(expected - saved)
+            raise ValueError(
+                f"cannot resume from {checkpoint}: it holds {len(unexpected)} tensors this model does not have (e.g. "
+                f"{unexpected[:3]}) and lacks {len(missing)} of its own (e.g. {missing[:3]}); it was written for "
+                "another model."
+            )
+    optimizer_file = folder / "optimizer.pt"
+    if optimizer_file.exists():
+        state = torch.load(optimizer_file, map_location="cpu", mmap=True, weights_only=True)
+        groups = state.get("param_groups", []) if isinstance(state, dict) else []
+        held = sum(len(group.get("params", [])) for group in groups)
+        trained = sum(1 for parameter in model.parameters() if parameter.requires_grad)
+        if groups and held != trained:
+            raise ValueError(
+                f"cannot resume from {checkpoint}: its optimizer state holds {held} parameters but this run trains "
+                f"{trained}; it was written with another --stage, --lora_rank, --lora_vision or --freeze_vision."
+            )
+
+
 def join_deepspeed_to_the_process_group(training_args: TrainingArguments) -> None:
     """Have DeepSpeed's communication use the process group the Trainer's arguments set up, before the model is
     built: ZeRO-3 partitions parameters as `from_pretrained` creates them and reads the world size then. On a
@@ -471,6 +563,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
     if training_args.deepspeed:
         join_deepspeed_to_the_process_group(training_args)
+    resuming = training_args.resume_from_checkpoint is not None
+    check_output_dir(model_args.model_name_or_path, training_args.output_dir, resuming)
 
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
@@ -495,7 +589,10 @@ def main(argv=None) -> None:
         data_collator=ChatCollator(processor.tokenizer.pad_token_id, padding_tile=padding_tile(model.config)),
         callbacks=[CheckSavedNames(model)] if not model_args.lora_rank else None,
     )
-    trainer.train(resume_from_checkpoint=resume_point(training_args.resume_from_checkpoint, training_args.output_dir))
+    checkpoint = resume_point(training_args.resume_from_checkpoint, training_args.output_dir)
+    if checkpoint is not None and not is_deepspeed_zero3_enabled():  # ZeRO-3 checkpoints hold partitioned states
+        check_resumable(checkpoint, model)
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
