@@ -99,8 +99,10 @@ def _square(size, name: str) -> int:
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
             raise ValueError(f"InternVL-X needs a square vision `{name}`, got {tuple(size)}.")
-        return int(size[0])
-    return int(size)
+        size = size[0]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"vision `{name}` must be a positive integer, got {size!r}.")
+    return size
 
 
 class InternVLXConfig(PretrainedConfig):
@@ -300,6 +302,7 @@ class InternVLXConfig(PretrainedConfig):
 
     def _validate(self) -> None:
         self._validate_types()
+        self._validate_sub_configs()
         image_size = self.tile_size
         patch_size = _square(self.vision_config.patch_size, "patch_size")
         if image_size % patch_size:
@@ -324,6 +327,30 @@ class InternVLXConfig(PretrainedConfig):
             raise ValueError(
                 f"vision_feature_layer {self.vision_feature_layer} is outside the vision tower's "
                 f"{num_layers} layers (valid: -{num_layers}..{num_layers})."
+            )
+
+    def _validate_sub_configs(self) -> None:
+        """The towers' sizes are positive, their activations exist, and the language model is a decoder."""
+        from transformers.activations import ACT2FN
+
+        for where, config, names in (
+            ("vision", self.vision_config, ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                            "intermediate_size")),
+            ("text", self.text_config, ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")),
+        ):  # fmt: skip
+            for name in names:
+                value = getattr(config, name, None)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{where}_config.{name} must be a positive integer, got {value!r}.")
+        for where, activation in (("vision_config.hidden_act", getattr(self.vision_config, "hidden_act", None)),
+                                  ("text_config.hidden_act", getattr(self.text_config, "hidden_act", None)),
+                                  ("projector_hidden_act", self.projector_hidden_act)):  # fmt: skip
+            if activation is not None and activation not in ACT2FN:
+                raise ValueError(f"{where} {activation!r} is not an activation Transformers knows ({sorted(ACT2FN)}).")
+        if getattr(self.text_config, "is_encoder_decoder", False):
+            raise ValueError(
+                f"the language model must be a decoder (Llama, Qwen2, Qwen3, ...); text_config is "
+                f"{self.text_config.model_type!r}, an encoder-decoder."
             )
 
     def _validate_types(self) -> None:

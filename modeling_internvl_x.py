@@ -1201,6 +1201,21 @@ def images_per_row(image_tiles: list[int], tiles_per_row: list[int]) -> list[lis
     return grouped
 
 
+# What the bundle's layer loop (LVTC, FastV) and generation read of the language model: a Transformers decoder.
+DECODER_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
+
+
+def refuse_non_decoders(language_model: nn.Module, text_config) -> None:
+    """Refuse, naming the model type, a language model without a Transformers decoder's parts (an encoder such as
+    BERT would run bidirectionally, silently)."""
+    missing = [part for part in DECODER_PARTS if not hasattr(language_model, part)]
+    if missing:
+        raise ValueError(
+            f"the language model ({text_config.model_type}: {type(language_model).__name__}) is not a decoder "
+            f"InternVL-X can run: it lacks {missing}; use a decoder-only model (Llama, Qwen2, Qwen3, ...)."
+        )
+
+
 def spans_hold_images(span_tiles: list[int], image_tiles: list[int]) -> bool:
     """Whether runs of image tokens of `span_tiles` tiles each are the images of `image_tiles` tiles in order;
     one run may hold several images written back to back without separators."""
@@ -1255,6 +1270,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         self.vision_tower = InternVLVisionModel(config.vision_config)
         self.multi_modal_projector = PROJECTOR_CLASSES[config.projector_type](config)
         self.language_model = AutoModel.from_config(config.text_config)
+        refuse_non_decoders(self.language_model, config.text_config)
         if config.lvtc_enabled:
             self.lvtc_lr_projectors = nn.ModuleList(
                 InternVLXPixelShuffleProjector(config) for _ in range(config.lvtc_num_lr_projectors - 1)

@@ -82,3 +82,28 @@ def test_any_keyword_arguments_give_a_model_that_runs_or_a_value_error_naming_a_
     with torch.no_grad():
         logits = model(input_ids=ids, pixel_values=tiles(1)).logits
     assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
+
+
+SUB_CONFIGS = {
+    "a patch size of zero": (dict(vision=dict(patch_size=0)), "vision `patch_size` must be a positive integer, got 0"),
+    "a negative image size": (dict(vision=dict(image_size=-56)), "vision `image_size` must be a positive integer"),
+    "a vision width of zero": (dict(vision=dict(hidden_size=0)), "vision_config.hidden_size must be a positive"),
+    "a language model without layers": (dict(text=dict(num_hidden_layers=0)), "text_config.num_hidden_layers must be"),
+    "an unknown vision activation": (dict(vision=dict(hidden_act="bogus")), "vision_config.hidden_act 'bogus' is not"),
+    "an unknown projector activation": (dict(projector_hidden_act="bogus"), "projector_hidden_act 'bogus' is not"),
+    "an encoder-decoder language model": (dict(text=dict(model_type="t5")), "'t5', an encoder-decoder"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(SUB_CONFIGS))
+def test_sizes_activations_and_the_kind_of_language_model_are_checked(bundle, case):
+    """Each was accepted (and crashed deep inside, or built a model that ran wrongly) before."""
+    overrides, message = SUB_CONFIGS[case]
+    with pytest.raises(ValueError, match=message):
+        bundle.model(**overrides)
+
+
+def test_an_encoder_as_the_language_model_is_refused_naming_it(bundle):
+    """BERT builds, but runs bidirectionally and lacks what the layer loop reads: refused when the model is built."""
+    with pytest.raises(ValueError, match=r"the language model \(bert: BertModel\) is not a decoder .* lacks"):
+        bundle.model(text=dict(model_type="bert"))
