@@ -1309,6 +1309,28 @@ class InternVLXModel(InternVLXPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
+    def check_input_types(self, input_ids, inputs_embeds, pixel_values) -> None:
+        """Tensors of the shapes and kinds the model reads, refused by name otherwise (a list, a NumPy array, ids
+        without a batch dimension or of a floating-point type)."""
+        for name, value, dims in (("input_ids", input_ids, 2), ("inputs_embeds", inputs_embeds, 3),
+                                  ("pixel_values", pixel_values, 4)):  # fmt: skip
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"{name} must be a torch.Tensor, got {type(value).__name__}; pass return_tensors='pt' to the "
+                    "processor, or torch.as_tensor(...)."
+                )
+            if name == "pixel_values":
+                self._check_pixel_values(value)  # names the exact shape the vision tower takes
+            elif value.dim() != dims:
+                layout = {2: "(batch, seq)", 3: "(batch, seq, hidden)"}
+                batchless = value.dim() == dims - 1
+                hint = f"; add the batch dimension: {name}[None]" if batchless else ""
+                raise ValueError(f"{name} must be {layout[dims]}, got shape {tuple(value.shape)}{hint}.")
+        if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex()):
+            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}.")
+
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         size = self.config.tile_size
         expected = (self.config.vision_config.num_channels, size, size)
@@ -1551,6 +1573,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         # A compiled decode step skips the checks that read tensor values (host syncs); the eager prefill ran them.
         checking = not torch.compiler.is_compiling()
         if checking:
+            self.check_input_types(input_ids, inputs_embeds, pixel_values)
             self.check_inputs(input_ids, inputs_embeds, pixel_values, num_patches, cache, attention_mask, position_ids)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -1739,7 +1762,8 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
         scaled to reach further), fewer new tokens are generated, with a warning that says how many and why, as
         decoding past the trained positions would extrapolate silently."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+        self.model.check_input_types(input_ids, kwargs.get("inputs_embeds"), kwargs.get("pixel_values"))
+        if isinstance(input_ids, torch.Tensor):
             self.fit_new_tokens_to_context(input_ids, kwargs, generation_config or self.generation_config)
         return super().generate(inputs, generation_config, **kwargs)
 

@@ -135,3 +135,25 @@ def test_lvtc_and_fastv_are_refused_under_vllm_attention_when_the_model_is_built
     assert refuse(plain) is None  # PVTC and pixel shuffle serve: tests/test_vllm.py
     config.text_config._attn_implementation = "sdpa"
     assert refuse(config) is None
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda ids, pixels: (ids[0], pixels), r"input_ids must be \(batch, seq\), got shape \(\d+,\); add the batch"),
+        (lambda ids, pixels: (ids.tolist(), pixels), "input_ids must be a torch.Tensor, got list"),
+        (lambda ids, pixels: (ids.float(), pixels), "input_ids must hold integer token ids, got torch.float32"),
+        (lambda ids, pixels: (ids, pixels.tolist()), "pixel_values must be a torch.Tensor, got list"),
+        (lambda ids, pixels: (ids, pixels.numpy()), "pixel_values must be a torch.Tensor, got ndarray"),
+        (lambda ids, pixels: (ids, pixels[0]), r"pixel_values must have shape \(num_tiles, 3, 56, 56\), got \(3,"),
+    ],
+    ids=["1-D ids", "ids as a list", "float ids", "tiles as a list", "tiles as an array", "one tile without its axis"],
+)
+def test_inputs_of_the_wrong_kind_are_refused_by_forward_and_generate(bundle, change, message):
+    """Each crashed inside torch or Transformers (AttributeError, IndexError, an embedding's dtype error) before."""
+    model = bundle.model(seed=1)
+    input_ids, pixel_values = change(torch.tensor([prompt(3, image_span(1, 4), 2)]), tiles(1))
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=input_ids, pixel_values=pixel_values)
+    with pytest.raises(ValueError, match=message):
+        model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=2)
