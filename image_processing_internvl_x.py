@@ -71,8 +71,8 @@ def tile_grid(width: int, height: int, tile_size: int, min_patches: int, max_pat
             f"need 1 ≤ min_patches ≤ max_patches, got min_patches={min_patches}, max_patches={max_patches}."
         )
     cap = max(min_patches, tile_cap(width, height, tile_size, max_patches, slicing))
-    grids = sorted(
-        ((c, r) for c in range(1, cap + 1) for r in range(1, cap + 1) if min_patches <= c * r <= cap),
+    grids = sorted(  # c-major, then by tile count (stable): the order InternVL's matching breaks ties in
+        ((c, r) for c in range(1, cap + 1) for r in range(1, cap // c + 1) if min_patches <= c * r),
         key=lambda grid: grid[0] * grid[1],
     )
     aspect, area = width / height, width * height
@@ -288,6 +288,18 @@ def scaled_to_unit(pixels: np.ndarray, mode: str) -> np.ndarray:
     return (pixels / scale).astype(np.float32)
 
 
+def has_alpha(image: PIL.Image.Image) -> bool:
+    """Whether a PIL image carries transparency (an alpha band, or a palette or grey level marked transparent)."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def on_white(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A transparent image composited onto white, as RGB: what it shows, not the colour hidden under its alpha."""
+    rgba = image.convert("RGBA")
+    white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+
+
 def to_image_tensor(
     image, index: int = 0, input_data_format: str | ChannelDimension | None = None, convert_rgb: bool = True
 ) -> torch.Tensor:
@@ -295,7 +307,8 @@ def to_image_tensor(
     and 16-bit ones; with `convert_rgb=False` the image keeps its own channels, `(C, H, W)` (C = 1 for grayscale, 4
     with alpha).
 
-    PIL images of any mode are converted to RGB (alpha dropped, 16-bit scaled to 8-bit); strings are read with
+    PIL images of any mode are converted to RGB (transparent ones composited onto white, as Transformers' image
+    processors do; 16-bit scaled to 8-bit); strings are read with
     `read_image`; arrays and tensors may be HW, HWC or CHW with 1, 3 or 4 channels, uint8, uint16 or floating point in
     [0, 1]. The channel axis is `input_data_format` (`"channels_first"` / `"channels_last"`) or, when not given, found
     by Transformers' rule (`infer_channel_dimension_format`: an axis of 1, 3 or 4 first, then last; when both could be,
@@ -312,7 +325,7 @@ def to_image_tensor(
             image = scaled_to_unit(np.asarray(image, dtype=np.float64), image.mode)  # read on as a float array
         else:
             if convert_rgb or image.mode not in ("L", "LA", "RGB", "RGBA"):
-                image = image.convert("RGB")
+                image = on_white(image) if has_alpha(image) else image.convert("RGB")
             pixels = torch.from_numpy(np.array(image))
             return (pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)).contiguous()
     if isinstance(image, np.ndarray):
@@ -456,6 +469,10 @@ class InternVLXImageProcessor(BaseImageProcessor):
         options = {name: overrides.get(name, getattr(self, name)) for name in IMAGE_PROCESSOR_OPTIONS}
         if options["slicing"] not in SLICING_MODES:
             raise ValueError(f"slicing must be one of {SLICING_MODES}, got {options['slicing']!r}.")
+        for name in ("image_size", "min_patches", "max_patches"):
+            value = options[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if not 1 <= options["min_patches"] <= options["max_patches"]:
             raise ValueError(
                 f"need 1 ≤ min_patches ≤ max_patches, got min_patches={options['min_patches']}, "

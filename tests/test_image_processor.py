@@ -239,3 +239,52 @@ def test_an_exif_rotated_photo_is_read_upright_as_object_and_as_path(processor_c
         out = processor(source)
         assert out["num_patches"].tolist() == expected["num_patches"].tolist()
         torch.testing.assert_close(out["pixel_values"], expected["pixel_values"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,value", [("image_size", 0), ("image_size", -8), ("image_size", 2.5),
+                                        ("max_patches", 0), ("max_patches", -3), ("min_patches", 0)])  # fmt: skip
+def test_sizes_of_zero_negative_or_fractional_are_refused_by_name(processor_class, name, value):
+    """A tile side of 0 crashed inside torchvision's resize; now both ways of giving it are refused by name."""
+    message = rf"{name} must be a positive integer, got {value}"
+    with pytest.raises(ValueError, match=message):
+        processor_class(**{name: value})
+    with pytest.raises(ValueError, match=message):
+        processor_class()(rgb_array(), **{name: value})
+
+
+def test_a_transparent_image_shows_what_it_shows_on_white(processor_class):
+    """A black square on a transparent background reads as a black square on white (Transformers' image processors
+    composite onto white); its hidden colour (here black everywhere) no longer shows through."""
+    rgba = np.zeros((56, 56, 4), np.uint8)
+    rgba[10:40, 10:40, 3] = 255  # opaque black square; the rest transparent (and black underneath)
+    expected = np.full((56, 56, 3), 255, np.uint8)
+    expected[10:40, 10:40] = 0
+    processor = processor_class(image_size=56, max_patches=1)
+    for image in (PIL.Image.fromarray(rgba, "RGBA"), PIL.Image.fromarray(rgba, "RGBA").convert("LA")):
+        torch.testing.assert_close(
+            processor(image)["pixel_values"], processor(expected)["pixel_values"], rtol=0, atol=0
+        )
+
+
+def test_the_grid_search_is_the_exhaustive_one_and_scales_to_huge_caps(tile_grid):
+    """The grids are enumerated up to the cap's divisors instead of cap² pairs (max_patches=20000 took 11 s here), in
+    the same order, so the same grid wins: checked against the exhaustive search for every cap up to 40."""
+
+    def exhaustive(width, height, size, cap):
+        grids = sorted(((c, r) for c in range(1, cap + 1) for r in range(1, cap + 1) if c * r <= cap),
+                       key=lambda grid: grid[0] * grid[1])  # fmt: skip
+        best, best_diff = (1, 1), float("inf")
+        for columns, rows in grids:
+            diff = abs(width / height - columns / rows)
+            if diff < best_diff:
+                best, best_diff = (columns, rows), diff
+            elif diff == best_diff and width * height > 0.5 * size * size * columns * rows:
+                best = (columns, rows)
+        return best
+
+    rng = random.Random(0)
+    for cap in range(1, 41):
+        for _ in range(25):
+            width, height = rng.randint(1, 3000), rng.randint(1, 3000)
+            assert tile_grid(width, height, 448, 1, cap, "ratio") == exhaustive(width, height, 448, cap)
+    assert tile_grid(560, 560, 56, 1, 20000, "ratio") == (14, 14)
