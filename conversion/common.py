@@ -51,6 +51,12 @@ def source_shards(src: Path) -> list[Path]:
         missing = [shard.name for shard in shards if not shard.is_file()]
         if missing:
             raise ConversionError(f"{index} names shards that are not in {src}: {', '.join(missing)}")
+        left_out = unindexed_shards(src)
+        if left_out:
+            raise ConversionError(
+                f"{index} does not name {', '.join(left_out)}, which {src} holds: the index is incomplete (a shard "
+                "left out), so that shard's tensors would be missing. Restore the index's entries for it."
+            )
     elif (src / "model.safetensors").exists():
         shards = [src / "model.safetensors"]
     else:
@@ -65,6 +71,58 @@ def source_shards(src: Path) -> list[Path]:
                 f"{shard} ({size} bytes) is not a readable safetensors file (truncated or not safetensors): {error}"
             ) from None
     return shards
+
+
+def source_family(keys: list[str]) -> str | None:
+    """Which checkpoint the tensor names say this is: "internvl-x" (the authors' release: a PVTC `projector.*`),
+    "internvl2" (OpenGVLab's: an `mlp1.*` projector) or "native" (Transformers' InternVL), or None."""
+    if any(key.startswith("projector.attn_") or key == "projector.cls_scale" for key in keys):
+        return "internvl-x"
+    if any(key.startswith("mlp1.") for key in keys):
+        return "internvl2"
+    if any("multi_modal_projector." in key for key in keys):
+        return "native"
+    return None
+
+
+# What each family is, and the converter that takes it.
+FAMILIES = {
+    "internvl-x": ("the authors' InternVL-X release (a PVTC projector)", "conversion/convert_official_internvl_x.py"),
+    "internvl2": (
+        "an OpenGVLab InternVL2 checkpoint (an mlp1 projector)",
+        "conversion/convert_internvl2_to_internvl_x.py",
+    ),
+    "native": ("a Transformers-native InternVL checkpoint", "conversion/convert_internvl2_to_internvl_x.py"),
+}
+
+
+def refuse_other_family(keys: list[str], accepted: tuple[str, ...], src: Path) -> None:
+    """Refuse a source this converter does not take, naming what it is and the converter that takes it."""
+    family = source_family(keys)
+    if family is not None and family not in accepted:
+        what, converter = FAMILIES[family]
+        raise ConversionError(f"{src} holds {what}, by its tensor names: convert it with {converter}")
+
+
+def unindexed_shards(src: Path) -> list[str]:
+    """Shard files (`model-*-of-*.safetensors`) in `src` that its index does not name (a shard left out of it)."""
+    index = src / "model.safetensors.index.json"
+    if not index.exists():
+        return []
+    named = set(json.loads(index.read_text())["weight_map"].values())
+    return sorted(path.name for path in src.glob("model-*-of-*.safetensors") if path.name not in named)
+
+
+def tensor_names(shards: list[Path]) -> list[str]:
+    names = []
+    for shard in shards:
+        with safe_open(shard, framework="pt") as reader:
+            names += list(reader.keys())
+    return names
+
+
+def has_tokenizer(src: Path) -> bool:
+    return (src / "tokenizer.model").exists() or (src / "tokenizer.json").exists()
 
 
 def iter_source_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -309,7 +367,8 @@ def convert_tensors(
 ) -> ConversionReport:
     """Stream `shards` through `mapper` into `writer`, checking names and shapes against `expected`.
 
-    `fresh(name)` supplies target tensors the source does not have (new modules); without it they are reported missing.
+    `fresh(name)` supplies target tensors the source does not have (new modules), or None for one that the source
+    should have had; without it, or for None, they are reported missing.
     """
     report = ConversionReport()
     produced: set[str] = set()
@@ -337,10 +396,11 @@ def convert_tensors(
         for target_name, target_tensor in targets:
             emit(target_name, target_tensor)
     for name in sorted(set(expected) - produced):
-        if fresh is None:
+        tensor = fresh(name) if fresh is not None else None  # None: not a module the converter may initialise
+        if tensor is None:
             report.missing_target.append(name)
         else:
-            emit(name, fresh(name))
+            emit(name, tensor)
     writer.close()
     return report
 
@@ -439,11 +499,35 @@ def staged_destination(dst_argument: str, overwrite: bool, src: Path) -> Iterato
     staging.rename(dst)
 
 
+class UploadError(ConversionError):
+    """The checkpoint was converted and written; only its upload failed."""
+
+
+def push_to_hub(dst: Path, repo: str) -> None:
+    """Upload the converted checkpoint; a failure (offline, no token, no access) is an `UploadError` that says the
+    checkpoint is written and where."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(dst), repo_id=repo)
+    except Exception as error:  # noqa: BLE001 (offline, authentication, network: the same report)
+        raise UploadError(
+            f"the converted checkpoint is complete in {dst}, but uploading it to {repo} failed: "
+            f"{type(error).__name__}: {str(error)[:300]}. Upload it later with `hf upload {repo} {dst}`."
+        ) from None
+    print(f"uploaded to {repo}")
+
+
 def main_with_clear_errors(convert: Callable[[], object], dst: Path) -> None:
     """Run `convert()`; report a refused source, or a failed write (full disk, file-size limit, ...), on stderr and
-    exit with status 1."""
+    exit with status 1. A failed upload after a complete conversion says that the checkpoint is written."""
     try:
         convert()
+    except UploadError as error:
+        print(f"converted, not uploaded: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     except (ConversionError, ValueError) as error:  # ValueError: a setting the InternVL-X config refuses, by name
         fail([str(error)])
     except (OSError, SafetensorError) as error:

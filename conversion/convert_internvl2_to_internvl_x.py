@@ -37,15 +37,19 @@ from conversion.common import (  # noqa: E402
     check_arguments,
     convert_tensors,
     fail,
+    has_tokenizer,
     hf_decoder_rules,
     internlm2_rules,
     internlm2_to_llama_config,
     internvit_rules,
     internvit_to_vision_config,
     main_with_clear_errors,
+    push_to_hub,
     read_json,
+    refuse_other_family,
     source_shards,
     staged_destination,
+    tensor_names,
     write_chat_files,
 )
 from conversion.tokenizer import build_fast_tokenizer  # noqa: E402
@@ -290,21 +294,22 @@ def convert(args) -> Path:
         f"{config.tokens_per_tile} tokens per tile, slicing {args.slicing}"
     )
     if args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(args.push_to_hub, exist_ok=True)
-        api.upload_folder(folder_path=str(dst), repo_id=args.push_to_hub)
-        print(f"uploaded to {args.push_to_hub}")
+        push_to_hub(dst, args.push_to_hub)
     return dst
 
 
 def write_bundle(args, src: Path, dst: Path, name: str):
     """Every file of the converted checkpoint, written into `dst`; returns its config. `name`: the checkpoint's."""
     src_config = read_json(src / "config.json")
+    shards = source_shards(src)
+    refuse_other_family(tensor_names(shards), ("internvl2", "native"), src)
     kind = source_kind(src_config)
     config_class, model_class = bundle_classes()
-
+    if not has_tokenizer(src):
+        raise ConversionError(
+            f"{src} has no tokenizer (tokenizer.model or tokenizer.json): the converted checkpoint needs the source's "
+            "for its processor and to end chat turns at <|im_end|>."
+        )
     tokenizer = build_fast_tokenizer(src)
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -349,13 +354,19 @@ def write_bundle(args, src: Path, dst: Path, name: str):
     fresh_init = FreshInit(model_class, config, args.seed)
     derived: dict = {}
 
-    def fresh(name: str) -> torch.Tensor:
+    # Modules InternVL2 does not have, initialised here; every other tensor must come from the source.
+    new_modules = ("model.lvtc_lr_projectors.", "model.lvtc_hr_projector.")
+    new_modules += ("model.multi_modal_projector.",) if config.projector_type == "pvtc" else ()
+
+    def fresh(name: str) -> torch.Tensor | None:
         if not derived:
             derived.update(derived_tensors(config, captured))
-        return derived[name] if name in derived else fresh_init(name)
+        if name in derived:
+            return derived[name]
+        return fresh_init(name) if name.startswith(new_modules) else None
 
     writer = ShardWriter(dst, int(args.max_shard_size_gb * 2**30), DTYPES[args.dtype] if args.dtype else None)
-    report = convert_tensors(source_shards(src), mapper, expected, writer, fresh=fresh)
+    report = convert_tensors(shards, mapper, expected, writer, fresh=fresh)
     if report.problems():
         fail(report.problems())
 

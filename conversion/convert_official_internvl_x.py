@@ -28,12 +28,14 @@ from conversion.common import (  # noqa: E402
     convert_tensors,
     expected_shapes,
     fail,
+    has_tokenizer,
     internlm2_rules,
     internlm2_to_llama_config,
     internvit_rules,
     internvit_to_vision_config,
     main_with_clear_errors,
     read_json,
+    refuse_other_family,
     source_shards,
     staged_destination,
     write_chat_files,
@@ -119,7 +121,8 @@ def write_bundle(args, src: Path, dst: Path):
     for shard in shards:
         with safe_open(shard, framework="pt") as reader:
             keys += list(reader.keys())
-    if not (src / "tokenizer.model").exists() and not (src / "tokenizer.json").exists():
+    refuse_other_family(keys, ("internvl-x",), src)
+    if not has_tokenizer(src):
         raise ConversionError(
             f"{src} has no tokenizer (tokenizer.model or tokenizer.json): the released checkpoints ship InternLM2's, "
             "and the converted one needs it for its processor and to end chat turns at <|im_end|>."

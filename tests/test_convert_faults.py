@@ -4,6 +4,7 @@ files as an uninterrupted run, and the source is byte-identical."""
 
 import hashlib
 import json
+import re
 import resource
 import shutil
 import signal
@@ -175,3 +176,79 @@ def test_the_destination_may_not_contain_the_source(source, capsys):
         converter.main(arguments(source, source.parent, "--overwrite"))
     assert "must not contain each other" in capsys.readouterr().err
     assert (source / "config.json").exists()
+
+
+def without_tensor(source: Path, folder: Path, name: str) -> Path:
+    """A copy of `source` whose shards no longer hold tensor `name` (and whose index no longer names it)."""
+    from safetensors.torch import load_file, save_file
+
+    copy = folder / "src"
+    shutil.copytree(source, copy)
+    index_file = copy / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = copy / index["weight_map"].pop(name)
+    tensors = load_file(shard)
+    del tensors[name]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index_file.write_text(json.dumps(index))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "fault,message",
+    [
+        ("a shard left out of the index", r"does not name model-00003-of-00003\.safetensors, which .* holds: the index "
+                                          "is incomplete"),
+        ("no tokenizer", r"has no tokenizer \(tokenizer\.model or tokenizer\.json\)"),
+        ("a vision tensor missing", r"model tensors missing from the source \(1\):\n  "
+                                    r"model\.vision_tower\.encoder\.layer\.1\.attention\.projection_layer\.bias"),
+    ],
+)  # fmt: skip
+def test_a_faulty_source_is_refused_for_what_is_wrong(source, tmp_path, fault, message, capsys):
+    """Each was misreported before: the left-out shard as 'the source projector lacks ...', the tokenizer as a slow
+    tokenizer conversion error, and a missing vision tensor was initialised at random without a word."""
+    if fault == "a shard left out of the index":
+        broken = tmp_path / "src"
+        shutil.copytree(source, broken)
+        index = json.loads((broken / "model.safetensors.index.json").read_text())
+        last = sorted(set(index["weight_map"].values()))[-1]
+        index["weight_map"] = {name: file for name, file in index["weight_map"].items() if file != last}
+        (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif fault == "no tokenizer":
+        broken = tmp_path / "src"
+        shutil.copytree(source, broken)
+        for path in [*broken.glob("tokeni*"), broken / "special_tokens_map.json"]:
+            path.unlink(missing_ok=True)
+    else:
+        broken = without_tensor(source, tmp_path, "vision_model.encoder.layers.1.attn.proj.bias")
+    with pytest.raises(SystemExit):
+        converter.main(arguments(broken, tmp_path / "dst"))
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_each_converter_names_the_other_for_the_other_s_checkpoints(source, tmp_path, capsys):
+    from conversion import convert_official_internvl_x as official
+    from tests.checkpoints import released_internvl_x
+
+    with pytest.raises(SystemExit):
+        official.main(["--src", str(source), "--dst", str(tmp_path / "a")])
+    assert "holds an OpenGVLab InternVL2 checkpoint (an mlp1 projector), by its tensor names: convert it with " \
+           "conversion/convert_internvl2_to_internvl_x.py" in capsys.readouterr().err  # fmt: skip
+    released_internvl_x(tmp_path / "release")
+    with pytest.raises(SystemExit):
+        converter.main(arguments(tmp_path / "release", tmp_path / "b"))
+    assert "holds the authors' InternVL-X release (a PVTC projector), by its tensor names: convert it with " \
+           "conversion/convert_official_internvl_x.py" in capsys.readouterr().err  # fmt: skip
+
+
+def test_a_failed_upload_says_the_checkpoint_is_written(source, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dst = tmp_path / "dst"
+    with pytest.raises(SystemExit) as exit_info:
+        converter.main(arguments(source, dst, "--push-to-hub", "someone/internvl-x"))
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert f"converted, not uploaded: the converted checkpoint is complete in {dst}, but uploading it to " in stderr
+    assert "nothing was written" not in stderr and "conversion refused" not in stderr
+    AutoModelForImageTextToText.from_pretrained(dst, trust_remote_code=True)  # it is there, whole
