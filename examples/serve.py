@@ -108,6 +108,8 @@ class RequestGate:
             if not isinstance(request, dict):
                 raise ValueError("the request body must be a JSON object.")
             self.check_fields(request)
+            if path == "/v1/chat/completions":
+                self.check_messages(request.get("messages"))
             await asyncio.to_thread(self.admit, request.get("messages") or request.get("input"))
         except ValueError as error:
             return await self.refuse(send, 400, str(error))
@@ -124,6 +126,36 @@ class RequestGate:
             return {"type": "http.request", "body": replayed, "more_body": False}
 
         return await self.app(scope, replay, send)
+
+    @staticmethod
+    def check_messages(messages) -> None:
+        """The chat's shape, as the OpenAI API defines it: a non-empty list of messages with a string `role` and
+        content that is a string or a list of typed parts (text with string `text`, `image_url` with a string URL)."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("`messages` must be a non-empty list of {'role': ..., 'content': ...} messages.")
+        for index, message in enumerate(messages):
+            where = f"message {index}"
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
+                raise ValueError(f"{where} must be an object with a string `role`.")
+            content = message.get("content")
+            if content is None or isinstance(content, str):
+                continue
+            if not isinstance(content, list):
+                raise ValueError(
+                    f"{where}: `content` must be a string or a list of parts, got {type(content).__name__}."
+                )
+            for number, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                image = part.get("image_url") if isinstance(part, dict) else None
+                url = image.get("url") if isinstance(image, dict) else image
+                if kind == "text" and isinstance(part.get("text"), str):
+                    continue
+                if kind == "image_url" and isinstance(url, str):
+                    continue
+                raise ValueError(
+                    f"part {number} of {where} must be {{'type': 'text', 'text': str}} or {{'type': 'image_url', "
+                    f"'image_url': {{'url': str}}}}, got {str(part)[:120]}."
+                )
 
     def check_fields(self, request: dict) -> None:
         for name, switch in GUARDED_FIELDS.items():

@@ -244,3 +244,63 @@ def test_the_processor_of_a_server_process_reads_no_local_files(monkeypatch):
     assert read_image(f"data:image/png;base64,{encoded(EXAMPLES[0]['image'])}", 0).size  # data URIs still read
     monkeypatch.delenv(get_class_from_dynamic_module("image_processing_internvl_x.MEDIA_POLICY_VARIABLE", DEMO))
     assert read_image(str(DEMO / EXAMPLES[0]["image"]), 0).size  # a library user's own files, by default
+
+
+# ---- the request surface, drawn --------------------------------------------------------------------------------------
+def drawn_requests():
+    """Chat requests of every shape a client can send: valid and invalid messages and parts, images of every kind
+    (good, corrupt, huge by header, local, internal), and generation fields in and out of bounds."""
+    from hypothesis import strategies as st
+
+    good = f"data:image/png;base64,{encoded(EXAMPLES[0]['image'])}"
+    images = st.sampled_from([good, "data:image/png;base64,AAAA", "data:image/png;base64,!!", str(DEMO / "x.png"),
+                              "file:///etc/hostname", "http://127.0.0.1:1/x.png", "http://169.254.169.254/", 7, None,
+                              {"url": good}, "../../etc/passwd", "ftp://example.com/x.png"])  # fmt: skip
+    parts = st.one_of(
+        st.builds(lambda url: {"type": "image_url", "image_url": {"url": url}}, images),
+        st.builds(lambda url: {"type": "image_url", "image_url": url}, images),
+        st.builds(lambda text: {"type": "text", "text": text}, st.one_of(st.text(max_size=30), st.integers())),
+        st.sampled_from([{"type": "video", "video": "x.mp4"}, {"type": "nope"}, {}, "just text", None]),
+    )
+    content = st.one_of(st.text(max_size=40), st.lists(parts, max_size=4), st.none(), st.integers())
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", "", 5]),
+                                     "content": content})  # fmt: skip
+    fields = st.fixed_dictionaries(
+        {},
+        optional={
+            "max_tokens": st.sampled_from([0, 1, 4, -1, 10**9, "8", 2.5, None]),
+            "temperature": st.sampled_from([0, 0.7, 3, -1, "hot", None]),
+            "top_p": st.sampled_from([0.5, 1.5, -0.1, None]),
+            "stop": st.sampled_from([["\n"], "x", None]),
+            "generation_config": st.sampled_from(['{"max_length": 100000}', "{", None]),
+            "logit_bias": st.sampled_from([{"5": 1.0}, {str(i): 1 for i in range(400)}, "x", None]),
+            "n": st.sampled_from([1, 2]),
+        },
+    )
+    return st.tuples(st.lists(message, min_size=0, max_size=3), fields)
+
+
+def test_drawn_requests_get_an_answer_or_a_4xx_never_a_crash(guarded):
+    """40 drawn requests (the same on every machine): each is answered (200 with a reply) or refused with a 4xx and a
+    message; none gets a 5xx or takes the server down, and a good request is answered after them all."""
+    from hypothesis import HealthCheck, given, settings
+
+    seen = []
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(request=drawn_requests())
+    def one(request):
+        messages, fields = request
+        fields = {key: value for key, value in fields.items() if value is not None}
+        status, text = post(guarded, "/v1/chat/completions",
+                            {"model": MODEL, "messages": messages, "max_tokens": 4, **fields})  # fmt: skip
+        seen.append(status)
+        assert status < 500, (messages, fields, status, text[:500])
+        if status == 200:
+            assert "choices" in json.loads(text)
+        else:
+            assert 400 <= status < 500 and text.strip(), (status, text)
+
+    one()
+    assert any(status == 200 for status in seen) and any(status >= 400 for status in seen)
+    assert chat(guarded, [image_part(EXAMPLES[0]["image"]), TEXT]).strip() == EXAMPLES[0]["answer"]
