@@ -11,6 +11,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -459,6 +460,13 @@ def decode_suite(args) -> dict:
 
     classes = bundle_classes()
     layers = 4 if args.quick else 24
+    # Grouped-query attention with a mask (every static-cache step has one): Transformers repeats each key/value head
+    # over the whole cache before sdpa (`repeat_kv`) unless told to let sdpa group the heads itself. On the CPU that
+    # copy is most of a batched step over a long cache, and a compiled step allocates it afresh every time, so the
+    # suite runs CPUs the way docs/decoding.md recommends unless `--cpu-gqa repeat` asks for Transformers' default.
+    if args.device != "cuda" and args.cpu_gqa == "sdpa":
+        os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
+    repeats = max(args.repeats, 5)
     variants = {
         "plain": dict(projector_type="pixel_shuffle"),
         "PVTC": dict(projector_type="pvtc"),
@@ -509,7 +517,7 @@ def decode_suite(args) -> dict:
             model.generate(**inputs, **settings)
         return statistics.median(later - earlier for earlier, later in zip(clock.ticks, clock.ticks[1:]))
 
-    per_token = {}
+    per_token, spread = {}, {}
     for tiles in tile_counts:
         for batch in batches:
             inputs = inputs_for(tiles, batch)
@@ -517,11 +525,12 @@ def decode_suite(args) -> dict:
             for model, cache in runs.values():  # warm-up; it compiles the static runs' decode step
                 decode_seconds(model, inputs, cache, tokens=3)
             samples = {key: [] for key in runs}
-            for _ in range(args.repeats):  # interleaved, so drift of the machine hits every entry alike
+            for _ in range(repeats):  # interleaved, so drift of the machine hits every entry alike
                 for key, (model, cache) in runs.items():
                     samples[key].append(decode_seconds(model, inputs, cache))
             for (name, cache), values in samples.items():
                 per_token[(tiles, batch, name, cache)] = statistics.median(values)
+                spread[(tiles, batch, name, cache)] = (min(values), max(values))
     lookup = prompt_lookup_rows(models, ["plain", "LVTC (config.json)"], inputs_for(1, 1), new_tokens, args)
     rows = []
     weight_bytes = {
@@ -529,17 +538,37 @@ def decode_suite(args) -> dict:
         for name, m in models.items()
     }
     bandwidth = bandwidth_gb_s(args.device)
+
+    def kv_bytes_per_row(model, tiles: int, cache: str) -> int:
+        """Keys and values one row's step reads, layer by layer: each layer's cache length (a static cache's
+        capacity; a dynamic one's prompt and half the new tokens) × 2 × kv heads × head dim; LVTC's layers from k on
+        hold each tile's N2² tokens, the earlier ones N1²."""
+        text, itemsize = model.config.text_config, torch.finfo(dtype).bits // 8
+        per_token_bytes = 2 * text.num_key_value_heads * text.head_dim * itemsize
+        short = max_cache_len[tiles] if cache != "dynamic" else text_tokens + tiles * config.tokens_per_tile
+        short += 0 if cache != "dynamic" else new_tokens // 2
+        growth = 0
+        if model.config.lvtc_enabled:
+            growth = tiles * (model.config.lvtc_expanded_tokens_per_tile - model.config.tokens_per_tile)
+        k = model.config.lvtc_expand_layer if model.config.lvtc_enabled else text.num_hidden_layers
+        return per_token_bytes * (k * short + (text.num_hidden_layers - k) * (short + growth))
+
     for tiles in tile_counts:
-        for name in models:
+        for name, model in models.items():
             for cache in caches:
                 one, eight = per_token[(tiles, 1, name, cache)], per_token[(tiles, 8, name, cache)]
+                low, high = spread[(tiles, 8, name, cache)]
+                kv = kv_bytes_per_row(model, tiles, cache)
+                bound = {b: (weight_bytes[name] + b * kv) / (bandwidth * 1e9) for b in (1, 8)}
                 rows.append({
                     "tiles": tiles,
                     "model": name,
                     "cache": caches[cache],
                     "ms/token (batch 1)": one * 1e3,
                     "tokens/s (batch 8)": 8 / eight,
-                    "batch 1 / bandwidth bound": one / (weight_bytes[name] / (bandwidth * 1e9)),
+                    "batch 8 min–max tokens/s": f"{8 / high:.1f}–{8 / low:.1f}",
+                    "step / traffic bound (batch 1)": one / bound[1],
+                    "step / traffic bound (batch 8)": eight / bound[8],
                 })  # fmt: skip
     lvtc, plain = "LVTC (config.json)", "plain"
     ratios = {}
@@ -557,12 +586,22 @@ def decode_suite(args) -> dict:
         ratios[f"plain_static_speedup_over_dynamic_{tiles}_tiles"] = (
             per_token[(tiles, 1, plain, "dynamic")] / per_token[(tiles, 1, plain, "static")]
         )
+        if "static eager" in caches:
+            for name, key in ((plain, "plain"), (lvtc, "lvtc")):
+                ratios[f"{key}_compiled_over_not_compiled_tokens_per_s_batch8_{tiles}_tiles"] = (
+                    per_token[(tiles, 8, name, "static eager")] / per_token[(tiles, 8, name, "static")]
+                )
     ratios["bandwidth_bound_ms_per_token_plain"] = weight_bytes[plain] / (bandwidth * 1e9) * 1e3
     ratios["measured_bandwidth_gb_s"] = bandwidth
     shapes = {"text_tokens": text_tokens, "new_tokens": new_tokens, "tile_counts": tile_counts, "batches": batches,
               "max_cache_len": max_cache_len, "layers": layers,
               "decoder_weight_bytes": weight_bytes,
               "per_token": "median over runs of the median interval between consecutive steps' logits",
+              "repeats": repeats,
+              "grouped_query_attention": "sdpa's own (TRANSFORMERS_SDPA_FORCE_GQA=1)"
+              if os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == "1" else "Transformers' (repeat_kv under a mask)",
+              "traffic_bound": "(decoder and LM-head weights + batch × each layer's cached keys and values) / measured "
+                               "bandwidth",
               "compile": compile_config.to_dict(),
               "widths": "real 2B" if args.device == "cuda" else "reduced (ViT 256, LLM 512)"}  # fmt: skip
     ratios.update({f"prompt_lookup_{row['model']}_speedup": row["speed-up"] for row in lookup})
@@ -920,6 +959,9 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer layers and repeats: a smoke run, not a report")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (≥ 5 for a report)")
     parser.add_argument("--tiles", type=int, default=1, help="tiles of the prompt's image (baseline, pvtc, lvtc)")
+    parser.add_argument("--cpu-gqa", default="sdpa", choices=["sdpa", "repeat"],
+                        help="decode suite on a CPU: sdpa groups query heads itself (TRANSFORMERS_SDPA_FORCE_GQA=1, "
+                             "recommended) or Transformers' default repeats key/value heads (repeat_kv)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")

@@ -227,3 +227,32 @@ def test_chunked_prefill_is_refused_for_images_and_exact_for_text(bundle):
         whole = model.generate(input_ids=ids, attention_mask=mask, **greedy())
         chunked = model.generate(input_ids=ids, attention_mask=mask, **greedy(prefill_chunk_size=4))
     assert_same_greedy(chunked, whole)
+
+
+@pytest.mark.parametrize("variant", ["plain", "lvtc", "fastv"])
+def test_sdpa_s_own_grouped_query_attention_reads_the_cache_once_and_decodes_the_same(bundle, variant, monkeypatch):
+    """The CPU setting docs/decoding.md recommends (`TRANSFORMERS_SDPA_FORCE_GQA=1`): with a mask, as every static
+    step has, Transformers otherwise repeats each key/value head over the whole cache before sdpa, a copy of the
+    cache per layer and step that made a compiled batched step slower than an eager one (benchmarks: decode suite).
+    What it removes, counted: the keys sdpa receives keep the model's 2 key/value heads instead of its 4 query
+    heads; and the two-phase masks (LVTC's, FastV's) decode the same with it, static and dynamic cache."""
+    from torch.profiler import ProfilerActivity, profile
+
+    overrides = {"fastv": dict(text=dict(num_hidden_layers=LAYERS), visual_token_pruning_layer=1,
+                               visual_token_pruning_ratio=0.5)}.get(variant, VARIANTS.get(variant))  # fmt: skip
+    model = bundle.model(seed=9, **overrides)
+    text = model.config.text_config
+    assert text.num_key_value_heads < text.num_attention_heads
+    inputs = batch((1, 3))
+    outputs, key_heads = {}, {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", setting)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as trace:
+            outputs[setting] = model.generate(**inputs, **greedy(cache_implementation="static"))
+        shapes = [event.input_shapes for event in trace.events() if event.name == "aten::scaled_dot_product_attention"]
+        # the language model's calls (the vision tower's have its own head count)
+        key_heads[setting] = {shape[1][1] for shape in shapes if shape[0][1] == text.num_attention_heads}
+    assert key_heads["1"] == {text.num_key_value_heads}  # the cache is read as it is, never copied per query head
+    assert key_heads["0"] == {text.num_attention_heads}  # Transformers' default: a copy of every head (if this
+    # changes, Transformers groups the heads under a mask itself and the recommendation can go)
+    assert_same_greedy(outputs["1"], outputs["0"], atol=1e-5)
