@@ -1520,6 +1520,14 @@ class InternVLXModel(InternVLXPreTrainedModel):
             lengths = lengths + tiles * (self.config.lvtc_expanded_tokens_per_tile - self.config.tokens_per_tile)
         return int(lengths.max()) + new_tokens
 
+    def position_limit(self) -> int | None:
+        """The language model's `max_position_embeddings`, or None where its RoPE is scaled to reach past them."""
+        text_config = self.config.text_config
+        rope = getattr(text_config, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            return None
+        return getattr(text_config, "max_position_embeddings", None)
+
     def check_context_length(
         self,
         input_ids: torch.LongTensor,
@@ -1529,10 +1537,8 @@ class InternVLXModel(InternVLXPreTrainedModel):
     ) -> None:
         """Refuse prompts longer than the language model's positions (`max_position_embeddings`), unless its RoPE is
         scaled to reach past them: beyond them it would extrapolate silently."""
-        text_config = self.config.text_config
-        limit = getattr(text_config, "max_position_embeddings", None)
-        rope = getattr(text_config, "rope_parameters", None) or {}
-        if limit is None or rope.get("rope_type", "default") != "default":
+        limit = self.position_limit()
+        if limit is None:
             return
         needed = self.positions_needed(input_ids, attention_mask, new_tokens, position_ids)
         if needed > limit:
@@ -1768,10 +1774,8 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
         return super().generate(inputs, generation_config, **kwargs)
 
     def fit_new_tokens_to_context(self, input_ids: torch.LongTensor, kwargs: dict, generation_config) -> None:
-        text_config = self.config.text_config
-        limit = getattr(text_config, "max_position_embeddings", None)
-        rope = getattr(text_config, "rope_parameters", None) or {}
-        if limit is None or rope.get("rope_type", "default") != "default":
+        limit = self.model.position_limit()
+        if limit is None:
             return
         prompt = self.model.positions_needed(input_ids, kwargs.get("attention_mask"))
         if kwargs.get("max_new_tokens") is not None:

@@ -13,7 +13,7 @@ from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
 from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 
-from .image_processing_internvl_x import MediaPolicy, fetch_image_bytes, local_path_allowed, read_image
+from .image_processing_internvl_x import BASE64, MediaPolicy, fetch_image_bytes, local_path_allowed, read_image
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_START_TOKEN = "<img>"
@@ -181,7 +181,7 @@ def admit_chat_images(
             if not policy.remote_urls:
                 raise ValueError(f"image {index} of the request is a URL; this server fetches no URLs.")
             data = fetch_image_bytes(source, f"image {index} of the request (a URL)", policy)
-        elif source.startswith("data:") or (len(source) >= 64 and BASE64_TEXT.match(source)):
+        elif source.startswith("data:") or (len(source) >= 64 and BASE64.match(source)):
             payload = source.split(",", 1)[1] if source.startswith("data:") else source
             try:
                 data = base64.b64decode("".join(payload.split()), validate=True)
@@ -215,9 +215,6 @@ def admit_chat_images(
                 "smaller images."
             )
         part[key] = f"data:image/{kind};base64," + base64.b64encode(data).decode()
-
-
-BASE64_TEXT = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 
 
 class InternVLXImagesKwargs(ImagesKwargs, total=False):

@@ -451,15 +451,25 @@ def saved_tensor_names(folder: Path) -> set[str]:
         return set(reader.keys())
 
 
+def name_differences(folder: Path, expected: set[str]) -> str | None:
+    """How the tensor names of the checkpoint in `folder` differ from `expected`, in words, or None if they do not."""
+    saved = saved_tensor_names(folder)
+    if saved == expected:
+        return None
+    unexpected, missing = sorted(saved - expected), sorted(expected - saved)
+    return (
+        f"holds {len(unexpected)} tensor names the model does not have (e.g. {unexpected[:3]}) and lacks "
+        f"{len(missing)} of its own (e.g. {missing[:3]})"
+    )
+
+
 def check_saved_names(folder: Path, expected: set[str]) -> None:
     """Fail loudly if a checkpoint's tensor names are not the model's own (it would load with random weights)."""
-    saved = saved_tensor_names(folder)
-    if saved != expected:
-        unexpected, missing = sorted(saved - expected), sorted(expected - saved)
+    differences = name_differences(folder, expected)
+    if differences:
         raise RuntimeError(
-            f"the checkpoint written to {folder} holds {len(unexpected)} tensor names the model does not have "
-            f"(e.g. {unexpected[:3]}) and lacks {len(missing)} of its own (e.g. {missing[:3]}); it would load with "
-            "random weights. Save with this bundle's save_pretrained (it keeps the model's own names)."
+            f"the checkpoint written to {folder} {differences}; it would load with random weights. Save with this "
+            "bundle's save_pretrained (it keeps the model's own names)."
         )
 
 
@@ -522,14 +532,9 @@ def check_resumable(checkpoint: str, model) -> None:
     full checkpoint) and the number of parameters its optimizer state holds against what this run trains."""
     folder = Path(checkpoint)
     if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
-        saved, expected = saved_tensor_names(folder), expected_tensor_names(model)
-        if saved != expected:
-            unexpected, missing = sorted(saved - expected), sorted(expected - saved)
-            raise ValueError(
-                f"cannot resume from {checkpoint}: it holds {len(unexpected)} tensors this model does not have (e.g. "
-                f"{unexpected[:3]}) and lacks {len(missing)} of its own (e.g. {missing[:3]}); it was written for "
-                "another model."
-            )
+        differences = name_differences(folder, expected_tensor_names(model))
+        if differences:
+            raise ValueError(f"cannot resume from {checkpoint}: it {differences}; it was written for another model.")
     optimizer_file = folder / "optimizer.pt"
     if optimizer_file.exists():
         state = torch.load(optimizer_file, map_location="cpu", mmap=True, weights_only=True)
