@@ -35,6 +35,8 @@ def warn_if_untested_transformers() -> None:
 warn_if_untested_transformers()
 
 PROJECTOR_TYPES = ("pixel_shuffle", "pvtc")
+# FastV's config fields under the names they had until 2026-12 (checkpoints saved before hold these).
+FASTV_FORMER_NAMES = {"visual_token_pruning_layer": "fastv_layer", "visual_token_pruning_ratio": "fastv_ratio"}
 VISION_MODEL_TYPE = "internvl_vision"
 # The types InternVL-X's own fields must have (`bool` is no integer here, a string no boolean).
 FIELD_TYPES = {
@@ -44,8 +46,8 @@ FIELD_TYPES = {
                      "lvtc_inject_start", "lvtc_inject_interval", "vision_feature_layer", "image_token_id",
                      "image_start_token_id", "image_end_token_id"), (int,)),
     **dict.fromkeys(("downsample_ratio", "pvtc_drop_path_rate", "lvtc_hr_downsample_ratio",
-                     "visual_token_pruning_ratio"), (int, float)),
-    "visual_token_pruning_layer": (int, type(None)),
+                     "fastv_ratio"), (int, float)),
+    "fastv_layer": (int, type(None)),
 }  # fmt: skip
 
 # Where the Auto classes find this bundle's classes; written into every saved config.json. `AutoModel` gives the model
@@ -163,15 +165,19 @@ class InternVLXConfig(PretrainedConfig):
             Add an HR projector's N2² tokens to the upsampled span at layer k.
         lvtc_hr_downsample_ratio (`float`, *optional*, defaults to 1.0):
             1/M2 of the HR projector (1.0: one token per ViT patch, N2 = S). N2 must be a multiple of N1.
-        visual_token_pruning_layer (`int`, *optional*):
+        fastv_layer (`int`, *optional*):
             K of FastV, a training-free alternative to LVTC: from decoder layer K on, each row keeps only the top
             (1 − R) of its visual tokens, ranked by the attention the last prompt token pays them in layer K − 1.
-            `None` (default) turns pruning off. Works on any checkpoint of this bundle; not together with LVTC.
-        visual_token_pruning_ratio (`float`, *optional*, defaults to 0.0):
+            `None` (default) turns FastV off. Works on any checkpoint of this bundle; not together with LVTC.
+            Formerly `visual_token_pruning_layer`, a name still read (with a deprecation warning) and still an alias.
+        fastv_ratio (`float`, *optional*, defaults to 0.0):
             R, the share of each row's visual tokens pruned at layer K (floor(R · n) of n); 0 keeps them all.
+            Formerly `visual_token_pruning_ratio`.
     """
 
     model_type = "internvl_x"
+    # FastV's fields had other names before; configs that hold them load, and code that reads or sets them works.
+    attribute_map = dict(FASTV_FORMER_NAMES)
     sub_configs = {"vision_config": InternVLVisionConfig, "text_config": AutoConfig}
 
     def __init__(
@@ -199,10 +205,15 @@ class InternVLXConfig(PretrainedConfig):
         lvtc_upsample_mode: str = "nearest",
         lvtc_use_hr_projector: bool = True,
         lvtc_hr_downsample_ratio: float = 1.0,
-        visual_token_pruning_layer: int | None = None,
-        visual_token_pruning_ratio: float = 0.0,
+        fastv_layer: int | None = None,
+        fastv_ratio: float = 0.0,
         **kwargs,
     ):
+        for former, name in FASTV_FORMER_NAMES.items():
+            if former in kwargs:
+                logger.warning_once(f"InternVL-X's config field `{former}` is now `{name}`; the old name still works.")
+                value = kwargs.pop(former)
+                fastv_layer, fastv_ratio = (value, fastv_ratio) if name == "fastv_layer" else (fastv_layer, value)
         if vision_config is None:
             vision_config = dict(DEFAULT_VISION_CONFIG)
         if isinstance(vision_config, dict):
@@ -243,8 +254,8 @@ class InternVLXConfig(PretrainedConfig):
         self.lvtc_upsample_mode = lvtc_upsample_mode
         self.lvtc_use_hr_projector = lvtc_use_hr_projector
         self.lvtc_hr_downsample_ratio = lvtc_hr_downsample_ratio
-        self.visual_token_pruning_layer = visual_token_pruning_layer
-        self.visual_token_pruning_ratio = visual_token_pruning_ratio
+        self.fastv_layer = fastv_layer
+        self.fastv_ratio = fastv_ratio
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
@@ -320,8 +331,8 @@ class InternVLXConfig(PretrainedConfig):
             self._validate_pvtc()
         if self.lvtc_enabled:
             self._validate_lvtc()
-        if self.visual_token_pruning_layer is not None:
-            self._validate_pruning()
+        if self.fastv_layer is not None:
+            self._validate_fastv()
         num_layers = self.vision_config.num_hidden_layers
         if not -num_layers <= self.vision_feature_layer <= num_layers:
             raise ValueError(
@@ -409,25 +420,21 @@ class InternVLXConfig(PretrainedConfig):
                 f"{self.downsample_factor}."
             )
 
-    def _validate_pruning(self) -> None:
-        num_layers, k, ratio = (
-            self.text_config.num_hidden_layers,
-            self.visual_token_pruning_layer,
-            self.visual_token_pruning_ratio,
-        )
+    def _validate_fastv(self) -> None:
+        num_layers, k, ratio = self.text_config.num_hidden_layers, self.fastv_layer, self.fastv_ratio
         if self.lvtc_enabled:
             raise ValueError(
-                "visual_token_pruning_layer (FastV) and lvtc_enabled both change the visual tokens per layer, and "
+                "fastv_layer (FastV) and lvtc_enabled both change the visual tokens per layer, and "
                 "their combination is not defined here; use one of them."
             )
         if not 1 <= k < num_layers:
             raise ValueError(
-                f"visual_token_pruning_layer {k} must be in [1, {num_layers - 1}]: the tokens are ranked by the "
+                f"fastv_layer {k} must be in [1, {num_layers - 1}]: the tokens are ranked by the "
                 "attention of the layer before it, and some layer must run on the pruned sequence."
             )
         if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"visual_token_pruning_ratio must be in [0, 1), got {ratio}.")
-        self._refuse_windowed_layers("FastV pruning", "set visual_token_pruning_layer=None")
+            raise ValueError(f"fastv_ratio must be in [0, 1), got {ratio}.")
+        self._refuse_windowed_layers("FastV pruning", "set fastv_layer=None")
 
     def _refuse_windowed_layers(self, method: str, remedy: str) -> None:
         layer_types = getattr(self.text_config, "layer_types", None) or []

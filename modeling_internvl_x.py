@@ -592,25 +592,75 @@ class PhasedDecoder:
     gives each token the next position of each phase, so with Transformers' static cache a decode step compiles whole.
     Subclasses say what changes at layer s (`enter`), how final states map back to the input (`leave`) and what is
     added to the visual span in the first phase (`first_phase_additions`).
+
+    A schedule is built once with the model, from its config (`build_token_schedule`), and answers what its method
+    changes for the rest of the model: visual tokens per layer, positions gained, the modules it trains, the generation
+    modes and engines it cannot run under. It owns no parameters: its hooks get the model, like Transformers' attention
+    functions get their module, and use the language model and the modules the schedule named (`trainable_modules`).
     """
 
     name = "this token schedule"
+    off_switch = ""  # the config setting that turns the schedule off
+    positions_note = ""  # what error messages about positions add
+    layer_change = ""  # how the schedule changes the tokens the decoder layers hold, in words
 
-    def __init__(self, model: "InternVLXModel", switch_layer: int):
-        self.model = model
-        self.config = model.config
-        self.text_config = model.config.text_config
-        self.decoder = model.language_model
+    def __init__(self, config: InternVLXConfig, switch_layer: int):
+        self.config = config
+        self.text_config = config.text_config
         self.switch_layer = switch_layer
         self.num_layers = self.text_config.num_hidden_layers
+        # Static caches: the second-phase growth reserved so far for each first-phase capacity (`max_cache_len`).
+        self.growth_by_capacity: dict[int, int] = {}
+
+    # ---- what the schedule changes for the rest of the model -------------------------------------------------------
+    @property
+    def switches(self) -> bool:
+        """Whether any layer runs the second phase (a switch layer equal to the depth means never)."""
+        return self.switch_layer < self.num_layers
+
+    def second_phase_tokens(self, visual_tokens: int) -> int:
+        """How many of a row's `visual_tokens` the layers from the switch layer on hold."""
+        return visual_tokens
+
+    def visual_tokens_per_layer(self, num_tiles: int) -> list[int]:
+        """Visual tokens each decoder layer processes for `num_tiles` tiles."""
+        tokens = num_tiles * self.config.tokens_per_tile
+        second = self.second_phase_tokens(tokens) if self.switches else tokens
+        return [tokens] * min(self.switch_layer, self.num_layers) + [second] * (self.num_layers - self.switch_layer)
+
+    def positions_gained(self, tiles: torch.Tensor) -> torch.Tensor:
+        """`(B,)` positions a row with `tiles (B,)` tiles needs beyond its tokens (LVTC's expansion); none here."""
+        return torch.zeros_like(tiles)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The modules this schedule adds to the model, under the names its checkpoints hold them; none here."""
+        return {}
+
+    def check_generation_mode(self, generation_mode: str) -> None:
+        """Refuse, by name, a generation mode this schedule cannot run under."""
+
+    def refuse_paged_engine(self, implementation: str) -> None:
+        """Serving engines that run the decoder layers on their own paged KV cache (vLLM) give every layer of a
+        request the same number of tokens (vLLM's `KVCacheSpec`, `KVCacheManager.allocate_slots`,
+        `CommonAttentionMetadata`), so they cannot run a schedule: refused when the model is built."""
+        raise ValueError(
+            f"this checkpoint uses {self.name}, whose decoder layers hold different numbers of tokens "
+            f"({self.layer_change}), but {implementation!r} attention keeps one paged KV cache with the same token "
+            "count in every layer (vLLM's KVCacheSpec, KVCacheManager.allocate_slots, CommonAttentionMetadata), so it "
+            f"cannot run it. Serve a PVTC or pixel-shuffle checkpoint ({self.off_switch}, or a conversion with "
+            "--no-lvtc) with it, or this one with `transformers serve` (examples/serve.py)."
+        )
 
     # ---- what a schedule defines ---------------------------------------------------------------------------------
-    def first_phase_additions(self, vision_features: torch.Tensor | None) -> dict[int, torch.Tensor]:
+    def first_phase_additions(
+        self, model: "InternVLXModel", vision_features: torch.Tensor | None
+    ) -> dict[int, torch.Tensor]:
         """`{layer: (visual tokens, D)}` added to the visual span before those layers (< s)."""
         return {}
 
     def enter(
         self,
+        model: "InternVLXModel",
         hidden_states: torch.Tensor,
         image_mask: torch.Tensor,
         padding: torch.Tensor | None,
@@ -621,17 +671,20 @@ class PhasedDecoder:
         """The second phase's sequence from the first phase's `(B, L, D)` output; `last_input` is layer s−1's input."""
         raise NotImplementedError
 
-    def leave(self, hidden_states: torch.Tensor, switch: PhaseSwitch, image_mask: torch.Tensor) -> torch.Tensor:
+    def leave(
+        self, model: "InternVLXModel", hidden_states: torch.Tensor, switch: PhaseSwitch, image_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Final normed `(B, L2, D)` states → `(B, L, D)` aligned with the input."""
         raise NotImplementedError
 
-    def second_phase_modules(self, vision_features: torch.Tensor) -> list[torch.Tensor]:
+    def second_phase_modules(self, model: "InternVLXModel", vision_features: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of the modules `enter` runs on `vision_features` (LVTC's HR projector), for padding tiles."""
         return []
 
     # ---- the layer loop ------------------------------------------------------------------------------------------
     def __call__(
         self,
+        model: "InternVLXModel",
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | dict | None,
         position_ids: torch.LongTensor | None,
@@ -644,7 +697,7 @@ class PhasedDecoder:
         padding_vision_features: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Run the decoder layers under the schedule.
+        """Run `model`'s decoder layers under the schedule.
 
         `padding_vision_features` (a batch without images given padding tiles, see `InternVLXModel.forward`): the
         schedule's projectors run on them where they would run on real tiles, in the same order, and add nothing.
@@ -654,6 +707,7 @@ class PhasedDecoder:
         kv)`. Both default to the language model's config, as `use_cache` does. Entries of layers ≥ s (and the last
         hidden state) are in the second phase's layout, so their lengths differ from the first phase's.
         """
+        decoder = model.language_model
         implementation = attention_implementation(self.text_config)
         if implementation not in ("sdpa", "eager"):
             raise ValueError(f"{self.name} runs with attn_implementation 'sdpa' or 'eager', not {implementation!r}.")
@@ -669,7 +723,7 @@ class PhasedDecoder:
             output_hidden_states = self.text_config.output_hidden_states
         if use_cache is None:
             use_cache = self.text_config.use_cache
-        if use_cache and self.decoder.gradient_checkpointing and self.decoder.training and torch.is_grad_enabled():
+        if use_cache and decoder.gradient_checkpointing and decoder.training and torch.is_grad_enabled():
             use_cache = False  # as Transformers' decoders: checkpointed layers are recomputed, so they cache nothing
         batch, length, _ = inputs_embeds.shape
         device = inputs_embeds.device
@@ -684,7 +738,7 @@ class PhasedDecoder:
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, -1)
-        layers = self.decoder.layers[: self.num_layers]
+        layers = decoder.layers[: self.num_layers]
         all_hidden_states = [] if output_hidden_states else None
         all_attentions = [] if output_attentions and implementation == "eager" else None
 
@@ -698,13 +752,13 @@ class PhasedDecoder:
         first_mask = causal_mask(
             self.text_config, inputs_embeds, full_attention_mask(attention_mask), cache, position_ids
         )
-        additions = self.first_phase_additions(vision_features)
+        additions = self.first_phase_additions(model, vision_features)
         image_positions = image_mask.nonzero(as_tuple=True) if additions else None
         hidden_states = last_input = inputs_embeds
         if padding_vision_features is not None:
-            padding_outputs = self.first_phase_additions(padding_vision_features).values()
+            padding_outputs = self.first_phase_additions(model, padding_vision_features).values()
             hidden_states = last_input = hidden_states + weighing_nothing(padding_outputs)
-        rotary = self.decoder.rotary_emb(hidden_states, position_ids)
+        rotary = decoder.rotary_emb(hidden_states, position_ids)
         for layer_index, layer in enumerate(layers[: self.switch_layer]):
             if layer_index in additions:
                 added = hidden_states[image_positions] + additions[layer_index].to(hidden_states.dtype)
@@ -720,10 +774,12 @@ class PhasedDecoder:
                     image_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
                 padding = key_validity(attention_mask)
                 padding = padding[:, :length] if padding is not None else None
-                switch = self.enter(hidden_states, image_mask, padding, position_ids, vision_features, last_input)
+                switch = self.enter(
+                    model, hidden_states, image_mask, padding, position_ids, vision_features, last_input
+                )
                 hidden_states, second_positions = switch.hidden_states, switch.position_ids
                 if padding_vision_features is not None:
-                    padding_outputs = self.second_phase_modules(padding_vision_features)
+                    padding_outputs = self.second_phase_modules(model, padding_vision_features)
                     hidden_states = hidden_states + weighing_nothing(padding_outputs)
                 prompt_keys = switch.key_mask
                 if cache is not None:
@@ -739,15 +795,15 @@ class PhasedDecoder:
                 second_mask = self.continuation_attention_mask(
                     cache, state, attention_mask, length, inputs_embeds.dtype
                 )
-            rotary = self.decoder.rotary_emb(hidden_states, second_positions)
+            rotary = decoder.rotary_emb(hidden_states, second_positions)
             for layer in layers[self.switch_layer :]:
                 hidden_states = run_layer(layer, hidden_states, second_mask, second_positions, rotary)
 
-        hidden_states = self.decoder.norm(hidden_states)
+        hidden_states = decoder.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
         if switch is not None:
-            hidden_states = self.leave(hidden_states, switch, image_mask)
+            hidden_states = self.leave(model, hidden_states, switch, image_mask)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=select_hidden_states(all_hidden_states, output_hidden_states),
@@ -814,7 +870,7 @@ class PhasedDecoder:
                 f"build it with max_cache_len ≥ {first_length} plus the tokens to generate."
             )
         growth = max(second_length - first_length, 0)
-        reserved = self.model.second_phase_growth_by_capacity
+        reserved = self.growth_by_capacity
         previous = reserved.get(first_capacity, 0)
         reserved[first_capacity] = max(previous, growth)
         second_layers = cache.layers[self.switch_layer : self.num_layers]
@@ -924,37 +980,64 @@ class LVTCSchedule(PhasedDecoder):
     """
 
     name = "LVTC"
+    off_switch = "lvtc_enabled=False"
+    positions_note = " (LVTC's expanded tiles included)"
+    layer_change = "each tile N2² tokens from layer k on instead of N1²"
 
-    def __init__(self, model: "InternVLXModel"):
-        super().__init__(model, model.config.lvtc_expand_layer)
-        grid = self.config.patch_grid_size
-        self.short_side = grid // self.config.downsample_factor
-        self.long_side = grid // self.config.lvtc_hr_downsample_factor
+    def __init__(self, config: InternVLXConfig):
+        super().__init__(config, config.lvtc_expand_layer)
+        grid = config.patch_grid_size
+        self.short_side = grid // config.downsample_factor
+        self.long_side = grid // config.lvtc_hr_downsample_factor
 
-    def first_phase_additions(self, vision_features: torch.Tensor | None) -> dict[int, torch.Tensor]:
+    def second_phase_tokens(self, visual_tokens: int) -> int:
+        return visual_tokens // self.short_side**2 * self.long_side**2
+
+    def positions_gained(self, tiles: torch.Tensor) -> torch.Tensor:
+        """`(B,)`: each tile's N2² − N1² tokens from the expansion layer on."""
+        return tiles * (self.long_side**2 - self.short_side**2) if self.switches else torch.zeros_like(tiles)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """LR projectors 1..T-1 (`lvtc_lr_projectors`) and, when the span is expanded, the HR projector."""
+        config = self.config
+        modules = {
+            "lvtc_lr_projectors": nn.ModuleList(
+                InternVLXPixelShuffleProjector(config) for _ in range(config.lvtc_num_lr_projectors - 1)
+            )
+        }
+        if config.lvtc_use_hr_projector and self.switches:
+            modules["lvtc_hr_projector"] = InternVLXPixelShuffleProjector(config, config.lvtc_hr_downsample_factor)
+        return modules
+
+    def first_phase_additions(
+        self, model: "InternVLXModel", vision_features: torch.Tensor | None
+    ) -> dict[int, torch.Tensor]:
         """`{layer: (tiles · N1², D)}`: LR projectors 1..T-1, each added to the visual span before its layer."""
         if vision_features is None:
             return {}
-        projectors = self.model.lvtc_lr_projectors
+        projectors = model.lvtc_lr_projectors
         return {
             layer: projector(vision_features).flatten(0, 1)
             for layer, projector in zip(self.config.lvtc_inject_layers, projectors)
         }
 
-    def enter(self, hidden_states, image_mask, padding, position_ids, vision_features, last_input) -> PhaseSwitch:
+    def enter(
+        self, model, hidden_states, image_mask, padding, position_ids, vision_features, last_input
+    ) -> PhaseSwitch:
         layout = build_lvtc_layout(image_mask, padding, position_ids, self.short_side**2, self.long_side**2)
-        long_states = self.expand(hidden_states, layout, image_mask, vision_features)
+        long_states = self.expand(model, hidden_states, layout, image_mask, vision_features)
         return PhaseSwitch(long_states, layout.long_position_ids, layout.long_mask, layout.growth, layout)
 
-    def leave(self, hidden_states: torch.Tensor, switch: PhaseSwitch, image_mask: torch.Tensor) -> torch.Tensor:
+    def leave(self, model, hidden_states: torch.Tensor, switch: PhaseSwitch, image_mask: torch.Tensor) -> torch.Tensor:
         return self.pool(hidden_states, switch.layout, image_mask, image_mask.shape[1])
 
-    def second_phase_modules(self, vision_features: torch.Tensor) -> list[torch.Tensor]:
-        hr_projector = getattr(self.model, "lvtc_hr_projector", None)
+    def second_phase_modules(self, model: "InternVLXModel", vision_features: torch.Tensor) -> list[torch.Tensor]:
+        hr_projector = getattr(model, "lvtc_hr_projector", None)
         return [hr_projector(vision_features)] if hr_projector is not None else []
 
     def expand(
         self,
+        model: "InternVLXModel",
         hidden_states: torch.Tensor,
         layout: LVTCLayout,
         image_mask: torch.Tensor,
@@ -974,7 +1057,7 @@ class LVTCSchedule(PhasedDecoder):
             spans.permute(0, 3, 1, 2), size=(self.long_side, self.long_side), mode=self.config.lvtc_upsample_mode
         )
         upsampled = upsampled.permute(0, 2, 3, 1).reshape(tiles, self.long_side**2, hidden_size)
-        hr_projector = getattr(self.model, "lvtc_hr_projector", None)
+        hr_projector = getattr(model, "lvtc_hr_projector", None)
         if hr_projector is not None:
             upsampled = upsampled + hr_projector(vision_features).to(upsampled.dtype)
         rows = layout.tile_rows[:, None].expand_as(layout.tile_long)
@@ -1043,13 +1126,33 @@ class FastVSchedule(PhasedDecoder):
     """
 
     name = "FastV"
+    off_switch = "fastv_layer=None"
+    layer_change = "fewer visual tokens from layer K on"
 
-    def __init__(self, model: "InternVLXModel"):
-        super().__init__(model, model.config.visual_token_pruning_layer)
-        self.ratio = model.config.visual_token_pruning_ratio
+    def __init__(self, config: InternVLXConfig):
+        super().__init__(config, config.fastv_layer)
+        self.ratio = config.fastv_ratio
+
+    def second_phase_tokens(self, visual_tokens: int) -> int:
+        """n − floor(R · n) of a row's n visual tokens."""
+        return visual_tokens - math.floor(visual_tokens * self.ratio)
+
+    def check_generation_mode(self, generation_mode: str) -> None:
+        if generation_mode == "assisted_generation":
+            raise ValueError(
+                "assisted generation (assistant_model, prompt_lookup_num_tokens) cannot run FastV pruning: its first "
+                "forward feeds the prompt together with candidate tokens, so the pruning would be ranked by a "
+                "candidate's attention instead of the last prompt token's. Generate without it, or load the model "
+                "with fastv_layer=None."
+            )
 
     def last_token_attention(
-        self, layer: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor | None, position_ids: torch.Tensor
+        self,
+        decoder: nn.Module,
+        layer: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor | None,
+        position_ids: torch.Tensor,
     ) -> torch.Tensor:
         """`(B, L)`: the attention the last token pays every token in `layer` (whose input is `hidden_states`),
         averaged over heads; `keys (B, L)` marks the real tokens."""
@@ -1062,7 +1165,7 @@ class FastVSchedule(PhasedDecoder):
         if hasattr(attention, "q_norm"):  # Qwen3 normalises queries and keys per head
             query, key = attention.q_norm(query), attention.k_norm(key)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
-        cos, sin = self.decoder.rotary_emb(normed, position_ids)
+        cos, sin = decoder.rotary_emb(normed, position_ids)
         query = apply_rotary(query, cos[:, -1:], sin[:, -1:])
         key = apply_rotary(key, cos, sin)
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
@@ -1071,9 +1174,12 @@ class FastVSchedule(PhasedDecoder):
             scores = scores.masked_fill(~keys.bool()[:, None, None, :], -float("inf"))
         return scores.softmax(-1).mean(1)[:, 0]
 
-    def enter(self, hidden_states, image_mask, padding, position_ids, vision_features, last_input) -> PhaseSwitch:
-        layer = self.decoder.layers[self.switch_layer - 1]
-        scores = self.last_token_attention(layer, last_input, padding, position_ids)
+    def enter(
+        self, model, hidden_states, image_mask, padding, position_ids, vision_features, last_input
+    ) -> PhaseSwitch:
+        decoder = model.language_model
+        layer = decoder.layers[self.switch_layer - 1]
+        scores = self.last_token_attention(decoder, layer, last_input, padding, position_ids)
         kept = keep_top_visual_tokens(scores, image_mask, self.ratio)
         batch, _, hidden_size = hidden_states.shape
         counts = kept.sum(1)
@@ -1089,10 +1195,25 @@ class FastVSchedule(PhasedDecoder):
         layout = FastVLayout(rows, columns, targets, hidden_states)
         return PhaseSwitch(states, positions, keys, torch.zeros_like(counts), layout)
 
-    def leave(self, hidden_states: torch.Tensor, switch: PhaseSwitch, image_mask: torch.Tensor) -> torch.Tensor:
+    def leave(self, model, hidden_states: torch.Tensor, switch: PhaseSwitch, image_mask: torch.Tensor) -> torch.Tensor:
         layout = switch.layout
-        full = self.decoder.norm(layout.pruned_states)
+        full = model.language_model.norm(layout.pruned_states)
         return full.index_put((layout.rows, layout.columns), hidden_states[layout.rows, layout.targets])
+
+
+# The config fields a schedule is built from: the model rebuilds its schedule when one of them is edited.
+SCHEDULE_FIELDS = ("lvtc_enabled", "lvtc_expand_layer", "lvtc_hr_downsample_ratio", "downsample_ratio", "fastv_layer",
+                   "fastv_ratio")  # fmt: skip
+
+
+def build_token_schedule(config: InternVLXConfig) -> PhasedDecoder | None:
+    """The token schedule `config` asks for (LVTC, FastV), or None for the plain model: the one place that reads their
+    switches."""
+    if config.lvtc_enabled:
+        return LVTCSchedule(config)
+    if config.fastv_layer is not None:
+        return FastVSchedule(config)
+    return None
 
 
 @dataclass
@@ -1232,27 +1353,12 @@ def spans_hold_images(span_tiles: list[int], image_tiles: list[int]) -> bool:
 PAGED_ENGINE_ATTENTION = ("vllm",)
 
 
-def refuse_paged_engines(config: InternVLXConfig) -> None:
-    """LVTC and FastV change how many tokens the decoder layers hold (LVTC: each tile N2² tokens from layer k on
-    instead of N1²; FastV: fewer from layer K on). vLLM's paged KV cache gives every layer of a request the same
-    number of tokens (its `KVCacheSpec`, `KVCacheManager.allocate_slots` and `CommonAttentionMetadata`), so it cannot
-    run them: refused when the model is built, not at the first request."""
+def refuse_paged_engines(config: InternVLXConfig, schedule: PhasedDecoder | None) -> None:
+    """A paged serving engine (vLLM) cannot run a token schedule: refused when the model is built, not at the first
+    request (`PhasedDecoder.refuse_paged_engine` says why)."""
     implementation = attention_implementation(config.text_config)
-    if implementation not in PAGED_ENGINE_ATTENTION:
-        return
-    if config.lvtc_enabled:
-        schedule, change, setting = "LVTC", "each tile N2² tokens from layer k on instead of N1²", "lvtc_enabled=False"
-    elif config.visual_token_pruning_layer is not None:
-        schedule, change, setting = "FastV", "fewer visual tokens from layer K on", "visual_token_pruning_layer=None"
-    else:
-        return
-    raise ValueError(
-        f"this checkpoint uses {schedule}, whose decoder layers hold different numbers of tokens ({change}), but "
-        f"{implementation!r} attention keeps one paged KV cache with the same token count in every layer (vLLM's "
-        "KVCacheSpec, KVCacheManager.allocate_slots, CommonAttentionMetadata), so it cannot run it. Serve a PVTC or "
-        f"pixel-shuffle checkpoint ({setting}, or a conversion with --no-lvtc) with it, or this one with "
-        "`transformers serve` (examples/serve.py)."
-    )
+    if schedule is not None and implementation in PAGED_ENGINE_ATTENTION:
+        schedule.refuse_paged_engine(implementation)
 
 
 class InternVLXModel(InternVLXPreTrainedModel):
@@ -1264,44 +1370,40 @@ class InternVLXModel(InternVLXPreTrainedModel):
 
     def __init__(self, config: InternVLXConfig, **internvl_loading_keywords):
         config.validate()  # a config edited after it was made is checked before anything is built from it
-        refuse_paged_engines(config)
+        schedule = build_token_schedule(config)
+        refuse_paged_engines(config, schedule)
         super().__init__(config)
         take_internvl_loading_keywords(config, **internvl_loading_keywords)
         self.vision_tower = InternVLVisionModel(config.vision_config)
         self.multi_modal_projector = PROJECTOR_CLASSES[config.projector_type](config)
         self.language_model = AutoModel.from_config(config.text_config)
         refuse_non_decoders(self.language_model, config.text_config)
-        if config.lvtc_enabled:
-            self.lvtc_lr_projectors = nn.ModuleList(
-                InternVLXPixelShuffleProjector(config) for _ in range(config.lvtc_num_lr_projectors - 1)
-            )
-            if config.lvtc_use_hr_projector and config.lvtc_expand_layer < config.text_config.num_hidden_layers:
-                self.lvtc_hr_projector = InternVLXPixelShuffleProjector(config, config.lvtc_hr_downsample_factor)
-        # Static caches: the long-layer growth reserved so far for each first-phase capacity (`max_cache_len`).
-        self.second_phase_growth_by_capacity: dict[int, int] = {}
+        for name, module in (schedule.trainable_modules() if schedule is not None else {}).items():
+            self.add_module(name, module)
+        self._token_schedule = schedule
+        self._schedule_settings = self.schedule_settings()
         self.post_init()
+
+    def schedule_settings(self) -> tuple:
+        return tuple(getattr(self.config, field) for field in SCHEDULE_FIELDS)
+
+    @property
+    def token_schedule(self) -> PhasedDecoder | None:
+        """The per-layer token schedule the decoder runs under (LVTC, FastV), or None for the plain model. Built with
+        the model; built again only when its config fields are edited (FastV can be switched on a trained model)."""
+        if self._schedule_settings != self.schedule_settings():
+            self.config.validate()
+            self._token_schedule = build_token_schedule(self.config)
+            self._schedule_settings = self.schedule_settings()
+        return self._token_schedule
 
     def visual_token_schedule(self, num_tiles: int) -> list[int]:
         """Visual tokens each decoder layer processes for `num_tiles` tiles: N1² per tile; with LVTC N2² per tile from
-        layer k on; with FastV pruning, n − floor(R · n) of the n from layer K on."""
-        num_layers = self.config.text_config.num_hidden_layers
-        short = num_tiles * self.config.tokens_per_tile
-        if self.config.lvtc_enabled:
-            k = self.config.lvtc_expand_layer
-            return [short] * k + [num_tiles * self.config.lvtc_expanded_tokens_per_tile] * (num_layers - k)
-        if self.config.visual_token_pruning_layer is not None:
-            k = self.config.visual_token_pruning_layer
-            kept = short - math.floor(short * self.config.visual_token_pruning_ratio)
-            return [short] * k + [kept] * (num_layers - k)
-        return [short] * num_layers
-
-    def token_schedule(self) -> "PhasedDecoder | None":
-        """The per-layer token schedule the decoder runs under (LVTC, FastV pruning), or None for the plain model."""
-        if self.config.lvtc_enabled:
-            return LVTCSchedule(self)
-        if self.config.visual_token_pruning_layer is not None:
-            return FastVSchedule(self)
-        return None
+        layer k on; with FastV, n − floor(R · n) of the n from layer K on."""
+        schedule = self.token_schedule
+        if schedule is None:
+            return [num_tiles * self.config.tokens_per_tile] * self.config.text_config.num_hidden_layers
+        return schedule.visual_tokens_per_layer(num_tiles)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -1515,10 +1617,14 @@ class InternVLXModel(InternVLXPreTrainedModel):
             lengths = position_ids.expand(input_ids.shape[0], -1).max(1).values + 1
         else:
             lengths = torch.full((input_ids.shape[0],), input_ids.shape[1])
-        if self.config.lvtc_enabled and self.config.lvtc_expand_layer < self.config.text_config.num_hidden_layers:
+        if self.token_schedule is not None:
             tiles = (input_ids == self.config.image_token_id).sum(1) // self.config.tokens_per_tile
-            lengths = lengths + tiles * (self.config.lvtc_expanded_tokens_per_tile - self.config.tokens_per_tile)
+            lengths = lengths + self.token_schedule.positions_gained(tiles).to(lengths.device)
         return int(lengths.max()) + new_tokens
+
+    def positions_note(self) -> str:
+        """What error messages about positions add: that they count LVTC's expanded tiles."""
+        return self.token_schedule.positions_note if self.token_schedule is not None else ""
 
     def position_limit(self) -> int | None:
         """The language model's `max_position_embeddings`, or None where its RoPE is scaled to reach past them."""
@@ -1542,9 +1648,8 @@ class InternVLXModel(InternVLXPreTrainedModel):
             return
         needed = self.positions_needed(input_ids, attention_mask, new_tokens, position_ids)
         if needed > limit:
-            extra = " (LVTC's expanded tiles included)" if self.config.lvtc_enabled else ""
             raise ValueError(
-                f"this input needs {needed} positions{extra}, more than the language model's "
+                f"this input needs {needed} positions{self.positions_note()}, more than the language model's "
                 f"max_position_embeddings = {limit}; send fewer images or tiles (max_patches), or less text."
             )
 
@@ -1602,11 +1707,11 @@ class InternVLXModel(InternVLXPreTrainedModel):
         language_inputs = dict(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
         )
-        schedule = self.token_schedule()
+        schedule = self.token_schedule
         if schedule is not None:
             vision = dict(image_mask=image_mask, vision_features=vision_features,
                           padding_vision_features=padding_vision_features)  # fmt: skip
-            outputs = schedule(cache=cache, **vision, **language_inputs, **kwargs)
+            outputs = schedule(self, cache=cache, **vision, **language_inputs, **kwargs)
         else:
             outputs = self.language_model(**language_inputs, **named_cache(cache), return_dict=True, **kwargs)
         return InternVLXModelOutputWithPast(
@@ -1787,7 +1892,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
         else:
             asked = generation_config.max_length - input_ids.shape[1]
         room = limit - prompt
-        expanded = " (LVTC's expanded tiles included)" if self.config.lvtc_enabled else ""
+        expanded = self.model.positions_note()
         if room < 0:
             return  # the prompt alone is too long: the forward's context check refuses it, with its numbers
         if asked > 0 and room == 0:
@@ -1805,13 +1910,8 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
 
     def check_generation_request(self, generation_config, model_kwargs: dict, generation_mode: str) -> None:
         """Refuse modes that cannot work with this model's settings, by name, before anything runs."""
-        if generation_mode == "assisted_generation" and self.config.visual_token_pruning_layer is not None:
-            raise ValueError(
-                "assisted generation (assistant_model, prompt_lookup_num_tokens) cannot run FastV pruning: its first "
-                "forward feeds the prompt together with candidate tokens, so the pruning would be ranked by a "
-                "candidate's attention instead of the last prompt token's. Generate without it, or load the model "
-                "with visual_token_pruning_layer=None."
-            )
+        if self.model.token_schedule is not None:
+            self.model.token_schedule.check_generation_mode(generation_mode)
         chunk = generation_config.prefill_chunk_size
         prompt = model_kwargs.get("attention_mask")
         if chunk is not None and model_kwargs.get("pixel_values") is not None:

@@ -281,8 +281,8 @@ LVTC_VARIANTS = {
     "LVTC + multi": dict(lvtc_enabled=True, lvtc_num_lr_projectors=2, lvtc_use_hr_projector=False),
     "LVTC + HR + multi": dict(lvtc_enabled=True, lvtc_num_lr_projectors=2, lvtc_use_hr_projector=True),
     # FastV, training-free, on the HR-only model (1024 tokens per tile), K = 2 as in the FastV paper
-    "FastV K=2 R=50% (HR)": dict(downsample_ratio=1.0, visual_token_pruning_layer=2, visual_token_pruning_ratio=0.5),
-    "FastV K=2 R=75% (HR)": dict(downsample_ratio=1.0, visual_token_pruning_layer=2, visual_token_pruning_ratio=0.75),
+    "FastV K=2 R=50% (HR)": dict(downsample_ratio=1.0, fastv_layer=2, fastv_ratio=0.5),
+    "FastV K=2 R=75% (HR)": dict(downsample_ratio=1.0, fastv_layer=2, fastv_ratio=0.75),
     "FastV K=2 at LVTC's budget (HR)": "matched",
 }
 
@@ -297,8 +297,8 @@ def fastv_ratio_at_lvtc_budget(layers: int) -> float:
 def lvtc_config(classes, device: str, quick: bool, overrides: dict | str):
     layers = 4 if quick else 24
     if overrides == "matched":
-        overrides = dict(downsample_ratio=1.0, visual_token_pruning_layer=2,
-                         visual_token_pruning_ratio=round(fastv_ratio_at_lvtc_budget(layers), 3))  # fmt: skip
+        overrides = dict(downsample_ratio=1.0, fastv_layer=2,
+                         fastv_ratio=round(fastv_ratio_at_lvtc_budget(layers), 3))  # fmt: skip
     return classes.Config(**geometry(device, quick, projector_type="pixel_shuffle", lvtc_expand_layer=(3 * layers) // 4,
                                      lvtc_inject_start=layers // 2, **overrides))  # fmt: skip
 

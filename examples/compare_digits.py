@@ -14,7 +14,7 @@ With `--jobs N` the runs share the machine N at a time, so their times compare w
 sequential run.
 
 `--fastv K:R ...` adds FastV rows: each trained HR-only model is also evaluated, without training, with its visual
-tokens pruned from layer K on to the (1 − R) that get the most attention (`visual_token_pruning_layer/_ratio`), on the
+tokens pruned from layer K on to the (1 − R) that get the most attention (`fastv_layer/_ratio`), on the
 same held-out questions. On this 4-layer model K = 1, R = 0.75 gives the decoder LVTC's 112 visual token-layers per
 tile (64 + 3 × 16, against 3 × 16 + 64); at FastV's own K = 2 no R reaches LVTC's cost (2 × 64 > 112), so K = 2,
 R = 0.5 is the setting that keeps more. The table's token-layer column shows each row's cost. `--save-dir` keeps the
@@ -40,15 +40,13 @@ ROWS = (("pixel_shuffle", "pixel shuffle, 16 tokens (LR-only)"), ("pvtc", "PVTC,
 
 
 def fastv_settings(specs: list[str]) -> dict[str, dict]:
-    """`["1:0.75"]` → `{"FastV K=1 R=75%": {"visual_token_pruning_layer": 1, "visual_token_pruning_ratio": 0.75}}`."""
+    """`["1:0.75"]` → `{"FastV K=1 R=75%": {"fastv_layer": 1, "fastv_ratio": 0.75}}`."""
     settings = {}
     for spec in specs:
         layer, _, ratio = spec.partition(":")
         if not layer.isdigit() or not ratio:
             raise SystemExit(f"--fastv takes K:R pairs such as 1:0.75, got {spec!r}")
-        settings[f"FastV K={layer} R={float(ratio):.0%}"] = dict(
-            visual_token_pruning_layer=int(layer), visual_token_pruning_ratio=float(ratio)
-        )
+        settings[f"FastV K={layer} R={float(ratio):.0%}"] = dict(fastv_layer=int(layer), fastv_ratio=float(ratio))
     return settings
 
 

@@ -146,7 +146,7 @@ def evaluate(model, processor, samples: list[dict], batch_size: int = 64) -> dic
 
 def evaluate_with(model, processor, samples: list[dict], **overrides) -> dict:
     """`evaluate` with the model's config changed for this call only, e.g. FastV pruning switched on without training
-    (`visual_token_pruning_layer=1, visual_token_pruning_ratio=0.75`); the changed config is validated first."""
+    (`fastv_layer=1, fastv_ratio=0.75`); the changed config is validated first."""
     type(model.config).from_dict(model.config.to_dict() | overrides)  # raises on a setting the model cannot run
     previous = {key: getattr(model.config, key) for key in overrides}
     model.config.update(overrides)

@@ -140,4 +140,4 @@ class InternVLXLVTCModelTest(InternVLXModelTestBase, unittest.TestCase):
 
 
 class InternVLXFastVModelTest(InternVLXModelTestBase, unittest.TestCase):
-    variant = dict(visual_token_pruning_layer=1, visual_token_pruning_ratio=0.5)
+    variant = dict(fastv_layer=1, fastv_ratio=0.5)

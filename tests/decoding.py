@@ -5,6 +5,8 @@ eager) agree to float rounding, not bit for bit. Greedy decoding turns that into
 tokens were tied to within the rounding at some step: then either pick is right and the sequences may part there.
 """
 
+import contextlib
+
 import torch
 from transformers import GenerationConfig
 
@@ -86,3 +88,20 @@ def greedy(max_new_tokens: int, **generate_kwargs) -> dict:
                               suppress_tokens=IMAGE_TOKENS, output_logits=True, output_scores=True,
                               return_dict_in_generate=True)  # fmt: skip
     return dict(generation_config=config, **generate_kwargs)
+
+
+@contextlib.contextmanager
+def sdpa_masks():
+    """Record, for every sdpa call inside the block (the vision tower's layers, then one per decoder layer and step, in
+    order), whether it got a mask. Without one, sdpa runs its causal kernel, the fast path for unpadded prompts."""
+    calls, original = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, attn_mask=None, *args, **kwargs):
+        calls.append(attn_mask is not None)
+        return original(query, key, value, attn_mask, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = recording
+    try:
+        yield calls
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original

@@ -89,12 +89,12 @@ def test_evaluate_with_prunes_during_the_call_and_restores_the_model(bundle, cha
     plain = evaluate_with(model, processor, samples)
     plain_prefill = lengths[0]
     lengths.clear()
-    pruned = evaluate_with(model, processor, samples, visual_token_pruning_layer=1, visual_token_pruning_ratio=0.5)
+    pruned = evaluate_with(model, processor, samples, fastv_layer=1, fastv_ratio=0.5)
     handle.remove()
     assert lengths[0] < plain_prefill  # the last layer ran on the pruned prompt
     assert pruned["visual_token_layers_per_tile"] < plain["visual_token_layers_per_tile"]
     assert plain["visual_token_layers_per_tile"] == visual * model.config.text_config.num_hidden_layers
-    assert model.config.visual_token_pruning_layer is None and model.config.visual_token_pruning_ratio == 0.0
-    with pytest.raises(ValueError, match="visual_token_pruning_layer 9"):
-        evaluate_with(model, processor, samples, visual_token_pruning_layer=9, visual_token_pruning_ratio=0.5)
-    assert model.config.visual_token_pruning_layer is None
+    assert model.config.fastv_layer is None and model.config.fastv_ratio == 0.0
+    with pytest.raises(ValueError, match="fastv_layer 9"):
+        evaluate_with(model, processor, samples, fastv_layer=9, fastv_ratio=0.5)
+    assert model.config.fastv_layer is None

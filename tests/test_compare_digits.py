@@ -34,8 +34,8 @@ def test_table_gives_mean_half_spread_and_each_seed_in_seed_order():
 
 def test_fastv_settings_parse_pairs_and_refuse_anything_else():
     assert fastv_settings(["1:0.75", "2:0.5"]) == {
-        "FastV K=1 R=75%": dict(visual_token_pruning_layer=1, visual_token_pruning_ratio=0.75),
-        "FastV K=2 R=50%": dict(visual_token_pruning_layer=2, visual_token_pruning_ratio=0.5),
+        "FastV K=1 R=75%": dict(fastv_layer=1, fastv_ratio=0.75),
+        "FastV K=2 R=50%": dict(fastv_layer=2, fastv_ratio=0.5),
     }
     with pytest.raises(SystemExit, match="K:R pairs such as 1:0.75, got '0.75'"):
         fastv_settings(["0.75"])

@@ -12,8 +12,8 @@ from tests.tiny import image_span, prompt, tiles
 
 BAD = {
     "expansion past the last layer": (dict(lvtc_enabled=True, lvtc_expand_layer=99), "lvtc_expand_layer 99 must be in"),
-    "FastV with LVTC": (dict(lvtc_enabled=True, visual_token_pruning_layer=1, visual_token_pruning_ratio=0.5),
-                        "visual_token_pruning_layer \\(FastV\\) and lvtc_enabled"),
+    "FastV with LVTC": (dict(lvtc_enabled=True, fastv_layer=1, fastv_ratio=0.5),
+                        "fastv_layer \\(FastV\\) and lvtc_enabled"),
     "PVTC heads that do not divide": (dict(projector_type="pvtc", pvtc_num_heads=3), "pvtc_num_heads 3 must divide"),
     "a boolean given as a string": (dict(lvtc_enabled="false"), "lvtc_enabled must be bool, got 'false' \\(str\\)"),
     "a count given as a string": (dict(pvtc_num_layers="2"), "pvtc_num_layers must be int, got '2' \\(str\\)"),
@@ -64,8 +64,8 @@ FIELDS = {
     "pvtc_num_heads": st.integers(-1, 9),
     "pvtc_num_layers": st.integers(-1, 2),
     "pvtc_use_local": st.one_of(st.booleans(), st.just("no")),
-    "visual_token_pruning_layer": st.one_of(st.none(), st.integers(-1, 5)),
-    "visual_token_pruning_ratio": st.sampled_from([0.0, 0.5, 0.99, 1.0, -0.1]),
+    "fastv_layer": st.one_of(st.none(), st.integers(-1, 5)),
+    "fastv_ratio": st.sampled_from([0.0, 0.5, 0.99, 1.0, -0.1]),
 }
 
 

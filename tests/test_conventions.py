@@ -14,8 +14,8 @@ from tests.decoding import VARIANTS
 from tests.tiny import image_span, prompt, tiles
 
 N1SQ = 4
-VARIANTS = {**VARIANTS, "fastv": dict(text=dict(num_hidden_layers=4), visual_token_pruning_layer=2,
-                                      visual_token_pruning_ratio=0.5)}  # fmt: skip
+VARIANTS = {**VARIANTS, "fastv": dict(text=dict(num_hidden_layers=4), fastv_layer=2,
+                                      fastv_ratio=0.5)}  # fmt: skip
 PHASED = ["lvtc", "fastv"]
 
 
@@ -101,7 +101,7 @@ def test_output_attentions_under_the_phased_decoder_gives_each_layer_its_own_len
     with torch.no_grad():
         attentions = model(**inputs(), output_attentions=True).attentions
     layers = model.config.text_config.num_hidden_layers
-    switch = model.config.lvtc_expand_layer if variant == "lvtc" else model.config.visual_token_pruning_layer
+    switch = model.config.lvtc_expand_layer if variant == "lvtc" else model.config.fastv_layer
     length = inputs()["input_ids"].shape[1]
     assert len(attentions) == layers
     assert all(a.shape[-2:] == (length, length) for a in attentions[:switch])

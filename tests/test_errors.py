@@ -119,7 +119,7 @@ def test_images_written_back_to_back_share_one_span(model):
     "overrides,schedule",
     [
         (dict(text=dict(num_hidden_layers=4), lvtc_enabled=True, lvtc_expand_layer=3, lvtc_inject_start=1), "LVTC"),
-        (dict(text=dict(num_hidden_layers=4), visual_token_pruning_layer=2, visual_token_pruning_ratio=0.5), "FastV"),
+        (dict(text=dict(num_hidden_layers=4), fastv_layer=2, fastv_ratio=0.5), "FastV"),
     ],
 )
 def test_lvtc_and_fastv_are_refused_under_vllm_attention_when_the_model_is_built(bundle, overrides, schedule):
@@ -130,11 +130,12 @@ def test_lvtc_and_fastv_are_refused_under_vllm_attention_when_the_model_is_built
     with pytest.raises(ValueError, match=rf"uses {schedule}, whose decoder layers hold different numbers of tokens"):
         bundle.Model(config)
     refuse = bundle.function("modeling_internvl_x", "refuse_paged_engines")
-    plain = bundle.config(**{**overrides, "lvtc_enabled": False, "visual_token_pruning_layer": None})
+    build = bundle.function("modeling_internvl_x", "build_token_schedule")
+    plain = bundle.config(**{**overrides, "lvtc_enabled": False, "fastv_layer": None})
     plain.text_config._attn_implementation = "vllm"
-    assert refuse(plain) is None  # PVTC and pixel shuffle serve: tests/test_vllm.py
+    assert build(plain) is None and refuse(plain, build(plain)) is None  # PVTC, pixel shuffle: tests/test_vllm.py
     config.text_config._attn_implementation = "sdpa"
-    assert refuse(config) is None
+    assert refuse(config, build(config)) is None
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from packaging.version import Version
 from transformers import CompileConfig, StaticCache
 
 from tests.compat import cache_of, with_cache
-from tests.decoding import LVTC, assert_same_greedy
+from tests.decoding import LVTC, assert_same_greedy, sdpa_masks
 from tests.decoding import VARIANTS as SHARED_VARIANTS
 from tests.decoding import greedy as greedy_settings
 from tests.tiny import image_span, left_pad, prompt, tiles
@@ -73,17 +73,20 @@ def test_static_cache_without_padding_decodes_like_the_dynamic_cache(bundle, var
     assert_same_greedy(static, dynamic)
 
 
-def test_prompt_mask_is_left_to_sdpa_only_without_padding(bundle):
-    schedule = bundle.model(seed=3, **LVTC).model.token_schedule()
-    full, padded = torch.ones(2, 9, dtype=torch.bool), torch.ones(2, 9, dtype=torch.bool)
-    padded[1, 0] = False
-    full[:, 5:] = padded[:, 5:] = False  # a static cache's free slots after a 5-token prompt
-    assert schedule.build_mask(full, 5, 0, torch.float32) is None
-    mask = schedule.build_mask(padded, 5, 0, torch.float32)
-    assert mask.shape == (2, 1, 5, 9) and not mask[1, 0, 1:, 0].any() and not mask[:, :, :, 5:].any()
-    decode = torch.ones(2, 9, dtype=torch.bool)
-    decode[:, 6:] = False
-    assert schedule.build_mask(decode, 1, 5, torch.float32) is not None  # a decode step into a static cache
+def test_a_static_cache_prefill_runs_sdpa_s_causal_kernel_only_without_padding(bundle):
+    """Seen from sdpa: a prompt into an empty static cache needs no mask when no row is padded (sdpa's causal mask is
+    aligned top-left, so the free slots after the prompt are never attended), but needs one when a row is padded, and
+    every decode step into the static cache needs one (its free slots lie inside the key range)."""
+    model = bundle.model(seed=3, **LVTC)
+    ids = torch.tensor([prompt(3, image_span(2, N1SQ), 4, seed=row) for row in range(2)])
+    padded, mask = left_pad([prompt(3, image_span(2, N1SQ), 4, seed=0), prompt(5, image_span(2, N1SQ), 1, seed=1)])
+    for inputs, prompt_masked in ((dict(input_ids=ids, attention_mask=torch.ones_like(ids)), False),
+                                  (dict(input_ids=padded, attention_mask=mask), True)):  # fmt: skip
+        with torch.no_grad(), sdpa_masks() as calls:
+            model.generate(**inputs, pixel_values=tiles(4, seed=9), **greedy(cache_implementation="static"))
+        decoder_calls = calls[model.config.vision_config.num_hidden_layers :]  # after the vision tower's
+        assert decoder_calls[:LAYERS] == [prompt_masked] * LAYERS  # the prompt
+        assert decoder_calls[LAYERS:] == [True] * (LAYERS * (NEW_TOKENS - 1))  # the decode steps
 
 
 def test_static_cache_long_layers_hold_the_growth(bundle):
@@ -244,8 +247,8 @@ def test_sdpa_s_own_grouped_query_attention_reads_the_cache_once_and_decodes_the
     heads; and the two-phase masks (LVTC's, FastV's) decode the same with it, static and dynamic cache."""
     from torch.profiler import ProfilerActivity, profile
 
-    overrides = {"fastv": dict(text=dict(num_hidden_layers=LAYERS), visual_token_pruning_layer=1,
-                               visual_token_pruning_ratio=0.5)}.get(variant, VARIANTS.get(variant))  # fmt: skip
+    overrides = {"fastv": dict(text=dict(num_hidden_layers=LAYERS), fastv_layer=1,
+                               fastv_ratio=0.5)}.get(variant, VARIANTS.get(variant))  # fmt: skip
     model = bundle.model(seed=9, **overrides)
     text = model.config.text_config
     assert text.num_key_value_heads < text.num_attention_heads

@@ -1,6 +1,8 @@
 """FastV (training-free visual-token pruning after layer K) on the same two-phase machinery as LVTC: identities, the
 attention ranking against eager attention, a hand-built reference, cache, batching, sdpa, static cache."""
 
+import json
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ N1SQ = 4
 
 def fastv(bundle, seed=0, layer=2, ratio=0.5, **overrides):
     text = dict(num_hidden_layers=LAYERS, **overrides.pop("text", {}))
-    return bundle.model(seed=seed, text=text, visual_token_pruning_layer=layer, visual_token_pruning_ratio=ratio,
+    return bundle.model(seed=seed, text=text, fastv_layer=layer, fastv_ratio=ratio,
                         **overrides)  # fmt: skip
 
 
@@ -44,16 +46,55 @@ def test_pruning_nothing_is_the_plain_model(bundle):
         torch.testing.assert_close(model(**inputs).logits[real], plain(**inputs).logits[real], rtol=0, atol=1e-5)
 
 
-def test_visual_token_schedule_and_config_checks(bundle):
+def test_layers_from_k_on_hold_the_kept_share_of_visual_tokens(bundle):
     model = fastv(bundle, ratio=0.75)
     assert model.model.visual_token_schedule(3) == [12, 12, 3, 3]  # floor(0.75 · 12) = 9 of 12 pruned
+
+
+def test_settings_fastv_cannot_run_are_refused_by_name(bundle):
     with pytest.raises(ValueError, match="their combination is not defined"):
-        bundle.config(text=dict(num_hidden_layers=LAYERS), visual_token_pruning_layer=2, lvtc_enabled=True,
+        bundle.config(text=dict(num_hidden_layers=LAYERS), fastv_layer=2, lvtc_enabled=True,
                       lvtc_expand_layer=3, lvtc_inject_start=1)  # fmt: skip
-    with pytest.raises(ValueError, match=r"visual_token_pruning_layer 0 must be in \[1, 3\]"):
-        bundle.config(text=dict(num_hidden_layers=LAYERS), visual_token_pruning_layer=0)
-    with pytest.raises(ValueError, match=r"visual_token_pruning_ratio must be in \[0, 1\), got 1.0"):
-        bundle.config(text=dict(num_hidden_layers=LAYERS), visual_token_pruning_layer=2, visual_token_pruning_ratio=1.0)
+    with pytest.raises(ValueError, match=r"fastv_layer 0 must be in \[1, 3\]"):
+        bundle.config(text=dict(num_hidden_layers=LAYERS), fastv_layer=0)
+    with pytest.raises(ValueError, match=r"fastv_ratio must be in \[0, 1\), got 1.0"):
+        bundle.config(text=dict(num_hidden_layers=LAYERS), fastv_layer=2, fastv_ratio=1.0)
+
+
+def test_checkpoints_saved_under_the_former_names_load_with_fastv_on(bundle, tmp_path):
+    """Until 2026-12 the fields were `visual_token_pruning_layer/_ratio`: such a config.json loads with FastV on, and
+    the old names still read and set the new fields."""
+    model = fastv(bundle, seed=4, layer=2, ratio=0.5)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["visual_token_pruning_layer"], saved["visual_token_pruning_ratio"] = (
+        saved.pop("fastv_layer"),
+        saved.pop("fastv_ratio"),
+    )
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = bundle.ForConditionalGeneration.from_pretrained(tmp_path)
+    assert (loaded.config.fastv_layer, loaded.config.fastv_ratio) == (2, 0.5)
+    assert loaded.config.visual_token_pruning_layer == 2
+    assert "visual_token_pruning_layer" not in loaded.config.to_dict()
+    inputs = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
+    loaded.config.visual_token_pruning_ratio = 0.75
+    assert loaded.config.fastv_ratio == 0.75 and loaded.model.visual_token_schedule(1) == [4, 4, 1, 1]
+
+
+def test_fastv_switched_on_a_built_model_runs_from_the_next_call(bundle):
+    """FastV needs no training, so it can be switched on a model already built (examples/train_digits_demo.py
+    evaluates a trained model with it): the schedule follows the config."""
+    pruned = fastv(bundle, seed=5, layer=2, ratio=0.5)
+    model = plain_twin(bundle, pruned)
+    inputs = batch()
+    with torch.no_grad():
+        plain_logits = model(**inputs).logits
+        model.config.update(dict(fastv_layer=2, fastv_ratio=0.5))
+        torch.testing.assert_close(model(**inputs).logits, pruned(**inputs).logits, rtol=0, atol=1e-6)
+        model.config.fastv_layer = None
+        torch.testing.assert_close(model(**inputs).logits, plain_logits, rtol=0, atol=1e-6)
 
 
 def test_ties_go_to_the_earlier_token(bundle):
@@ -67,7 +108,7 @@ def test_ties_go_to_the_earlier_token(bundle):
 def test_ranking_uses_the_last_prompt_token_s_attention_in_layer_k_minus_1(bundle):
     """The extra small computation equals eager attention's own weights (last query row, mean over heads)."""
     model = fastv(bundle, seed=2, layer=2, ratio=0.5)
-    schedule = bundle.module("FastVSchedule")(model.model)
+    schedule = model.model.token_schedule
     eager = plain_twin(bundle, model, attn_implementation="eager")
     inputs = batch()
     with torch.no_grad():
@@ -75,8 +116,9 @@ def test_ranking_uses_the_last_prompt_token_s_attention_in_layer_k_minus_1(bundl
         expected = reference.attentions[1][:, :, -1, :].mean(1)
         layer_input = reference.hidden_states[1]
         positions = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
-        scores = schedule.last_token_attention(model.model.language_model.layers[1], layer_input,
-                                               inputs["attention_mask"], positions)  # fmt: skip
+        decoder = model.model.language_model
+        scores = schedule.last_token_attention(decoder, decoder.layers[1], layer_input, inputs["attention_mask"],
+                                               positions)  # fmt: skip
     torch.testing.assert_close(scores, expected, rtol=0, atol=1e-6)
 
 
@@ -84,7 +126,7 @@ def test_logits_equal_a_hand_built_pruned_run(bundle):
     """Layers ≥ K see exactly the text tokens and the kept visual tokens, at their original positions."""
     model = fastv(bundle, seed=3, layer=2, ratio=0.5)
     keep = bundle.function("modeling_internvl_x", "keep_top_visual_tokens")
-    schedule = bundle.module("FastVSchedule")(model.model)
+    schedule = model.model.token_schedule
     ids = torch.tensor([prompt(3, image_span(2, N1SQ), 4, seed=5)])
     pixel_values = tiles(2, seed=6)
     decoder = model.model.language_model
@@ -95,7 +137,7 @@ def test_logits_equal_a_hand_built_pruned_run(bundle):
         )
         states = decoder(inputs_embeds=embeds, output_hidden_states=True).hidden_states  # inputs of every layer
         positions = torch.arange(ids.shape[1])[None]
-        scores = schedule.last_token_attention(decoder.layers[1], states[1], None, positions)
+        scores = schedule.last_token_attention(decoder, decoder.layers[1], states[1], None, positions)
         kept = keep(scores, ids == IMG_CONTEXT, 0.5)[0]
         assert int(kept.sum()) == ids.shape[1] - 4  # half of the 8 visual tokens pruned
         hidden, kept_positions = states[2][:, kept], positions[:, kept]
@@ -168,7 +210,7 @@ def test_a_converted_checkpoint_prunes_without_training(bundle, tmp_path):
     plain = bundle.model(seed=8, text=dict(num_hidden_layers=LAYERS))
     plain.save_pretrained(tmp_path)
     pruned = AutoModelForImageTextToText.from_pretrained(
-        tmp_path, trust_remote_code=True, visual_token_pruning_layer=2, visual_token_pruning_ratio=0.75
+        tmp_path, trust_remote_code=True, fastv_layer=2, fastv_ratio=0.75
     ).eval()
     assert pruned.model.visual_token_schedule(1) == [4, 4, 1, 1]
     inputs = batch()

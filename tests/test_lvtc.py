@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 
 from tests.compat import CHECKPOINTING, enable_checkpointing
-from tests.decoding import assert_greedy_matches_recomputation, assert_same_greedy
+from tests.decoding import assert_greedy_matches_recomputation, assert_same_greedy, sdpa_masks
 from tests.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD, image_span, left_pad, prompt, tiles
 
 N1SQ, N2SQ = 4, 16  # tiny geometry: S = 4 patches per side, M1 = 2, M2 = 1
@@ -151,19 +151,21 @@ def test_sdpa_and_eager_agree(bundle, mode, padded):
     torch.testing.assert_close(logits[0][real], logits[1][real], rtol=0, atol=1e-5)
 
 
-def test_phase_mask_is_left_to_the_sdpa_causal_kernel_only_without_padding(bundle):
-    schedule = bundle.module("LVTCSchedule")(lvtc(bundle).model)
-    full, padded = torch.ones(2, 6, dtype=torch.bool), torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6], dtype=torch.bool)
-    assert schedule.build_mask(full, 6, 0, torch.float32) is None  # whole prompt
-    assert schedule.build_mask(full, 1, 5, torch.float32) is None  # one decoded token, every slot filled
-    assert schedule.build_mask(full, 2, 4, torch.float32) is not None  # a chunk after a cached prefix
-    assert schedule.build_mask(padded, 6, 0, torch.float32) is not None
-    # A static cache's slots past the query are empty: the mask must hide them, even for one token.
-    static = schedule.build_mask(full, 1, torch.tensor(3), torch.float32)
-    assert static.shape == (2, 1, 1, 6) and static[0, 0, 0].tolist() == [True] * 4 + [False] * 2
-    eager = bundle.module("LVTCSchedule")(lvtc(bundle, attn_implementation="eager").model)
-    mask = eager.build_mask(full, 6, 0, torch.float32)
-    assert mask.shape == (2, 1, 6, 6) and torch.equal(mask[0, 0] == 0, torch.ones(6, 6).tril().bool())
+def test_every_layer_runs_sdpa_s_causal_kernel_only_where_no_row_is_padded(bundle):
+    """The fast path, seen from sdpa: an unpadded prompt and its decoded tokens (dynamic cache) reach every decoder
+    layer of both phases with no mask, so sdpa runs its causal kernel; a padded batch gives every layer a mask."""
+    model = lvtc(bundle, seed=4)
+    vision_layers = model.config.vision_config.num_hidden_layers  # the vision tower's sdpa calls come first
+    ids = torch.tensor([prompt(2, image_span(2, N1SQ), 3, seed=1)] * 2)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=tiles(4))
+    with torch.no_grad(), sdpa_masks() as calls:
+        model.generate(**inputs, generation_config=greedy(), max_new_tokens=3)
+    decoder_calls = calls[vision_layers:]
+    assert decoder_calls == [False] * (3 * LAYERS)  # the prompt, then two decoded tokens
+    padded, mask = left_pad([prompt(2, image_span(2, N1SQ), 3, seed=1), prompt(6, seed=2)])
+    with torch.no_grad(), sdpa_masks() as calls:
+        model(input_ids=padded, attention_mask=mask, pixel_values=tiles(2))
+    assert calls[vision_layers:] == [True] * LAYERS
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(bundle):

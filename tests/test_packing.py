@@ -15,7 +15,7 @@ PATHS = {
     "plain": dict(text=dict(num_hidden_layers=4)),
     "pvtc": dict(text=dict(num_hidden_layers=4), projector_type="pvtc", pvtc_num_heads=4),
     "lvtc": LVTC,
-    "fastv": dict(text=dict(num_hidden_layers=4), visual_token_pruning_layer=1, visual_token_pruning_ratio=0.5),
+    "fastv": dict(text=dict(num_hidden_layers=4), fastv_layer=1, fastv_ratio=0.5),
 }
 SEQUENCES = [prompt(7, seed=1), prompt(5, seed=2), prompt(9, seed=3)]
 

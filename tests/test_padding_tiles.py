@@ -15,7 +15,7 @@ VARIANTS = {
     "pvtc": dict(projector_type="pvtc"),
     "lvtc": LVTC,
     "pvtc+lvtc": dict(projector_type="pvtc", **LVTC),
-    "fastv": dict(text=dict(num_hidden_layers=4), visual_token_pruning_layer=2, visual_token_pruning_ratio=0.5),
+    "fastv": dict(text=dict(num_hidden_layers=4), fastv_layer=2, fastv_ratio=0.5),
 }
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "model.lvtc_lr_projectors.",
                    "model.lvtc_hr_projector.")  # fmt: skip

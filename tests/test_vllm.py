@@ -50,9 +50,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {
         "pvtc": build(root / "pvtc", lvtc_enabled=False),
         "pixel_shuffle": build(root / "pixel_shuffle", seed=1, lvtc_enabled=False, projector_type="pixel_shuffle"),
-        "fastv": build(
-            root / "fastv", lvtc_enabled=False, visual_token_pruning_layer=1, visual_token_pruning_ratio=0.5
-        ),  # fmt: skip
+        "fastv": build(root / "fastv", lvtc_enabled=False, fastv_layer=1, fastv_ratio=0.5),
         "lvtc": DEMO,
     }
 
