@@ -7,7 +7,7 @@ from packaging.version import Version
 from transformers import AutoConfig, InternVLVisionConfig, PretrainedConfig
 from transformers.utils import logging
 
-# The oldest and the newest Transformers release the whole test suite passed on (README, "Compatibility"; CI runs a
+# The oldest and the newest Transformers release the whole test suite passed on (docs/compatibility.md; CI runs a
 # subset on the newest patch of every minor in between, and on newer releases as they appear).
 TESTED_TRANSFORMERS = ("5.17.0", "5.25.0")
 # One logger for every copy of the bundle in a process (each checkpoint folder is a module of its own).
@@ -33,6 +33,14 @@ def warn_if_untested_transformers() -> None:
 
 
 warn_if_untested_transformers()
+
+# The checkpoint's special tokens (their ids are the config's `*_token_id`): an image span is `<img>`, one
+# `<IMG_CONTEXT>` per visual token, `</img>`; chat turns are InternLM2's ChatML.
+IMAGE_START_TOKEN = "<img>"
+IMAGE_END_TOKEN = "</img>"
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+CHAT_START_TOKEN = "<|im_start|>"
+CHAT_END_TOKEN = "<|im_end|>"
 
 PROJECTOR_TYPES = ("pixel_shuffle", "pvtc")
 # FastV's config fields under the names they had until 2026-12 (checkpoints saved before hold these).

@@ -22,24 +22,26 @@ from transformers.utils import is_flash_attn_2_available, logging, output_captur
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_internvl_x import InternVLXConfig
-from .processing_internvl_x import (
+from .configuration_internvl_x import (
     CHAT_END_TOKEN,
-    CHAT_TEMPLATE,
     IMAGE_CONTEXT_TOKEN,
     IMAGE_END_TOKEN,
     IMAGE_START_TOKEN,
-    expand_image_placeholders,
+    InternVLXConfig,
 )
 
 logger = logging.get_logger(__name__)
 
-# ---- Transformers compatibility -------------------------------------------------------------------------------------
+# ---- Transformers compatibility --------------------------------------------------------------------------------------
 # The bundle runs on whatever Transformers its user has installed (tested: `TESTED_TRANSFORMERS` in the configuration
-# file). Every Transformers name it relies on that is not stable public API is reached through this section only:
-# `can_return_tuple` and `deprecate_kwarg` (imported above), the cache's name, the mask and decoder-layer calls, the
-# static cache's internals and the two `GenerationMixin` methods it overrides. tests/test_compat.py checks each and
-# names the release that changed it; the README's Compatibility section lists them.
+# file). The Transformers conventions and internals it relies on that are not stable public API are reached through
+# this section: `can_return_tuple` and `deprecate_kwarg` (imported above), the cache's name, the mask and decoder-layer
+# calls, hidden-state selection and attention recording, generate's per-layer-type mask dict, the static cache's
+# internals and the two `GenerationMixin` methods it overrides. Outside it, by design, only the decoder's own modules
+# (`layers`, `rotary_emb`, `norm`, `gradient_checkpointing`, each layer's `input_layernorm` and `self_attn`
+# projections, which the two-phase loop and FastV's ranking run) and `PreTrainedModel`'s documented class attributes
+# and hooks. docs/compatibility.md lists every one of them; tests/test_compat.py checks each and names the release
+# that changed it.
 
 # The cache's keyword argument and output field: `past_key_values` up to 5.23, `cache` from 5.24.
 CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
@@ -202,6 +204,40 @@ class InternVLXGenerationMixin(GenerationMixin):
         return result
 
 
+def full_attention_mask(attention_mask):
+    """The mask of the full-attention layers: generate hands compileable caches a `{layer type: 4D mask}` dict."""
+    return attention_mask.get("full_attention") if isinstance(attention_mask, dict) else attention_mask
+
+
+def key_validity(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """`(batch, kv)` bool: the keys a sequence may attend to, from a 2D padding mask, or from a prepared 4D mask
+    `(batch, 1, q, kv)` (bool, or additive with 0 where allowed), whose last query row sees every real key before it.
+    None (no mask) means every key."""
+    attention_mask = full_attention_mask(attention_mask)
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask.bool()
+    last_row = attention_mask[:, 0, -1, :]
+    return last_row if last_row.dtype == torch.bool else last_row == 0
+
+
+class InternVLXStaticCache(StaticCache):
+    """`StaticCache` whose layers can `crop`, for speculative decoding on pre-allocated memory (e.g. an assistant
+    model or prompt lookup in `generate(past_key_values=InternVLXStaticCache(...))`).
+
+    With LVTC, its long layers get room for the prompt's growth at the prefill, like any static cache's.
+    """
+
+    def __init__(self, config, max_cache_len: int, **kwargs):
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        self.layers = [
+            InternVLXStaticLayer(max_cache_len=layer.max_cache_len) if type(layer) is StaticLayer else layer
+            for layer in self.layers
+        ]
+
+
+# ---- Projectors: InternVL's pixel shuffle and PVTC (paper §3.1) ------------------------------------------------------
 def pixel_shuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
     """Merge each `factor`×`factor` window of a patch grid into one token (InternVL's pixel shuffle).
 
@@ -418,6 +454,7 @@ class InternVLXPVTCProjector(nn.Module):
 PROJECTOR_CLASSES = {"pixel_shuffle": InternVLXPixelShuffleProjector, "pvtc": InternVLXPVTCProjector}
 
 
+# ---- Two-phase decoding: the shared layer loop, LVTC (paper §3.2) and FastV ------------------------------------------
 @dataclass
 class LVTCLayout:
     """Where each token of a short (N1² per tile) sequence sits in the long (N2² per tile) one.
@@ -529,24 +566,6 @@ class PhaseSwitch:
     layout: object  # the schedule's own record, for `leave`
 
 
-def full_attention_mask(attention_mask):
-    """The mask of the full-attention layers: generate hands compileable caches a `{layer type: 4D mask}` dict."""
-    return attention_mask.get("full_attention") if isinstance(attention_mask, dict) else attention_mask
-
-
-def key_validity(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """`(batch, kv)` bool: the keys a sequence may attend to, from a 2D padding mask, or from a prepared 4D mask
-    `(batch, 1, q, kv)` (bool, or additive with 0 where allowed), whose last query row sees every real key before it.
-    None (no mask) means every key."""
-    attention_mask = full_attention_mask(attention_mask)
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() == 2:
-        return attention_mask.bool()
-    last_row = attention_mask[:, 0, -1, :]
-    return last_row if last_row.dtype == torch.bool else last_row == 0
-
-
 def packed_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     """`(B, L)` the index of the sequence each token belongs to in rows that pack several sequences (positions
     restart, as padding-free collators write them), or None when every row holds one. Transformers' decoders read
@@ -556,21 +575,6 @@ def packed_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     if not torch.compiler.is_compiling() and not bool(ids[:, -1].any()):
         return None
     return ids
-
-
-class InternVLXStaticCache(StaticCache):
-    """`StaticCache` whose layers can `crop`, for speculative decoding on pre-allocated memory (e.g. an assistant
-    model or prompt lookup in `generate(past_key_values=InternVLXStaticCache(...))`).
-
-    With LVTC, its long layers get room for the prompt's growth at the prefill, like any static cache's.
-    """
-
-    def __init__(self, config, max_cache_len: int, **kwargs):
-        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
-        self.layers = [
-            InternVLXStaticLayer(max_cache_len=layer.max_cache_len) if type(layer) is StaticLayer else layer
-            for layer in self.layers
-        ]
 
 
 def weighing_nothing(outputs) -> torch.Tensor | float:
@@ -1216,6 +1220,17 @@ def build_token_schedule(config: InternVLXConfig) -> PhasedDecoder | None:
     return None
 
 
+# ---- The model -------------------------------------------------------------------------------------------------------
+@dataclass
+class InternVLXImageFeaturesOutput(BaseModelOutputWithPooling):
+    """
+    vision_features (`torch.FloatTensor` of shape `(num_tiles, 1 + S², vision_hidden_size)`):
+        The vision tower's hidden state of `config.vision_feature_layer` (CLS first), which the projectors read.
+    """
+
+    vision_features: torch.FloatTensor | None = None
+
+
 @dataclass
 class InternVLXModelOutputWithPast(BaseModelOutputWithPast):
     """
@@ -1243,7 +1258,7 @@ class InternVLXCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
 
 
-# ---- InternVL's loading keywords ------------------------------------------------------------------------------------
+# ---- InternVL's loading keywords -------------------------------------------------------------------------------------
 # InternVL's own remote code takes these in its model's constructor, so its README, model cards and evaluation harnesses
 # pass them to `from_pretrained`, which hands every keyword that is not a config field to the constructor.
 def take_internvl_loading_keywords(
@@ -1424,8 +1439,8 @@ class InternVLXModel(InternVLXPreTrainedModel):
                     "processor, or torch.as_tensor(...)."
                 )
             if name == "pixel_values":
-                self._check_pixel_values(value)  # names the exact shape the vision tower takes
-            elif value.dim() != dims:
+                continue  # its shape is checked where the vision tower reads it (`get_image_features`)
+            if value.dim() != dims:
                 layout = {2: "(batch, seq)", 3: "(batch, seq, hidden)"}
                 batchless = value.dim() == dims - 1
                 hint = f"; add the batch dimension: {name}[None]" if batchless else ""
@@ -1433,7 +1448,8 @@ class InternVLXModel(InternVLXPreTrainedModel):
         if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex()):
             raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}.")
 
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    def check_tile_shape(self, pixel_values: torch.Tensor) -> None:
+        """`pixel_values` must be `(tiles, channels, tile_size, tile_size)`, the vision tower's input."""
         size = self.config.tile_size
         expected = (self.config.vision_config.num_channels, size, size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -1442,36 +1458,27 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 f"got {tuple(pixel_values.shape)}."
             )
 
-    def run_vision_tower(self, pixel_values: torch.Tensor, **kwargs) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
-        """The vision tower on `(tiles, 3, H, W)`: its output, and the hidden state `(tiles, 1 + S², C)` of
-        `config.vision_feature_layer` (CLS first) that the projectors read. `kwargs` (`output_hidden_states`,
-        `output_attentions`) go to the tower as to any Transformers model; a feature layer other than the last needs the
-        tower's hidden states, asked for or not."""
-        self._check_pixel_values(pixel_values)
-        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
-        layer = self.config.vision_feature_layer
-        if layer != -1:
-            kwargs["output_hidden_states"] = True
-        outputs = self.vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
-        return outputs, outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
-
-    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(tiles, 3, H, W)` → ViT hidden state `(tiles, 1 + S², C)` of `config.vision_feature_layer`, CLS first."""
-        return self.run_vision_tower(pixel_values)[1]
-
     @can_return_tuple
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> InternVLXImageFeaturesOutput:
         """The visual tokens of `pixel_values (tiles, 3, H, W)`, as Transformers' vision-language models give them: the
         vision tower's `last_hidden_state (tiles, 1 + S², C)` (and its `hidden_states` and `attentions` when asked, by
-        argument or config) with `pooler_output (tiles, tokens_per_tile, D)`, the tokens that enter the language model.
-        `return_dict=False` (or `config.return_dict=False`) gives a tuple."""
+        argument or config) with `pooler_output (tiles, tokens_per_tile, D)`, the tokens that enter the language model,
+        and `vision_features (tiles, 1 + S², C)`, the hidden state of `config.vision_feature_layer` (CLS first) that the
+        projectors read (LVTC's too). `return_dict=False` (or `config.return_dict=False`) gives a tuple."""
+        self.check_tile_shape(pixel_values)
         asked = kwargs.get("output_hidden_states", self.config.vision_config.output_hidden_states)
-        outputs, features = self.run_vision_tower(pixel_values, **kwargs)
-        return BaseModelOutputWithPooling(
+        layer = self.config.vision_feature_layer
+        if layer != -1:  # a feature layer other than the last needs the tower's hidden states, asked for or not
+            kwargs["output_hidden_states"] = True
+        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
+        outputs = self.vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
+        features = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
+        return InternVLXImageFeaturesOutput(
             last_hidden_state=outputs.last_hidden_state,
             pooler_output=self.multi_modal_projector(features),
             hidden_states=outputs.hidden_states if asked else None,
             attentions=outputs.attentions,
+            vision_features=features,
         )
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -1486,8 +1493,8 @@ class InternVLXModel(InternVLXPreTrainedModel):
     def merge_image_features(
         self, inputs_embeds: torch.Tensor, image_mask: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
-        """Write `image_features (tiles, T, D)` into the `<IMG_CONTEXT>` positions of `inputs_embeds (B, L, D)`."""
-        self.check_image_token_count(int(image_mask.sum()), *image_features.shape[:2])
+        """Write `image_features (tiles, T, D)` into the `<IMG_CONTEXT>` positions of `inputs_embeds (B, L, D)` (their
+        count is checked with the spans, `check_image_spans`)."""
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
 
@@ -1533,7 +1540,6 @@ class InternVLXModel(InternVLXPreTrainedModel):
     def check_pixel_values(self, pixel_values: torch.Tensor, num_patches: torch.LongTensor | None) -> None:
         """Refuse tiles the vision tower cannot read as the processor makes them: not floating point (raw 0–255
         values), not finite, or not adding up to `num_patches`."""
-        self._check_pixel_values(pixel_values)
         if not pixel_values.is_floating_point():
             raise ValueError(
                 f"pixel_values must be floating point (the processor's normalised tiles), got {pixel_values.dtype}; "
@@ -1692,17 +1698,17 @@ class InternVLXModel(InternVLXPreTrainedModel):
         image_features = vision_features = image_mask = padding_vision_features = None
         if checking and pixel_values is not None and image_flags is not None:
             self.check_image_flags(image_flags, pixel_values, input_ids, inputs_embeds)
-        if pixel_values is not None and image_flags is not None and not bool(image_flags.flatten()[0]):
-            padding_vision_features = self.get_vision_features(pixel_values)
-            inputs_embeds = inputs_embeds + weighing_nothing([self.multi_modal_projector(padding_vision_features)])
-            pixel_values = None
         if pixel_values is not None:
-            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-            if checking:
-                self.check_image_spans(image_mask, pixel_values, num_patches)
-            vision_features = self.get_vision_features(pixel_values)
-            image_features = self.multi_modal_projector(vision_features)
-            inputs_embeds = self.merge_image_features(inputs_embeds, image_mask, image_features)
+            image_outputs = self.get_image_features(pixel_values, return_dict=True)
+            if image_flags is not None and not bool(image_flags.flatten()[0]):  # padding tiles: they add nothing
+                padding_vision_features = image_outputs.vision_features
+                inputs_embeds = inputs_embeds + weighing_nothing([image_outputs.pooler_output])
+            else:
+                image_features, vision_features = image_outputs.pooler_output, image_outputs.vision_features
+                image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+                if checking:
+                    self.check_image_spans(image_mask, pixel_values, num_patches)
+                inputs_embeds = self.merge_image_features(inputs_embeds, image_mask, image_features)
 
         language_inputs = dict(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
@@ -1934,7 +1940,11 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
 
     # ---- InternVL2-compatible chat API -------------------------------------------------------------------------------
     def _chat_inputs(self, tokenizer, questions: list[str], histories: list, num_patches_list: list[int]) -> dict:
-        """Render InternLM2-chat prompts, expand each `<image>` by its tiles and tokenize (left-padded)."""
+        """Render InternLM2-chat prompts, expand each `<image>` by its tiles and tokenize (left-padded), with the
+        processor's chat format and image spans. Imported here, on the first chat: loading the model does not import
+        the processor (or the image libraries it reads images with)."""
+        from .processing_internvl_x import CHAT_TEMPLATE, expand_image_placeholders
+
         processor = tokenizer if hasattr(tokenizer, "image_processor") else None
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         if processor is not None and processor.image_seq_length != self.config.tokens_per_tile:

@@ -199,9 +199,9 @@ def prefill_component_flops(config, classes, tiles: int, text_tokens: int) -> di
     pixel_values = torch.empty(tiles, 3, config.tile_size, config.tile_size, device="meta")
     sequence = text_tokens + tiles * config.tokens_per_tile
     embeds = torch.empty(1, sequence, config.text_config.hidden_size, device="meta")
-    vision = model.model.get_vision_features(pixel_values)
+    vision = model.model.get_image_features(pixel_values).vision_features
     flops = {
-        "vision": count_flops(lambda: model.model.get_vision_features(pixel_values)),
+        "vision": count_flops(lambda: model.model.vision_tower(pixel_values=pixel_values)),
         "projector": count_flops(lambda: model.model.multi_modal_projector(vision)),
         "decoder": count_flops(lambda: model.model.language_model(inputs_embeds=embeds)),
         "lm_head": count_flops(lambda: model.lm_head(embeds[:, -1:])),
@@ -234,7 +234,7 @@ def pvtc_suite(args) -> dict:
     ids += [7] * (text_tokens - text_tokens // 2 - 2)
     input_ids = torch.tensor([ids], device=args.device)
     pixel_values = torch.randn(tiles, 3, config.tile_size, config.tile_size, device=args.device, dtype=dtype)
-    vision = models["pvtc"].model.get_vision_features(pixel_values)
+    vision = models["pvtc"].model.get_image_features(pixel_values).vision_features
 
     projector_s = interleaved_medians(
         {kind: (lambda m=m: m.model.multi_modal_projector(vision)) for kind, m in models.items()},

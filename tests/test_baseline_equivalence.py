@@ -31,7 +31,7 @@ def test_native_state_dict_loads_without_missing_or_unexpected_keys(bundle, pair
 
 
 @pytest.mark.parametrize("num_tiles", [1, 5])
-def test_one_image(pair, num_tiles):
+def test_one_image_gives_native_internvl_s_logits(pair, num_tiles):
     ids = torch.tensor([prompt(3, image_span(num_tiles, TOKENS), 6)])
     assert_same_logits(*pair, input_ids=ids, pixel_values=tiles(num_tiles))
 
@@ -49,7 +49,7 @@ def test_left_padded_batch_mixing_image_and_text_only(pair):
     assert_same_logits(*pair, input_ids=ids, attention_mask=mask, pixel_values=tiles(2, seed=4))
 
 
-def test_text_only(pair):
+def test_a_text_without_images_gives_native_internvl_s_logits(pair):
     assert_same_logits(*pair, input_ids=torch.tensor([prompt(9)]))
 
 

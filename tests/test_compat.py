@@ -2,7 +2,7 @@
 changed and in which release), the cache's two names, and no deprecation warning from the bundle's own code.
 
 A failure here on a new Transformers means the compatibility section of `modeling_internvl_x.py` (or the function the
-message names) must follow that release; the README's Compatibility section lists the same surface.
+message names) must follow that release; docs/compatibility.md ("The private surface") lists the same names.
 """
 
 import inspect
@@ -31,7 +31,7 @@ N1SQ = 4
 def changed(name: str, detail: str) -> str:
     return (
         f"Transformers {transformers.__version__} changed {name}: {detail}. Follow it in the compatibility section of "
-        "modeling_internvl_x.py and in the README's Compatibility table."
+        "modeling_internvl_x.py and in docs/compatibility.md's table of the private surface."
     )
 
 
@@ -53,7 +53,18 @@ def test_private_helpers_the_bundle_imports_still_exist():
     assert {"old_name", "version", "new_name"} <= parameters(deprecate_kwarg), changed(
         "transformers.utils.deprecation.deprecate_kwarg", f"its parameters are {parameters(deprecate_kwarg)}"
     )
-    assert callable(can_return_tuple), changed("transformers.utils.generic.can_return_tuple", "it is gone")
+
+    class Returning(torch.nn.Module):  # what the bundle's forwards and get_image_features rely on
+        config = transformers.PretrainedConfig(return_dict=False)
+
+        @can_return_tuple
+        def forward(self):
+            return transformers.modeling_outputs.BaseModelOutput(last_hidden_state=torch.ones(1))
+
+    turned = Returning()(), Returning()(return_dict=True)
+    assert isinstance(turned[0], tuple) and not isinstance(turned[1], tuple), changed(
+        "transformers.utils.generic.can_return_tuple", "it no longer turns outputs into tuples by return_dict"
+    )
 
 
 def test_create_causal_mask_takes_the_arguments_the_bundle_passes():

@@ -3,6 +3,9 @@ each with a test named after it (get_image_features' output object, config defau
 the two-phase decoder, a cache from a forward without use_cache, input_data_format, output_attentions under LVTC),
 and what the bundle declares it supports."""
 
+import json
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 import torch
 
 from tests.compat import cache_of, with_cache
+from tests.conftest import ROOT, child_env
 from tests.decoding import VARIANTS
 from tests.tiny import image_span, prompt, tiles
 
@@ -124,12 +128,20 @@ def test_the_image_processor_takes_input_data_format(bundle):
             "pixel_values"].shape  # fmt: skip
 
 
-def test_the_model_declares_what_it_supports(bundle):
-    model = bundle.model(**VARIANTS["lvtc"])
-    assert model._can_compile_fullgraph and model._supports_sdpa and model.supports_gradient_checkpointing
-    assert model._tp_plan.get("lm_head") == "colwise_gather_output"
-    # the language model's and the vision tower's, gathered by Transformers at construction, as for native models
-    assert {"InternVLVisionLayer", "LlamaDecoderLayer"} <= set(model._no_split_modules), model._no_split_modules
+def test_loading_the_model_imports_neither_processor_file():
+    """As for native models, the modeling file imports only the configuration: a model loaded for training or serving
+    does not import the processor, the image processor or the image libraries they read with (`chat` imports the
+    processor's chat format when it is first called)."""
+    code = (
+        "import json, sys\n"
+        "from transformers.dynamic_module_utils import get_class_from_dynamic_module\n"
+        "get_class_from_dynamic_module('modeling_internvl_x.InternVLXForConditionalGeneration', sys.argv[1])\n"
+        "print(json.dumps([name for name in sys.modules if name.endswith('internvl_x')]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], env=child_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = {name.rsplit(".", 1)[-1] for name in json.loads(result.stdout.strip().splitlines()[-1])}
+    assert loaded == {"configuration_internvl_x", "modeling_internvl_x"}, loaded
 
 
 def test_device_map_auto_keeps_each_no_split_module_whole(bundle):

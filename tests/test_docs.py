@@ -31,7 +31,7 @@ SCRIPT_COMMANDS = [(name, script_and_arguments(words)) for name, words in COMMAN
 
 
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=str)
-def test_every_python_block_runs_here_or_says_what_it_needs(block):
+def test_every_python_block_compiles_and_is_marked_runnable_or_says_what_it_needs(block):
     assert block.mark in MARKS, f"{block}: mark it `runnable` (and make it run on the demo) or one of {MARKS[1:]}"
     compile(block.code, str(block), "exec")
 

@@ -40,7 +40,7 @@ def tiles_of(grid) -> int:
         (2000, 500, {"ratio": 4, "area": 4, "edge": 4}),  # caps 6, 5 and 6 all admit the exact 4×1 grid
     ],
 )
-def test_worked_examples(processor_class, width, height, expected):
+def test_tile_grids_of_the_worked_examples_for_each_slicing(processor_class, width, height, expected):
     processor = processor_class(image_size=SIZE, max_patches=6)
     for slicing, tiles in expected.items():
         grid = processor.get_tile_grid(height, width, {"slicing": slicing})

@@ -77,7 +77,7 @@ def test_expanding_at_layer_zero_feeds_the_repeated_tokens(bundle):
     torch.testing.assert_close(out[0, start : start + 2 * N1SQ], pooled.reshape(2 * N1SQ, -1), rtol=0, atol=1e-5)
 
 
-def test_injected_projector(bundle):
+def test_an_injected_lr_projector_adds_its_tokens_before_its_layer(bundle):
     ids = torch.tensor([prompt(2, image_span(2, N1SQ), 5)])
     inputs = dict(input_ids=ids, pixel_values=tiles(2, seed=5), output_hidden_states=True)
     two = lvtc(bundle, seed=6, lvtc_inject_start=2)
