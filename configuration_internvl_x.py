@@ -35,11 +35,11 @@ def warn_if_untested_transformers() -> None:
 warn_if_untested_transformers()
 
 # The checkpoint's special tokens (their ids are the config's `*_token_id`): an image span is `<img>`, one
-# `<IMG_CONTEXT>` per visual token, `</img>`; chat turns are InternLM2's ChatML.
+# `<IMG_CONTEXT>` per visual token, `</img>`; a chat turn ends with `<|im_end|>` (InternLM2's ChatML, which the
+# processor's chat template writes).
 IMAGE_START_TOKEN = "<img>"
 IMAGE_END_TOKEN = "</img>"
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
-CHAT_START_TOKEN = "<|im_start|>"
 CHAT_END_TOKEN = "<|im_end|>"
 
 PROJECTOR_TYPES = ("pixel_shuffle", "pvtc")

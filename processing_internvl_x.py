@@ -13,16 +13,11 @@ from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
 from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 
-from .configuration_internvl_x import (
-    CHAT_END_TOKEN,
-    CHAT_START_TOKEN,
-    IMAGE_CONTEXT_TOKEN,
-    IMAGE_END_TOKEN,
-    IMAGE_START_TOKEN,
-)
+from .configuration_internvl_x import CHAT_END_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
 from .image_processing_internvl_x import BASE64, MediaPolicy, fetch_image_bytes, local_path_allowed, read_image
 
 IMAGE_PLACEHOLDER = "<image>"
+CHAT_START_TOKEN = "<|im_start|>"
 SPECIAL_TOKENS = (CHAT_END_TOKEN, CHAT_START_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
 IMAGE_SPAN_TOKENS = (IMAGE_START_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN)
 DEFAULT_SYSTEM_MESSAGE = (
