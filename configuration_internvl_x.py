@@ -48,15 +48,30 @@ FASTV_FORMER_NAMES = {"visual_token_pruning_layer": "fastv_layer", "visual_token
 VISION_MODEL_TYPE = "internvl_vision"
 # The types InternVL-X's own fields must have (`bool` is no integer here, a string no boolean).
 FIELD_TYPES = {
-    **dict.fromkeys(("pvtc_use_local", "pvtc_use_global", "pvtc_learnable_cls_scale", "lvtc_enabled",
-                     "lvtc_use_hr_projector"), (bool,)),
-    **dict.fromkeys(("pvtc_num_layers", "pvtc_num_heads", "lvtc_expand_layer", "lvtc_num_lr_projectors",
-                     "lvtc_inject_start", "lvtc_inject_interval", "vision_feature_layer", "image_token_id",
-                     "image_start_token_id", "image_end_token_id"), (int,)),
-    **dict.fromkeys(("downsample_ratio", "pvtc_drop_path_rate", "lvtc_hr_downsample_ratio",
-                     "fastv_ratio"), (int, float)),
+    **dict.fromkeys(
+        ("pvtc_use_local", "pvtc_use_global", "pvtc_learnable_cls_scale", "lvtc_enabled", "lvtc_use_hr_projector"),
+        (bool,),
+    ),
+    **dict.fromkeys(
+        (
+            "pvtc_num_layers",
+            "pvtc_num_heads",
+            "lvtc_expand_layer",
+            "lvtc_num_lr_projectors",
+            "lvtc_inject_start",
+            "lvtc_inject_interval",
+            "vision_feature_layer",
+            "image_token_id",
+            "image_start_token_id",
+            "image_end_token_id",
+        ),
+        (int,),
+    ),
+    **dict.fromkeys(
+        ("downsample_ratio", "pvtc_drop_path_rate", "lvtc_hr_downsample_ratio", "fastv_ratio"), (int, float)
+    ),
     "fastv_layer": (int, type(None)),
-}  # fmt: skip
+}
 
 # Where the Auto classes find this bundle's classes; written into every saved config.json. `AutoModel` gives the model
 # that chats, as InternVL's own remote code does (its `from_config` builds the base model, as for native models).
@@ -353,17 +368,22 @@ class InternVLXConfig(PretrainedConfig):
         from transformers.activations import ACT2FN
 
         for where, config, names in (
-            ("vision", self.vision_config, ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                            "intermediate_size")),
+            (
+                "vision",
+                self.vision_config,
+                ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
+            ),
             ("text", self.text_config, ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")),
-        ):  # fmt: skip
+        ):
             for name in names:
                 value = getattr(config, name, None)
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"{where}_config.{name} must be a positive integer, got {value!r}.")
-        for where, activation in (("vision_config.hidden_act", getattr(self.vision_config, "hidden_act", None)),
-                                  ("text_config.hidden_act", getattr(self.text_config, "hidden_act", None)),
-                                  ("projector_hidden_act", self.projector_hidden_act)):  # fmt: skip
+        for where, activation in (
+            ("vision_config.hidden_act", getattr(self.vision_config, "hidden_act", None)),
+            ("text_config.hidden_act", getattr(self.text_config, "hidden_act", None)),
+            ("projector_hidden_act", self.projector_hidden_act),
+        ):
             if activation is not None and activation not in ACT2FN:
                 raise ValueError(f"{where} {activation!r} is not an activation Transformers knows ({sorted(ACT2FN)}).")
         if getattr(self.text_config, "is_encoder_decoder", False):
@@ -396,8 +416,12 @@ class InternVLXConfig(PretrainedConfig):
 
     def _validate_lvtc(self) -> None:
         num_layers = self.text_config.num_hidden_layers
-        k, s, i, t = (self.lvtc_expand_layer, self.lvtc_inject_start, self.lvtc_inject_interval,
-                      self.lvtc_num_lr_projectors)  # fmt: skip
+        k, s, i, t = (
+            self.lvtc_expand_layer,
+            self.lvtc_inject_start,
+            self.lvtc_inject_interval,
+            self.lvtc_num_lr_projectors,
+        )
         if not 0 <= k <= num_layers:
             raise ValueError(f"lvtc_expand_layer {k} must be in [0, {num_layers}] ({num_layers}: never expand).")
         if t < 1:

@@ -67,8 +67,14 @@ class EndpointHandler:
                 f"`parameters` must be a JSON object of generate arguments, got {type(parameters).__name__}."
             )
         self.check_parameters(parameters)
-        self.admit_chat_images(messages, self.processor.image_processor, self.processor.image_seq_length, self.policy,
-                               MAX_IMAGES, self.context)  # fmt: skip
+        self.admit_chat_images(
+            messages,
+            self.processor.image_processor,
+            self.processor.image_seq_length,
+            self.policy,
+            MAX_IMAGES,
+            self.context,
+        )
         settings = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "do_sample": False, **parameters}
         inputs = self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"

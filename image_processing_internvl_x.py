@@ -35,11 +35,28 @@ HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # PIL modes of m
 FLOAT_ROUNDING = 1e-5  # how far past [0, 1] a floating-point image may stray by rounding alone
 # Options every call may override (`processor(images, text, max_patches=12)` passes them through): the tiling, then
 # Transformers' standard image options that apply to tiles.
-IMAGE_PROCESSOR_OPTIONS = ("image_size", "min_patches", "max_patches", "use_thumbnail", "slicing", "image_mean",
-                           "image_std", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")  # fmt: skip
+IMAGE_PROCESSOR_OPTIONS = (
+    "image_size",
+    "min_patches",
+    "max_patches",
+    "use_thumbnail",
+    "slicing",
+    "image_mean",
+    "image_std",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "do_convert_rgb",
+)
 # Transformers' standard image options that tiling leaves no room for, and what they must be.
-FIXED_OPTIONS = {"do_resize": True, "do_center_crop": False, "crop_size": None, "do_pad": False, "pad_size": None,
-                 "data_format": "channels_first"}  # fmt: skip
+FIXED_OPTIONS = {
+    "do_resize": True,
+    "do_center_crop": False,
+    "crop_size": None,
+    "do_pad": False,
+    "pad_size": None,
+    "data_format": "channels_first",
+}
 # Standard options taken and without effect here: speed switches of Transformers' own processors, and the processor's
 # token count.
 INERT_OPTIONS = ("default_to_square", "disable_grouping", "image_seq_length", "return_tensors")
@@ -117,8 +134,14 @@ class MediaPolicy:
     def for_servers(cls, **overrides) -> "MediaPolicy":
         """What a network service accepts by default: base64 and data URIs, public http(s) URLs (20 s, 20 MB, 3
         redirects), images of at most 40 megapixels, no local files."""
-        settings = dict(local_files=False, internal_urls=False, fetch_timeout=20.0, max_bytes=20 * 2**20,
-                        max_redirects=3, max_pixels=40_000_000)  # fmt: skip
+        settings = dict(
+            local_files=False,
+            internal_urls=False,
+            fetch_timeout=20.0,
+            max_bytes=20 * 2**20,
+            max_redirects=3,
+            max_pixels=40_000_000,
+        )
         return cls(**{**settings, **overrides})
 
     @classmethod

@@ -1206,8 +1206,14 @@ class FastVSchedule(PhasedDecoder):
 
 
 # The config fields a schedule is built from: the model rebuilds its schedule when one of them is edited.
-SCHEDULE_FIELDS = ("lvtc_enabled", "lvtc_expand_layer", "lvtc_hr_downsample_ratio", "downsample_ratio", "fastv_layer",
-                   "fastv_ratio")  # fmt: skip
+SCHEDULE_FIELDS = (
+    "lvtc_enabled",
+    "lvtc_expand_layer",
+    "lvtc_hr_downsample_ratio",
+    "downsample_ratio",
+    "fastv_layer",
+    "fastv_ratio",
+)
 
 
 def build_token_schedule(config: InternVLXConfig) -> PhasedDecoder | None:
@@ -1429,8 +1435,11 @@ class InternVLXModel(InternVLXPreTrainedModel):
     def check_input_types(self, input_ids, inputs_embeds, pixel_values) -> None:
         """Tensors of the shapes and kinds the model reads, refused by name otherwise (a list, a NumPy array, ids
         without a batch dimension or of a floating-point type)."""
-        for name, value, dims in (("input_ids", input_ids, 2), ("inputs_embeds", inputs_embeds, 3),
-                                  ("pixel_values", pixel_values, 4)):  # fmt: skip
+        for name, value, dims in (
+            ("input_ids", input_ids, 2),
+            ("inputs_embeds", inputs_embeds, 3),
+            ("pixel_values", pixel_values, 4),
+        ):
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor):
@@ -1715,8 +1724,9 @@ class InternVLXModel(InternVLXPreTrainedModel):
         )
         schedule = self.token_schedule
         if schedule is not None:
-            vision = dict(image_mask=image_mask, vision_features=vision_features,
-                          padding_vision_features=padding_vision_features)  # fmt: skip
+            vision = dict(
+                image_mask=image_mask, vision_features=vision_features, padding_vision_features=padding_vision_features
+            )
             outputs = schedule(self, cache=cache, **vision, **language_inputs, **kwargs)
         else:
             outputs = self.language_model(**language_inputs, **named_cache(cache), return_dict=True, **kwargs)
@@ -1994,8 +2004,9 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
         if pixel_values is not None:
             num_patches_list = num_patches_list or [1] * len(questions)
             questions = [q if "<image>" in q else "<image>\n" + q for q in questions]
-        answers = self._generate_answers(tokenizer, pixel_values, questions, [None] * len(questions),
-                                         num_patches_list or [], generation_config)  # fmt: skip
+        answers = self._generate_answers(
+            tokenizer, pixel_values, questions, [None] * len(questions), num_patches_list or [], generation_config
+        )
         if verbose:
             for question, answer in zip(questions, answers):
                 print(question, "\n", answer)
@@ -2031,8 +2042,9 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
             question = "<image>\n" + question
         if num_patches_list is None:
             num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
-        answer = self._generate_answers(tokenizer, pixel_values, [question], [history], num_patches_list,
-                                        generation_config)[0]  # fmt: skip
+        answer = self._generate_answers(
+            tokenizer, pixel_values, [question], [history], num_patches_list, generation_config
+        )[0]
         if verbose:
             print(question, "\n", answer)
         history = [*(history or []), (question, answer)]

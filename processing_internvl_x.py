@@ -288,8 +288,10 @@ class InternVLXProcessor(ProcessorMixin):
             raise ValueError("InternVLXProcessor reads text and images only; it got videos or audio.")
         given = [text] if isinstance(text, str) else list(text)
         text = [sample.replace(IMAGE_PLACEHOLDER, IMAGE_CONTEXT_TOKEN) for sample in given]
-        images = [read_image(image, index) if isinstance(image, str) else image
-                  for index, image in enumerate(_flatten(images) if images is not None else [])]  # fmt: skip
+        images = [
+            read_image(image, index) if isinstance(image, str) else image
+            for index, image in enumerate(_flatten(images) if images is not None else [])
+        ]
         if images:
             counts = [sample.count(IMAGE_CONTEXT_TOKEN) for sample in text]
             if sum(counts) != len(images):
@@ -332,8 +334,9 @@ class InternVLXProcessor(ProcessorMixin):
             and all(isinstance(item, (list, tuple)) or hasattr(item, "messages") for item in conversation)
         )
         for index, messages in enumerate(conversation if batched else [conversation]):
-            check_conversation(getattr(messages, "messages", messages), f"conversation {index}" if batched else
-                               "the conversation")  # fmt: skip
+            check_conversation(
+                getattr(messages, "messages", messages), f"conversation {index}" if batched else "the conversation"
+            )
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:

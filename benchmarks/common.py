@@ -114,7 +114,13 @@ def wide_internvl2_checkpoint(folder: Path, layers: int, intermediate: int, shar
     internvit_tensors(tensors)
     internlm2_tensors(tensors, llm)
     mlp1_tensors(tensors, VISION["hidden_size"], llm["hidden_size"])
-    config = dict(architectures=["InternVLChatModel"], vision_config=VISION, llm_config=llm, downsample_ratio=0.5,
-                  select_layer=-1, template="internlm2-chat")  # fmt: skip
+    config = dict(
+        architectures=["InternVLChatModel"],
+        vision_config=VISION,
+        llm_config=llm,
+        downsample_ratio=0.5,
+        select_layer=-1,
+        template="internlm2-chat",
+    )
     write_checkpoint(folder, tensors, config, shards)
     return sorted(p.stat().st_size for p in folder.glob("model-*.safetensors"))

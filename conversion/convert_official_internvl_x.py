@@ -59,8 +59,10 @@ INPUT_MLPS = {"mlp1": "local_mlp", "mlp2": "cls_mlp", "mlp3": "kv_mlp"}
 
 def pvtc_rules(mapper: KeyMapper, src: str = "projector", dst: str = "model.multi_modal_projector") -> None:
     """Released PVTC names → ours. `attn_local.*` is block 0; a layer index (`attn_local.1.*`) selects block 1."""
-    mapper.add(rf"{src}\.(mlp[123])\.([01])\.weight", lambda m, t: [(
-        f"{dst}.{INPUT_MLPS[m.group(1)]}.{'norm' if m.group(2) == '0' else 'linear'}.weight", t)])  # fmt: skip
+    mapper.add(
+        rf"{src}\.(mlp[123])\.([01])\.weight",
+        lambda m, t: [(f"{dst}.{INPUT_MLPS[m.group(1)]}.{'norm' if m.group(2) == '0' else 'linear'}.weight", t)],
+    )
     mapper.add(rf"{src}\.cls_scale", rf"{dst}.cls_scale")
     parts = "|".join(re.escape(p) for p in BLOCK_PARTS)
 

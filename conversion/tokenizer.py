@@ -46,9 +46,14 @@ def sentencepiece_to_tokenizers(model_file: Path) -> tuple[Tokenizer, dict]:
     mergeable = {p.piece: i for i, p in enumerate(pieces) if p.type == NORMAL}
     unk_piece = proto.trainer_spec.unk_piece
     tokenizer = Tokenizer(
-        BPE(vocab=vocab, merges=bpe_merges(mergeable), unk_token=unk_piece, fuse_unk=True,
-            byte_fallback=proto.trainer_spec.byte_fallback)
-    )  # fmt: skip
+        BPE(
+            vocab=vocab,
+            merges=bpe_merges(mergeable),
+            unk_token=unk_piece,
+            fuse_unk=True,
+            byte_fallback=proto.trainer_spec.byte_fallback,
+        )
+    )
 
     spec = proto.normalizer_spec
     steps = []
@@ -66,8 +71,11 @@ def sentencepiece_to_tokenizers(model_file: Path) -> tuple[Tokenizer, dict]:
     tokenizer.decoder = decoders.Sequence(decoding)
 
     # Control and unknown pieces are special; user-defined pieces are atomic but ordinary text.
-    atomic = [AddedToken(p.piece, special=p.type in (CONTROL, UNKNOWN), normalized=False)
-              for p in pieces if p.type in (CONTROL, UNKNOWN, USER_DEFINED)]  # fmt: skip
+    atomic = [
+        AddedToken(p.piece, special=p.type in (CONTROL, UNKNOWN), normalized=False)
+        for p in pieces
+        if p.type in (CONTROL, UNKNOWN, USER_DEFINED)
+    ]
     tokenizer.add_tokens([t for t in atomic if not t.special])
     tokenizer.add_special_tokens([t for t in atomic if t.special])
     specials = {
@@ -84,8 +92,13 @@ def add_configured_tokens(tokenizer: Tokenizer, tokenizer_config: dict) -> None:
     for token_id, entry in entries:
         existing = tokenizer.token_to_id(entry["content"])
         if existing is None:
-            token = AddedToken(entry["content"], special=entry.get("special", True), normalized=False,
-                               lstrip=entry.get("lstrip", False), rstrip=entry.get("rstrip", False))  # fmt: skip
+            token = AddedToken(
+                entry["content"],
+                special=entry.get("special", True),
+                normalized=False,
+                lstrip=entry.get("lstrip", False),
+                rstrip=entry.get("rstrip", False),
+            )
             (tokenizer.add_special_tokens if token.special else tokenizer.add_tokens)([token])
             existing = tokenizer.token_to_id(entry["content"])
         elif entry.get("special", True):

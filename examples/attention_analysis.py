@@ -134,8 +134,12 @@ def plot(results: list[dict], out: Path, threshold: float) -> None:
         for result in results:
             tokens = result["visual_tokens_per_tile"]
             per_tile = f"{tokens[0]}→{tokens[-1]}" if tokens[0] != tokens[-1] else str(tokens[0])
-            line = axis.plot(range(len(result["layers"])), [layer[key] for layer in result["layers"]], marker="o",
-                             label=f"{result['label']} ({per_tile} visual tokens per tile)")  # fmt: skip
+            line = axis.plot(
+                range(len(result["layers"])),
+                [layer[key] for layer in result["layers"]],
+                marker="o",
+                label=f"{result['label']} ({per_tile} visual tokens per tile)",
+            )
             if result["lvtc_expand_layer"] is not None:
                 axis.axvline(result["lvtc_expand_layer"] - 0.5, color=line[0].get_color(), linestyle=":", alpha=0.6)
         axis.set_title(title, fontsize=9)

@@ -35,8 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.train_digits_demo import bundle, train  # noqa: E402
 
-ROWS = (("pixel_shuffle", "pixel shuffle, 16 tokens (LR-only)"), ("pvtc", "PVTC, 16 tokens"),
-        ("lvtc", "LVTC 16 → 64 (HR + multi)"), ("hr_only", "HR-only, 64 tokens"))  # fmt: skip
+ROWS = (
+    ("pixel_shuffle", "pixel shuffle, 16 tokens (LR-only)"),
+    ("pvtc", "PVTC, 16 tokens"),
+    ("lvtc", "LVTC 16 → 64 (HR + multi)"),
+    ("hr_only", "HR-only, 64 tokens"),
+)
 
 
 def fastv_settings(specs: list[str]) -> dict[str, dict]:
@@ -65,13 +69,17 @@ def table(runs: list[dict]) -> str:
 
     def line(label: str, mine: list[dict], seeds: list[int], tokens: str, train_s: str) -> str:
         by_seed = " · ".join(f"{seed}: {r['accuracy']:.3f}" for seed, r in zip(seeds, mine))
-        return (f"| {label} | {tokens} | {mine[0].get('visual_token_layers_per_tile', '')} | {len(mine)} | "
-                f"{spread(mine, 'accuracy')} | {by_seed} | {spread(mine, 'single_accuracy')} | "
-                f"{spread(mine, 'grid_accuracy')} | {spread(mine, 'row_accuracy')} | {train_s} |")  # fmt: skip
+        return (
+            f"| {label} | {tokens} | {mine[0].get('visual_token_layers_per_tile', '')} | {len(mine)} | "
+            f"{spread(mine, 'accuracy')} | {by_seed} | {spread(mine, 'single_accuracy')} | "
+            f"{spread(mine, 'grid_accuracy')} | {spread(mine, 'row_accuracy')} | {train_s} |"
+        )
 
-    lines = ["| variant | visual tokens per tile | visual token-layers per tile | seeds | accuracy | accuracy by seed "
-             "| single | corner | left to right | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| variant | visual tokens per tile | visual token-layers per tile | seeds | accuracy | accuracy by seed "
+        "| single | corner | left to right | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for variant, label in ROWS:
         mine = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
         if not mine:
@@ -99,8 +107,9 @@ def evaluate_checkpoints(folders: list[Path], also: dict[str, dict], eval_sample
         run = evaluate(model, processor, questions)
         prunable = not model.config.lvtc_enabled  # FastV and LVTC do not combine
         pruned = {name: evaluate_with(model, processor, questions, **c) for name, c in also.items() if prunable}
-        run.update(variant=saved["variant"], seed=saved["seed"], checkpoint=str(folder), also=pruned,
-                   **schedule_metrics(model))  # fmt: skip
+        run.update(
+            variant=saved["variant"], seed=saved["seed"], checkpoint=str(folder), also=pruned, **schedule_metrics(model)
+        )
         runs.append(run)
     return runs
 
@@ -126,24 +135,45 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.checkpoints:
         runs = evaluate_checkpoints(args.checkpoints, also, args.eval_samples)
-        settings = vars(args) | {"out": str(args.out), "checkpoints": [str(c) for c in args.checkpoints],
-                                 "save_dir": str(args.save_dir)}  # fmt: skip
+        settings = vars(args) | {
+            "out": str(args.out),
+            "checkpoints": [str(c) for c in args.checkpoints],
+            "save_dir": str(args.save_dir),
+        }
         args.out.write_text(json.dumps({"settings": settings, "runs": runs, "table": table(runs)}, indent=2))
         print(table(runs))
         return
-    settings = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, workers=args.workers,
-                    eval_samples=args.eval_samples, warmup_steps=args.curriculum_steps, cpu=args.cpu,
-                    example_images=False)  # fmt: skip
-    plan = [dict(variant=variant, seed=seed, also_evaluate=also if variant == "hr_only" else None,
-                 output=args.save_dir / f"{variant}-{seed}" if args.save_dir else None, **settings)
-            for variant in args.variants for seed in args.seeds]  # fmt: skip
+    settings = dict(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        workers=args.workers,
+        eval_samples=args.eval_samples,
+        warmup_steps=args.curriculum_steps,
+        cpu=args.cpu,
+        example_images=False,
+    )
+    plan = [
+        dict(
+            variant=variant,
+            seed=seed,
+            also_evaluate=also if variant == "hr_only" else None,
+            output=args.save_dir / f"{variant}-{seed}" if args.save_dir else None,
+            **settings,
+        )
+        for variant in args.variants
+        for seed in args.seeds
+    ]
     runs = []
 
     def record(run: dict) -> None:  # after every finished run, so a cut-short comparison keeps what it has
         runs.append(run)
         done = len(runs) == len(plan)
-        report = {"settings": vars(args) | {"out": str(args.out), "save_dir": str(args.save_dir)}, "runs": runs,
-                  "table": table(runs) if done else None}  # fmt: skip
+        report = {
+            "settings": vars(args) | {"out": str(args.out), "save_dir": str(args.save_dir)},
+            "runs": runs,
+            "table": table(runs) if done else None,
+        }
         args.out.write_text(json.dumps(report, indent=2))
 
     if args.jobs == 1:

@@ -32,8 +32,13 @@ def answer(model, processor, image: PIL.Image.Image, question: str) -> str:
     )
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=end,
-                                pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
+        output = model.generate(
+            **inputs,
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=end,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
     return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
@@ -41,8 +46,10 @@ def show(model, processor, image: PIL.Image.Image, name: str, question: str, exp
     tiles = processor.image_processor.get_number_of_image_patches(image.height, image.width)
     got = answer(model, processor, image, question)
     tile_word = "tile" if tiles == 1 else "tiles"
-    print(f"{name} ({image.width}×{image.height}, {tiles} {tile_word}) — {question}\n"
-          f"  model: {got!r}   expected: {expected!r}   {'✓' if got == expected else '✗'}")  # fmt: skip
+    print(
+        f"{name} ({image.width}×{image.height}, {tiles} {tile_word}) — {question}\n"
+        f"  model: {got!r}   expected: {expected!r}   {'✓' if got == expected else '✗'}"
+    )
     return got == expected
 
 
@@ -54,12 +61,14 @@ def main(argv=None) -> None:
     model = AutoModelForImageTextToText.from_pretrained(FOLDER, trust_remote_code=True).eval()
     config = model.config
     metrics = json.loads((FOLDER / "metrics.json").read_text())
-    print(f"InternVL-X digits demo ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters): "
-          f"{config.projector_type} projector, LVTC {config.tokens_per_tile} → {config.lvtc_expanded_tokens_per_tile} "
-          f"tokens per tile from layer {config.lvtc_expand_layer}, {processor.image_processor.slicing} slicing; "
-          f"held-out exact match on {metrics['samples']} questions: single digit {metrics['single_accuracy']:.0%}, "
-          f"corner {metrics['grid_accuracy']:.0%}, left-to-right {metrics['row_accuracy']:.0%} (chance ≈ 10 %, 10 %, "
-          f"< 1 %)")  # fmt: skip
+    print(
+        f"InternVL-X digits demo ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters): "
+        f"{config.projector_type} projector, LVTC {config.tokens_per_tile} → {config.lvtc_expanded_tokens_per_tile} "
+        f"tokens per tile from layer {config.lvtc_expand_layer}, {processor.image_processor.slicing} slicing; "
+        f"held-out exact match on {metrics['samples']} questions: single digit {metrics['single_accuracy']:.0%}, "
+        f"corner {metrics['grid_accuracy']:.0%}, left-to-right {metrics['row_accuracy']:.0%} (chance ≈ 10 %, 10 %, "
+        f"< 1 %)"
+    )
     examples = json.loads((FOLDER / "examples.json").read_text())
     correct = sum(
         show(model, processor, PIL.Image.open(FOLDER / e["image"]), e["image"], e["question"], e["answer"])

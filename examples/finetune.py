@@ -239,13 +239,23 @@ def read_meta(meta_path: str) -> list[Row]:
             chosen = repeated(found, float(entry.get("repeat_time", 1)))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{meta_file}: dataset {name!r}: {error}") from None
-        logger.info("%s: %d rows from %s, %d used (repeat_time %s)", name, len(found), annotation, len(chosen),
-                    entry.get("repeat_time", 1))  # fmt: skip
+        logger.info(
+            "%s: %d rows from %s, %d used (repeat_time %s)",
+            name,
+            len(found),
+            annotation,
+            len(chosen),
+            entry.get("repeat_time", 1),
+        )
         rows += chosen
     idle = [row.where for row in rows if not row.learns]
     if idle:
-        logger.warning("%d rows have no assistant reply to learn from and are left out: %s%s", len(idle),
-                       ", ".join(idle[:5]), ", ..." if len(idle) > 5 else "")  # fmt: skip
+        logger.warning(
+            "%d rows have no assistant reply to learn from and are left out: %s%s",
+            len(idle),
+            ", ".join(idle[:5]),
+            ", ..." if len(idle) > 5 else "",
+        )
     return [row for row in rows if row.learns]
 
 
@@ -265,8 +275,9 @@ class ChatDataset(Dataset):
         """Tokens of the processor's chat template applied to the conversation, and labels that keep only what the
         template marks as the assistant's (each reply and its `<|im_end|>`)."""
         messages = [dict(message) for message in row.messages]
-        contents = self.expand_image_placeholders([m["content"] for m in messages], num_patches,
-                                                  self.processor.image_seq_length)  # fmt: skip
+        contents = self.expand_image_placeholders(
+            [m["content"] for m in messages], num_patches, self.processor.image_seq_length
+        )
         for message, content in zip(messages, contents):
             message["content"] = content
         encoded = self.tokenizer.apply_chat_template(

@@ -198,8 +198,12 @@ def request_gate(args: argparse.Namespace):
     def admit(messages) -> None:
         admit_chat_images(messages, image_processor, config.tokens_per_tile, policy, args.max_images, context)
 
-    return dict(admit=admit, max_body_bytes=args.max_request_mb * 2**20, max_new_tokens=context,
-                allow_generation_config=args.allow_generation_config)  # fmt: skip
+    return dict(
+        admit=admit,
+        max_body_bytes=args.max_request_mb * 2**20,
+        max_new_tokens=context,
+        allow_generation_config=args.allow_generation_config,
+    )
 
 
 def media_policy(args: argparse.Namespace):
@@ -208,10 +212,15 @@ def media_policy(args: argparse.Namespace):
 
     policy_class = get_class_from_dynamic_module("image_processing_internvl_x.MediaPolicy", args.model_dir)
     local_root = str(args.allowed_local_media_path.resolve()) if args.allowed_local_media_path else None
-    return policy_class.for_servers(local_files=local_root is not None, local_root=local_root,
-                                    internal_urls=args.allow_internal_urls, remote_urls=not args.no_remote_urls,
-                                    fetch_timeout=args.fetch_timeout, max_bytes=args.max_image_mb * 2**20,
-                                    max_pixels=args.max_image_pixels)  # fmt: skip
+    return policy_class.for_servers(
+        local_files=local_root is not None,
+        local_root=local_root,
+        internal_urls=args.allow_internal_urls,
+        remote_urls=not args.no_remote_urls,
+        fetch_timeout=args.fetch_timeout,
+        max_bytes=args.max_image_mb * 2**20,
+        max_pixels=args.max_image_pixels,
+    )
 
 
 GATE: dict | None = None  # the `RequestGate` settings `main` builds for the served checkpoint
@@ -312,9 +321,21 @@ def serve_arguments(args: argparse.Namespace) -> list[str]:
             f"paged cache whose sequence length is the same in every layer, but this model's layers from "
             f"{config.get('lvtc_expand_layer')} on hold each tile's expanded tokens. Serve it without the flag."
         )
-    command = ["serve", str(args.model_dir.resolve()), "--trust-remote-code", "--host", args.host,
-               "--port", str(args.port), "--device", args.device, "--dtype", args.dtype,
-               "--log-level", args.log_level]  # fmt: skip
+    command = [
+        "serve",
+        str(args.model_dir.resolve()),
+        "--trust-remote-code",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--log-level",
+        args.log_level,
+    ]
     if args.compile:
         command.append("--compile")
     if args.continuous_batching:

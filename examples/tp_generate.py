@@ -52,8 +52,14 @@ def main(argv=None) -> None:
     model = AutoModelForImageTextToText.from_pretrained(args.checkpoint, trust_remote_code=True, **plan).eval()
     inputs = prompts(processor).to(model.device)
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=None,
-                                output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        output = model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         report = {

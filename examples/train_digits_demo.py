@@ -47,16 +47,37 @@ def build(variant: str, seed: int):
     system_message = bundle("processing_internvl_x.DEFAULT_SYSTEM_MESSAGE")
     tokenizer = train_tokenizer(corpus(system_message), bundle("processing_internvl_x.prepare_tokenizer"), 600)
     config = bundle("configuration_internvl_x.InternVLXConfig")(
-        vision_config=dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384,
-                           image_size=64, patch_size=8, attention_bias=True),
-        text_config=dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=len(tokenizer),
-                         max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=False,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id),
-        pvtc_num_heads=4, lvtc_expand_layer=3, lvtc_num_lr_projectors=2, lvtc_inject_start=1,
+        vision_config=dict(
+            hidden_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=384,
+            image_size=64,
+            patch_size=8,
+            attention_bias=True,
+        ),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=1024,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        pvtc_num_heads=4,
+        lvtc_expand_layer=3,
+        lvtc_num_lr_projectors=2,
+        lvtc_inject_start=1,
         **VARIANTS[variant],
-    )  # fmt: skip
+    )
     bundle("processing_internvl_x.prepare_tokenizer")(tokenizer, config)
     torch.manual_seed(seed)
     model = bundle("modeling_internvl_x.InternVLXForConditionalGeneration")(config)
@@ -113,8 +134,11 @@ def load_checkpoint(folder: Path, **model_kwargs):
 def schedule_metrics(model) -> dict:
     """Visual tokens per tile entering the language model, in its last layer, and summed over its layers (the cost)."""
     schedule = model.model.visual_token_schedule(1)
-    return dict(visual_tokens_per_tile=model.config.tokens_per_tile, visual_tokens_per_tile_last_layer=schedule[-1],
-                visual_token_layers_per_tile=sum(schedule))  # fmt: skip
+    return dict(
+        visual_tokens_per_tile=model.config.tokens_per_tile,
+        visual_tokens_per_tile_last_layer=schedule[-1],
+        visual_token_layers_per_tile=sum(schedule),
+    )
 
 
 def evaluate(model, processor, samples: list[dict], batch_size: int = 64) -> dict:
@@ -126,8 +150,13 @@ def evaluate(model, processor, samples: list[dict], batch_size: int = 64) -> dic
         batch = samples[start : start + batch_size]
         inputs = chat_inputs(processor, batch).to(model.device)
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=end,
-                                    pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
+            output = model.generate(
+                **inputs,
+                max_new_tokens=10,
+                do_sample=False,
+                eos_token_id=end,
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )
         answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for sample, answer in zip(batch, answers):
             kind = (
@@ -161,10 +190,21 @@ def held_out(count: int, seed: int = 12345) -> list[dict]:
     return [make_sample(pool, rng) for _ in range(count)]
 
 
-def train(variant: str, seed: int, steps: int, output: Path | None, batch_size: int = 8, lr: float = 1e-3,
-          eval_samples: int = 300, warmup_steps: int = 0, workers: int = 0, cpu: bool = False,
-          callbacks: list | None = None, also_evaluate: dict[str, dict] | None = None,
-          example_images: bool = True) -> dict:  # fmt: skip
+def train(
+    variant: str,
+    seed: int,
+    steps: int,
+    output: Path | None,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    eval_samples: int = 300,
+    warmup_steps: int = 0,
+    workers: int = 0,
+    cpu: bool = False,
+    callbacks: list | None = None,
+    also_evaluate: dict[str, dict] | None = None,
+    example_images: bool = True,
+) -> dict:
     """Train `variant` from scratch: `warmup_steps` on single digits (one tile), then `steps` on the full task.
 
     `also_evaluate` maps a name to config overrides the trained model is evaluated with too, on the same held-out
@@ -179,30 +219,59 @@ def train(variant: str, seed: int, steps: int, output: Path | None, batch_size: 
 
     def trainer_for(records: GeneratedRecords, max_steps: int, schedule: str) -> Trainer:
         args = TrainingArguments(
-            output_dir=str(work / "trainer"), max_steps=max_steps, per_device_train_batch_size=batch_size,
-            learning_rate=lr, lr_scheduler_type=schedule, warmup_steps=min(200, max_steps // 10), weight_decay=0.01,
-            logging_steps=50, save_strategy="no", report_to=[], use_cpu=cpu, seed=seed, remove_unused_columns=False,
-            dataloader_num_workers=workers, disable_tqdm=True,
-        )  # fmt: skip
-        return Trainer(model=model, args=args, train_dataset=ChatDataset(records, processor), data_collator=collator,
-                       callbacks=callbacks)  # fmt: skip
+            output_dir=str(work / "trainer"),
+            max_steps=max_steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=lr,
+            lr_scheduler_type=schedule,
+            warmup_steps=min(200, max_steps // 10),
+            weight_decay=0.01,
+            logging_steps=50,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=cpu,
+            seed=seed,
+            remove_unused_columns=False,
+            dataloader_num_workers=workers,
+            disable_tqdm=True,
+        )
+        return Trainer(
+            model=model,
+            args=args,
+            train_dataset=ChatDataset(records, processor),
+            data_collator=collator,
+            callbacks=callbacks,
+        )
 
     pool = DigitPool("train")
     start = time.perf_counter()
     if warmup_steps:  # curriculum: single digits on one tile first
-        trainer_for(GeneratedRecords(pool, warmup_steps * batch_size, seed + 1, single=True), warmup_steps,
-                    "constant_with_warmup").train()  # fmt: skip
+        trainer_for(
+            GeneratedRecords(pool, warmup_steps * batch_size, seed + 1, single=True),
+            warmup_steps,
+            "constant_with_warmup",
+        ).train()
     trainer = trainer_for(GeneratedRecords(pool, steps * batch_size, seed), steps, "cosine")
     trainer.train()
     seconds = time.perf_counter() - start
     questions = held_out(eval_samples)
     metrics = evaluate(model, processor, questions)
     if also_evaluate:
-        metrics["also"] = {name: evaluate_with(model, processor, questions, **overrides)
-                           for name, overrides in also_evaluate.items()}  # fmt: skip
-    metrics.update(variant=variant, seed=seed, steps=steps, curriculum_steps=warmup_steps, batch_size=batch_size,
-                   learning_rate=lr, device=str(model.device), train_seconds=seconds, **schedule_metrics(model),
-                   final_loss=trainer.state.log_history[-1].get("train_loss"))  # fmt: skip
+        metrics["also"] = {
+            name: evaluate_with(model, processor, questions, **overrides) for name, overrides in also_evaluate.items()
+        }
+    metrics.update(
+        variant=variant,
+        seed=seed,
+        steps=steps,
+        curriculum_steps=warmup_steps,
+        batch_size=batch_size,
+        learning_rate=lr,
+        device=str(model.device),
+        train_seconds=seconds,
+        **schedule_metrics(model),
+        final_loss=trainer.state.log_history[-1].get("train_loss"),
+    )
     if output is not None:
         model.save_pretrained(output)
         processor.save_pretrained(output)

@@ -46,14 +46,31 @@ def fetch(version: str = transformers.__version__) -> Path:
         return folder
     with tempfile.TemporaryDirectory() as download:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             f"transformers=={version}", "--dest", download],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"transformers=={version}",
+                "--dest",
+                download,
+            ],
             check=True,
-        )  # fmt: skip
+        )
         (sdist,) = Path(download).glob("transformers-*.tar.gz")
         with tarfile.open(sdist) as archive:
-            members = [m for m in archive.getmembers() if m.isfile() and len(Path(m.name).parts) == 3
-                       and Path(m.name).parts[1] == "tests" and m.name.endswith(".py")]  # fmt: skip
+            members = [
+                m
+                for m in archive.getmembers()
+                if m.isfile()
+                and len(Path(m.name).parts) == 3
+                and Path(m.name).parts[1] == "tests"
+                and m.name.endswith(".py")
+            ]
             package.mkdir(parents=True, exist_ok=True)
             for member in members:
                 (package / Path(member.name).name).write_bytes(archive.extractfile(member).read())

@@ -29,8 +29,12 @@ class InternVLXImageProcessingTester:
         return self.num_channels, self.image_size, self.image_size
 
     def prepare_image_inputs(self, equal_resolution=False, numpify=False, torchify=False, **kwargs):
-        options = dict(batch_size=self.batch_size, num_channels=self.num_channels,
-                       min_resolution=self.min_resolution, max_resolution=self.max_resolution)  # fmt: skip
+        options = dict(
+            batch_size=self.batch_size,
+            num_channels=self.num_channels,
+            min_resolution=self.min_resolution,
+            max_resolution=self.max_resolution,
+        )
         options.update(kwargs)
         return prepare_image_inputs(equal_resolution=equal_resolution, numpify=numpify, torchify=torchify, **options)
 

@@ -27,13 +27,32 @@ class InternVLXModelTester:
         self.num_channels = 3
         self.image_token_id = image_token_id
         self.is_training = True
-        self.text_config = dict(model_type="qwen2", vocab_size=99, hidden_size=64, intermediate_size=37,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_act="silu",
-                                max_position_embeddings=512, rope_theta=10000, tie_word_embeddings=True,
-                                bos_token_id=0, eos_token_id=0, pad_token_id=0)  # fmt: skip
-        self.vision_config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                  image_size=image_size, patch_size=patch_size, num_channels=3,
-                                  hidden_act="quick_gelu")  # fmt: skip
+        self.text_config = dict(
+            model_type="qwen2",
+            vocab_size=99,
+            hidden_size=64,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_act="silu",
+            max_position_embeddings=512,
+            rope_theta=10000,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+        self.vision_config = dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=image_size,
+            patch_size=patch_size,
+            num_channels=3,
+            hidden_act="quick_gelu",
+        )
         self.extra = extra
         self.image_seq_length = (image_size // patch_size // 2) ** 2
         self.seq_length = text_length + self.image_seq_length
@@ -43,9 +62,14 @@ class InternVLXModelTester:
         self.num_attention_heads = self.text_config["num_attention_heads"]
 
     def get_config(self):
-        return InternVLXConfig(text_config=self.text_config, vision_config=self.vision_config,
-                               image_token_id=self.image_token_id, image_start_token_id=2, image_end_token_id=3,
-                               **self.extra)  # fmt: skip
+        return InternVLXConfig(
+            text_config=self.text_config,
+            vision_config=self.vision_config,
+            image_token_id=self.image_token_id,
+            image_start_token_id=2,
+            image_end_token_id=3,
+            **self.extra,
+        )
 
     def prepare_config_and_inputs(self):
         pixel_values = floats_tensor([self.batch_size, self.num_channels, self.image_size, self.image_size])

@@ -7,14 +7,38 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56,
-              patch_size=14, qkv_bias=True, qk_normalization=False, norm_type="layer_norm", layer_norm_eps=1e-6,
-              initializer_factor=0.1, hidden_act="gelu")  # fmt: skip
-INTERNLM2 = dict(architectures=["InternLM2ForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=128, rms_norm_eps=1e-6, rope_theta=10000.0,
-                 max_position_embeddings=512, bias=False, tie_word_embeddings=False,
-                 rope_scaling={"type": "dynamic", "factor": 2.0}, bos_token_id=1, eos_token_id=2,
-                 pad_token_id=0)  # fmt: skip
+VISION = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=56,
+    patch_size=14,
+    qkv_bias=True,
+    qk_normalization=False,
+    norm_type="layer_norm",
+    layer_norm_eps=1e-6,
+    initializer_factor=0.1,
+    hidden_act="gelu",
+)
+INTERNLM2 = dict(
+    architectures=["InternLM2ForCausalLM"],
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    max_position_embeddings=512,
+    bias=False,
+    tie_word_embeddings=False,
+    rope_scaling={"type": "dynamic", "factor": 2.0},
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 class RandomTensors(dict):
@@ -110,8 +134,15 @@ def released_internvl_x(folder: Path, seed: int = 0, pvtc_layers: int = 1, shard
     internlm2_tensors(t, llm)
     side = VISION["image_size"] // VISION["patch_size"]
     released_pvtc_tensors(t, VISION["hidden_size"], llm["hidden_size"], 2, side // 2, pvtc_layers)
-    config = dict(architectures=["InternVLChatModel"], vision_config=VISION, llm_config=llm,
-                  downsample_ratio=0.5, select_layer=-1, ps_version="v2", template="internlm2-chat")  # fmt: skip
+    config = dict(
+        architectures=["InternVLChatModel"],
+        vision_config=VISION,
+        llm_config=llm,
+        downsample_ratio=0.5,
+        select_layer=-1,
+        ps_version="v2",
+        template="internlm2-chat",
+    )
     write_checkpoint(folder, t, config, shards)
     return dict(t)
 
@@ -139,12 +170,23 @@ def train_sentencepiece(
     corpus = SAMPLE_TEXT * 30 + ["The image shows a cat on a red chair next to a window."] * 30
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True,
-        character_coverage=1.0, user_defined_symbols=["<|im_end|>", "<|im_start|>"], add_dummy_prefix=add_dummy_prefix,
-        remove_extra_whitespaces=remove_extra_whitespaces, split_digits=True, normalization_rule_name=normalization,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        user_defined_symbols=["<|im_end|>", "<|im_start|>"],
+        add_dummy_prefix=add_dummy_prefix,
+        remove_extra_whitespaces=remove_extra_whitespaces,
+        split_digits=True,
+        normalization_rule_name=normalization,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
         minloglevel=2,
-    )  # fmt: skip
+    )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
@@ -154,17 +196,31 @@ def train_sentencepiece(
     tokenizer_config = {
         "tokenizer_class": "InternLM2Tokenizer",
         "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
-        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": added, "model_max_length": 4096,
-    }  # fmt: skip
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": added,
+        "model_max_length": 4096,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, ensure_ascii=False))
     special_map = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
     (folder / "special_tokens_map.json").write_text(json.dumps(special_map))
     return size + len(INTERNLM2_SPECIALS)
 
 
-QWEN2 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=64, intermediate_size=128,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
-             max_position_embeddings=512, tie_word_embeddings=True, use_sliding_window=False)  # fmt: skip
+QWEN2 = dict(
+    architectures=["Qwen2ForCausalLM"],
+    model_type="qwen2",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    use_sliding_window=False,
+)
 
 
 def qwen2_tensors(t: RandomTensors, llm: dict, prefix: str = "language_model") -> None:
@@ -215,13 +271,21 @@ def internvl2_checkpoint(folder: Path, llm: str = "internlm2", seed: int = 0, sh
         prepare = get_class_from_dynamic_module("processing_internvl_x.prepare_tokenizer", ROOT)
         tokenizer = build_tokenizer(prepare)
         tokenizer.save_pretrained(folder)
-        llm_config = dict(QWEN2, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        llm_config = dict(
+            QWEN2, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+        )
         qwen2_tensors(t, llm_config)
         template = "Hermes-2"
     internvit_tensors(t)
     mlp1_tensors(t, VISION["hidden_size"], llm_config["hidden_size"])
-    config = dict(architectures=["InternVLChatModel"], vision_config=VISION, llm_config=llm_config,
-                  downsample_ratio=0.5, select_layer=-1, ps_version="v2", template=template)  # fmt: skip
+    config = dict(
+        architectures=["InternVLChatModel"],
+        vision_config=VISION,
+        llm_config=llm_config,
+        downsample_ratio=0.5,
+        select_layer=-1,
+        ps_version="v2",
+        template=template,
+    )
     write_checkpoint(folder, t, config, shards)
     return dict(t), config

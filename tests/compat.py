@@ -9,9 +9,10 @@ TRANSFORMERS = Version(transformers.__version__)
 CACHE = "cache" if TRANSFORMERS >= Version("5.24.0.dev0") else "past_key_values"
 # Transformers 5.23 renamed gradient checkpointing to activation checkpointing (the old names warn).
 CHECKPOINTING = (
-    "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else
-    "gradient_checkpointing"
-)  # fmt: skip
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 
 
 def with_cache(cache) -> dict:

@@ -46,8 +46,10 @@ def published_versions() -> list[Version]:
     """Every Transformers version on the package index, pre-releases included."""
     result = subprocess.run(
         [sys.executable, "-m", "pip", "index", "versions", "transformers", "--pre"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     listing = re.search(r"^Available versions: (.+)$", result.stdout, flags=re.MULTILINE)
     if result.returncode or listing is None:
         raise SystemExit(f"could not read Transformers' versions from the package index:\n{result.stderr}")
@@ -140,8 +142,11 @@ def run_subset(installed: Installed) -> tuple[bool, str]:
     env = dict(os.environ, PYTHONPATH=path, **installed.env)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-m", "compat", "-q", "-p", "no:cacheprovider", "tests"],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-500:]
     if result.returncode:
         print(result.stdout[-6000:], result.stderr[-2000:], sep="\n")
@@ -162,8 +167,10 @@ def main() -> None:
         installed = install(version)
         ready = time.monotonic()
         ok, summary = run_subset(installed)
-        rows.append(f"| {version} | {'pass' if ok else 'FAIL'} | {summary} | {installed.note} | {ready - start:.0f} | "
-                    f"{time.monotonic() - ready:.0f} |")  # fmt: skip
+        rows.append(
+            f"| {version} | {'pass' if ok else 'FAIL'} | {summary} | {installed.note} | {ready - start:.0f} | "
+            f"{time.monotonic() - ready:.0f} |"
+        )
         print(rows[-1], flush=True)
         if not ok:
             failed.append(str(version))

@@ -70,8 +70,12 @@ def make_chat_bundle(bundle: Bundle, folder: Path, seed: int = 0, max_patches: i
 
     prepare_tokenizer = bundle.function("processing_internvl_x", "prepare_tokenizer")
     tokenizer = build_tokenizer(prepare_tokenizer)
-    text = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    text = dict(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     text.update(overrides.pop("text", {}))
     config = bundle.config(text=text, **overrides)
     prepare_tokenizer(tokenizer, config)

@@ -84,9 +84,16 @@ def assert_greedy_matches_recomputation(model, output, atol: float = 1e-4, **inp
 def greedy(max_new_tokens: int, **generate_kwargs) -> dict:
     """`generate` arguments for greedy decoding of exactly `max_new_tokens` (no EOS), returning the scores and raw
     logits that `assert_same_greedy` compares, plus `generate_kwargs`."""
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=PAD,
-                              suppress_tokens=IMAGE_TOKENS, output_logits=True, output_scores=True,
-                              return_dict_in_generate=True)  # fmt: skip
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=None,
+        pad_token_id=PAD,
+        suppress_tokens=IMAGE_TOKENS,
+        output_logits=True,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     return dict(generation_config=config, **generate_kwargs)
 
 

@@ -36,8 +36,10 @@ class Block:
 
 def blocks(page: Path) -> list[Block]:
     text = page.read_text()
-    return [Block(page, text[: m.start()].count("\n") + 1, m.group(1), m.group(2).strip(), m.group(3))
-            for m in FENCE.finditer(text)]  # fmt: skip
+    return [
+        Block(page, text[: m.start()].count("\n") + 1, m.group(1), m.group(2).strip(), m.group(3))
+        for m in FENCE.finditer(text)
+    ]
 
 
 def all_blocks() -> list[Block]:

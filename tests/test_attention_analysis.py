@@ -51,8 +51,14 @@ def test_the_recorder_keeps_the_language_model_s_own_attention(bundle):
 
 
 def test_lvtc_layers_are_read_in_the_expanded_layout(bundle):
-    model = bundle.model(seed=2, attn_implementation="eager", text=dict(num_hidden_layers=4), lvtc_enabled=True,
-                         lvtc_expand_layer=3, lvtc_num_lr_projectors=1)  # fmt: skip
+    model = bundle.model(
+        seed=2,
+        attn_implementation="eager",
+        text=dict(num_hidden_layers=4),
+        lvtc_enabled=True,
+        lvtc_expand_layer=3,
+        lvtc_num_lr_projectors=1,
+    )
     short, long = model.config.tokens_per_tile, model.config.lvtc_expanded_tokens_per_tile
     ids = prompt(3, image_span(2, short), 2, image_span(1, short), 4, seed=3)
     input_ids = torch.tensor(ids)

@@ -88,7 +88,7 @@ bad_parts = st.sampled_from(
         {"type": "text"},
         {"type": "text", "text": 5},
         {"type": "IMAGE"},
-    ]  # fmt: skip
+    ]
 )
 roles = st.one_of(st.sampled_from(["system", "user", "assistant", "tool"]), st.sampled_from([None, 3]))
 
@@ -122,16 +122,19 @@ def check(processor, messages: list[dict], add_generation_prompt: bool) -> None:
     text = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     assert text == expected_rendering(messages, add_generation_prompt)
     images = sum(
-        part["type"] in ("image", "image_url") for m in messages if isinstance(m.get("content"), list)
+        part["type"] in ("image", "image_url")
+        for m in messages
+        if isinstance(m.get("content"), list)
         for part in m["content"]
-    )  # fmt: skip
+    )
     written = sum(text.count(token) for token in IMAGE_TOKENS)
     if written != images:  # a placeholder typed in a text part
         with pytest.raises(ValueError, match=rf"the text has {written}\b"):
             processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         return
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                           return_dict=True)  # fmt: skip
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+    )
     tiles = [int(n) for n in inputs.get("num_patches", [])]
     assert len(tiles) == images
     image_tokens = int((inputs["input_ids"] == processor.image_token_id).sum())
@@ -147,19 +150,34 @@ def test_any_conversation_renders_as_the_format_says_or_is_refused_by_name(proce
 NAMED = {
     "no messages": [],
     "system message only": [{"role": "system", "content": "Be brief."}],
-    "system message as parts": [{"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text",
-                                                                                                   "text": "brief."}]}],
-    "image in the system message": [{"role": "system", "content": [{"type": "image", "image": png(0)}]},
-                                    {"role": "user", "content": "Which digit?"}],
-    "tool message": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": None},
-                     {"role": "tool", "content": "5"}],
-    "OpenAI image_url part": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_uri(png(1))}}, {"type": "text", "text": "Which digit?"}]}],
-    "two images in one message": [{"role": "user", "content": [{"type": "image", "image": png(2)},
-                                                               {"type": "image", "image": png(3)}]}],
+    "system message as parts": [
+        {"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]}
+    ],
+    "image in the system message": [
+        {"role": "system", "content": [{"type": "image", "image": png(0)}]},
+        {"role": "user", "content": "Which digit?"},
+    ],
+    "tool message": [
+        {"role": "user", "content": "Add 2 and 3."},
+        {"role": "assistant", "content": None},
+        {"role": "tool", "content": "5"},
+    ],
+    "OpenAI image_url part": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_uri(png(1))}},
+                {"type": "text", "text": "Which digit?"},
+            ],
+        }
+    ],
+    "two images in one message": [
+        {"role": "user", "content": [{"type": "image", "image": png(2)}, {"type": "image", "image": png(3)}]}
+    ],
     "template syntax in the text": [{"role": "user", "content": "{{ bos_token }} {% raw %}"}],
-    "a placeholder typed in the text": [{"role": "user", "content": [{"type": "image", "image": png(0)},
-                                                                     {"type": "text", "text": "and <image>"}]}],
+    "a placeholder typed in the text": [
+        {"role": "user", "content": [{"type": "image", "image": png(0)}, {"type": "text", "text": "and <image>"}]}
+    ],
     "video part": [{"role": "user", "content": [{"type": "video", "path": "clip.mp4"}]}],
     "audio part": [{"role": "user", "content": [{"type": "audio", "path": "a.wav"}]}],
     "part without a type": [{"role": "user", "content": [{"text": "hi"}]}],
@@ -167,7 +185,7 @@ NAMED = {
     "message without a role": [{"content": "hi"}],
     "number as content": [{"role": "user", "content": 7}],
     "dict as content": [{"role": "user", "content": {"type": "text", "text": "hi"}}],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("messages", NAMED.values(), ids=NAMED.keys())

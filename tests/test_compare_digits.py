@@ -9,10 +9,16 @@ from examples.compare_digits import fastv_settings, table
 def run(variant: str, seed: int, accuracy: float, **also: float) -> dict:
     tokens = dict(lvtc=(16, 64, 112), hr_only=(64, 64, 256))[variant]
     scores = dict(accuracy=accuracy, single_accuracy=accuracy + 0.25, grid_accuracy=accuracy / 2, row_accuracy=0.0)
-    return dict(variant=variant, seed=seed, train_seconds=100.0 * (seed + 1), visual_tokens_per_tile=tokens[0],
-                visual_tokens_per_tile_last_layer=tokens[1], visual_token_layers_per_tile=tokens[2], **scores,
-                also={name: dict(scores, accuracy=value, visual_token_layers_per_tile=112)
-                      for name, value in also.items()})  # fmt: skip
+    return dict(
+        variant=variant,
+        seed=seed,
+        train_seconds=100.0 * (seed + 1),
+        visual_tokens_per_tile=tokens[0],
+        visual_tokens_per_tile_last_layer=tokens[1],
+        visual_token_layers_per_tile=tokens[2],
+        **scores,
+        also={name: dict(scores, accuracy=value, visual_token_layers_per_tile=112) for name, value in also.items()},
+    )
 
 
 def cells(line: str) -> list[str]:
@@ -20,12 +26,23 @@ def cells(line: str) -> list[str]:
 
 
 def test_table_gives_mean_half_spread_and_each_seed_in_seed_order():
-    runs = [run("hr_only", 2, 0.5, **{"FastV K=1 R=75%": 0.25}), run("lvtc", 1, 0.4), run("lvtc", 0, 0.6),
-            run("hr_only", 0, 0.7, **{"FastV K=1 R=75%": 0.45})]  # fmt: skip
+    runs = [
+        run("hr_only", 2, 0.5, **{"FastV K=1 R=75%": 0.25}),
+        run("lvtc", 1, 0.4),
+        run("lvtc", 0, 0.6),
+        run("hr_only", 0, 0.7, **{"FastV K=1 R=75%": 0.45}),
+    ]
     header, _, lvtc, hr_only, fastv = table(runs).splitlines()
     assert cells(header)[4:6] == ["accuracy", "accuracy by seed"]
-    assert cells(lvtc)[:7] == ["LVTC 16 → 64 (HR + multi)", "16 → 64", "112", "2", "0.500 ± 0.100",
-                               "0: 0.600 · 1: 0.400", "0.750 ± 0.100"]  # fmt: skip
+    assert cells(lvtc)[:7] == [
+        "LVTC 16 → 64 (HR + multi)",
+        "16 → 64",
+        "112",
+        "2",
+        "0.500 ± 0.100",
+        "0: 0.600 · 1: 0.400",
+        "0.750 ± 0.100",
+    ]
     assert cells(lvtc)[-1] == "150"  # mean training seconds
     assert cells(hr_only)[3:6] == ["2", "0.600 ± 0.100", "0: 0.700 · 2: 0.500"]
     assert cells(fastv)[0] == "↳ FastV K=1 R=75% (pruned, no training)"

@@ -86,8 +86,11 @@ def test_decoder_layers_follow_the_call_convention_the_phased_decoder_uses(bundl
     assert needed <= parameters(layer.forward), changed(
         f"{type(layer).__name__}.forward", f"it takes {sorted(parameters(layer.forward))}"
     )
-    for owner, names in ((decoder, ("layers", "rotary_emb", "norm")), (layer, ("self_attn", "input_layernorm")),
-                         (layer.self_attn, ("q_proj", "k_proj", "head_dim", "scaling"))):  # fmt: skip
+    for owner, names in (
+        (decoder, ("layers", "rotary_emb", "norm")),
+        (layer, ("self_attn", "input_layernorm")),
+        (layer.self_attn, ("q_proj", "k_proj", "head_dim", "scaling")),
+    ):
         missing = [name for name in names if not hasattr(owner, name)]
         assert not missing, changed(type(owner).__name__, f"it has no {missing}")
     assert model.config.text_config._attn_implementation == "sdpa", changed(
@@ -126,10 +129,15 @@ def test_static_layer_internals_the_static_cache_path_uses(bundle):
 def test_the_generation_methods_the_bundle_overrides_keep_their_signatures():
     """(`_expand_inputs_for_generation` is a static method up to 5.17, a method after: both are called on the model.)"""
     expected = {
-        "_prepare_cache_for_generation": ["generation_config", "model_kwargs", "generation_mode", "batch_size",
-                                          "max_cache_length"],
+        "_prepare_cache_for_generation": [
+            "generation_config",
+            "model_kwargs",
+            "generation_mode",
+            "batch_size",
+            "max_cache_length",
+        ],
         "_expand_inputs_for_generation": ["expand_size", "is_encoder_decoder", "input_ids", "model_kwargs"],
-    }  # fmt: skip
+    }
     for name, names in expected.items():
         actual = [p for p in inspect.signature(getattr(GenerationMixin, name)).parameters if p != "self"]
         assert actual == names, changed(f"GenerationMixin.{name}", f"its parameters are {actual}")
@@ -198,8 +206,9 @@ def test_the_bundle_emits_no_deprecation_warning(chat_dir, bundle, tmp_path):
             model = AutoModelForImageTextToText.from_pretrained(chat_dir, trust_remote_code=True).eval()
             image = torch.rand(3, 80, 120)
             messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "?"}]}]
-            inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True, return_tensors="pt")  # fmt: skip
+            inputs = processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            )
             with torch.no_grad():
                 model.generate(**inputs, max_new_tokens=3, do_sample=False)
                 model.chat(processor, processor.load_image(image), "What?", dict(max_new_tokens=3, do_sample=False))
@@ -211,17 +220,32 @@ def test_the_bundle_emits_no_deprecation_warning(chat_dir, bundle, tmp_path):
                 model(input_ids=ids, pixel_values=tiles(2), labels=ids).loss.backward()
                 with torch.no_grad():
                     for settings in ({}, {"cache_implementation": "static"}, {"num_beams": 2}):
-                        model.generate(input_ids=ids, pixel_values=tiles(2), max_new_tokens=3, do_sample=False,
-                                       pad_token_id=0, **settings)  # fmt: skip
+                        model.generate(
+                            input_ids=ids,
+                            pixel_values=tiles(2),
+                            max_new_tokens=3,
+                            do_sample=False,
+                            pad_token_id=0,
+                            **settings,
+                        )
             sample = dict(input_ids=ids[0], labels=ids[0], pixel_values=tiles(2))
-            args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=1, per_device_train_batch_size=1,
-                                     report_to=[], use_cpu=True, save_strategy="no")  # fmt: skip
+            args = TrainingArguments(
+                output_dir=str(tmp_path / "trainer"),
+                max_steps=1,
+                per_device_train_batch_size=1,
+                report_to=[],
+                use_cpu=True,
+                save_strategy="no",
+            )
             Trainer(model=model.train(), args=args, train_dataset=[sample], data_collator=collate_one).train()
     finally:
         transformers_logger.removeHandler(handler)
         transformers.logging.set_verbosity(verbosity)
-    deprecations = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
-                    if issubclass(w.category, (FutureWarning, DeprecationWarning))]  # fmt: skip
+    deprecations = [
+        f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})"
+        for w in caught
+        if issubclass(w.category, (FutureWarning, DeprecationWarning))
+    ]
     deprecations += [message for message in records if "deprecat" in message.lower()]
     assert not deprecations, "\n".join(deprecations)
 

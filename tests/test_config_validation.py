@@ -12,13 +12,15 @@ from tests.tiny import image_span, prompt, tiles
 
 BAD = {
     "expansion past the last layer": (dict(lvtc_enabled=True, lvtc_expand_layer=99), "lvtc_expand_layer 99 must be in"),
-    "FastV with LVTC": (dict(lvtc_enabled=True, fastv_layer=1, fastv_ratio=0.5),
-                        "fastv_layer \\(FastV\\) and lvtc_enabled"),
+    "FastV with LVTC": (
+        dict(lvtc_enabled=True, fastv_layer=1, fastv_ratio=0.5),
+        "fastv_layer \\(FastV\\) and lvtc_enabled",
+    ),
     "PVTC heads that do not divide": (dict(projector_type="pvtc", pvtc_num_heads=3), "pvtc_num_heads 3 must divide"),
     "a boolean given as a string": (dict(lvtc_enabled="false"), "lvtc_enabled must be bool, got 'false' \\(str\\)"),
     "a count given as a string": (dict(pvtc_num_layers="2"), "pvtc_num_layers must be int, got '2' \\(str\\)"),
     "a boolean as a count": (dict(lvtc_inject_interval=True), "lvtc_inject_interval must be int, got True"),
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,7 @@ SUB_CONFIGS = {
     "an unknown vision activation": (dict(vision=dict(hidden_act="bogus")), "vision_config.hidden_act 'bogus' is not"),
     "an unknown projector activation": (dict(projector_hidden_act="bogus"), "projector_hidden_act 'bogus' is not"),
     "an encoder-decoder language model": (dict(text=dict(model_type="t5")), "'t5', an encoder-decoder"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(SUB_CONFIGS))

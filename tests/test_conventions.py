@@ -18,14 +18,15 @@ from tests.decoding import VARIANTS
 from tests.tiny import image_span, prompt, tiles
 
 N1SQ = 4
-VARIANTS = {**VARIANTS, "fastv": dict(text=dict(num_hidden_layers=4), fastv_layer=2,
-                                      fastv_ratio=0.5)}  # fmt: skip
+VARIANTS = {**VARIANTS, "fastv": dict(text=dict(num_hidden_layers=4), fastv_layer=2, fastv_ratio=0.5)}
 PHASED = ["lvtc", "fastv"]
 
 
 def inputs(num_tiles: int = 2, seed: int = 0) -> dict:
-    return dict(input_ids=torch.tensor([prompt(3, image_span(num_tiles, N1SQ), 4, seed=seed)]),
-                pixel_values=tiles(num_tiles, seed=seed))  # fmt: skip
+    return dict(
+        input_ids=torch.tensor([prompt(3, image_span(num_tiles, N1SQ), 4, seed=seed)]),
+        pixel_values=tiles(num_tiles, seed=seed),
+    )
 
 
 @pytest.mark.parametrize("variant", ["plain", "pvtc", "lvtc"])
@@ -124,8 +125,10 @@ def test_the_image_processor_takes_input_data_format(bundle):
     # A 3×…×3 array could be either: Transformers' rule reads channels first, and says so.
     ambiguous = rng.integers(0, 256, (3, 50, 3), dtype=np.uint8)
     with warnings.catch_warnings(record=True):
-        assert processor(ambiguous)["pixel_values"].shape == processor(ambiguous, input_data_format="channels_first")[
-            "pixel_values"].shape  # fmt: skip
+        assert (
+            processor(ambiguous)["pixel_values"].shape
+            == processor(ambiguous, input_data_format="channels_first")["pixel_values"].shape
+        )
 
 
 def test_loading_the_model_imports_neither_processor_file():

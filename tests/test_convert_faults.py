@@ -58,8 +58,11 @@ script.main({argv!r})
 
 def digest(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under `folder`, by relative path."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -197,13 +200,19 @@ def without_tensor(source: Path, folder: Path, name: str) -> Path:
 @pytest.mark.parametrize(
     "fault,message",
     [
-        ("a shard left out of the index", r"does not name model-00003-of-00003\.safetensors, which .* holds: the index "
-                                          "is incomplete"),
+        (
+            "a shard left out of the index",
+            r"does not name model-00003-of-00003\.safetensors, which .* holds: the index "
+            "is incomplete",
+        ),
         ("no tokenizer", r"has no tokenizer \(tokenizer\.model or tokenizer\.json\)"),
-        ("a vision tensor missing", r"model tensors missing from the source \(1\):\n  "
-                                    r"model\.vision_tower\.encoder\.layer\.1\.attention\.projection_layer\.bias"),
+        (
+            "a vision tensor missing",
+            r"model tensors missing from the source \(1\):\n  "
+            r"model\.vision_tower\.encoder\.layer\.1\.attention\.projection_layer\.bias",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_faulty_source_is_refused_for_what_is_wrong(source, tmp_path, fault, message, capsys):
     """Each was misreported before: the left-out shard as 'the source projector lacks ...', the tokenizer as a slow
     tokenizer conversion error, and a missing vision tensor was initialised at random without a word."""
@@ -233,13 +242,17 @@ def test_each_converter_names_the_other_for_the_other_s_checkpoints(source, tmp_
 
     with pytest.raises(SystemExit):
         official.main(["--src", str(source), "--dst", str(tmp_path / "a")])
-    assert "holds an OpenGVLab InternVL2 checkpoint (an mlp1 projector), by its tensor names: convert it with " \
-           "conversion/convert_internvl2_to_internvl_x.py" in capsys.readouterr().err  # fmt: skip
+    assert (
+        "holds an OpenGVLab InternVL2 checkpoint (an mlp1 projector), by its tensor names: convert it with "
+        "conversion/convert_internvl2_to_internvl_x.py" in capsys.readouterr().err
+    )
     released_internvl_x(tmp_path / "release")
     with pytest.raises(SystemExit):
         converter.main(arguments(tmp_path / "release", tmp_path / "b"))
-    assert "holds the authors' InternVL-X release (a PVTC projector), by its tensor names: convert it with " \
-           "conversion/convert_official_internvl_x.py" in capsys.readouterr().err  # fmt: skip
+    assert (
+        "holds the authors' InternVL-X release (a PVTC projector), by its tensor names: convert it with "
+        "conversion/convert_official_internvl_x.py" in capsys.readouterr().err
+    )
 
 
 def test_a_failed_upload_says_the_checkpoint_is_written(source, tmp_path, capsys, monkeypatch):

@@ -150,8 +150,9 @@ def run(converter, world, options: dict[str, str], destination: str, overwrite: 
     assert not list(root.rglob(".*.incomplete")) and not (root / "new").exists() and not (root / "not-yet").exists()
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(
     converter=st.sampled_from(sorted(CONVERTERS)),
     options=st.dictionaries(st.sampled_from(sorted(OPTIONS)), values, max_size=3),

@@ -8,8 +8,16 @@ def test_conversion_peak_memory_stays_below_two_shards(tmp_path):
     largest_mb = shard_bytes[-1] / 2**20
     assert sum(shard_bytes) > 200 * 2**20 and largest_mb > 50
     memory = conversion_peak_rss(
-        ["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"), "--projector", "pixel_shuffle",
-         "--max-shard-size-gb", f"{shard_bytes[-1] / 2 / 2**30:.6f}"]
-    )  # fmt: skip
+        [
+            "--src",
+            str(tmp_path / "src"),
+            "--dst",
+            str(tmp_path / "dst"),
+            "--projector",
+            "pixel_shuffle",
+            "--max-shard-size-gb",
+            f"{shard_bytes[-1] / 2 / 2**30:.6f}",
+        ]
+    )
     assert memory["peak_growth_mb"] < 2 * largest_mb, (memory, largest_mb)
     assert len(list((tmp_path / "dst").glob("model-*.safetensors"))) > 4  # output written in several shards

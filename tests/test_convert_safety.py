@@ -124,6 +124,7 @@ def test_options_no_conversion_can_use_are_refused_before_anything_is_read(
 
 
 def test_a_head_count_that_does_not_divide_the_width_is_refused_before_any_weight_is_read(source, home, capsys):
-    line = refused(internvl2, ["--src", str(source), "--dst", str(home.parent / "new"), "--pvtc-num-heads", "3"],
-                   capsys)  # fmt: skip
+    line = refused(
+        internvl2, ["--src", str(source), "--dst", str(home.parent / "new"), "--pvtc-num-heads", "3"], capsys
+    )
     assert "pvtc_num_heads 3 must divide the language model's hidden size 64" in line

@@ -50,9 +50,15 @@ def logits(model, device: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 def decoding_settings(**kwargs) -> dict:
-    config = GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=PAD,
-                              suppress_tokens=IMAGE_TOKENS, output_logits=True,
-                              return_dict_in_generate=True)  # fmt: skip
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=12,
+        eos_token_id=None,
+        pad_token_id=PAD,
+        suppress_tokens=IMAGE_TOKENS,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     return dict(generation_config=config, **kwargs)
 
 
@@ -173,8 +179,7 @@ def test_hub_kernels_on_cuda_decode_like_the_torch_layers(bundle, tmp_path, monk
 
     if not is_kernels_available():
         pytest.skip("needs the kernels package at the versions Transformers accepts (and Hub access for its kernels)")
-    overrides = LVTC if variant == "lvtc" else dict(text=dict(num_hidden_layers=4), fastv_layer=1,
-                                                    fastv_ratio=0.5)  # fmt: skip
+    overrides = LVTC if variant == "lvtc" else dict(text=dict(num_hidden_layers=4), fastv_layer=1, fastv_ratio=0.5)
     bundle.model(seed=7, **overrides).save_pretrained(tmp_path)
     monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
     # kernelize picks kernels for the device the model is on at load, so both load onto the GPU.

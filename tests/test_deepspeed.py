@@ -37,10 +37,12 @@ def write_mixed_dataset(folder: Path) -> Path:
     pixels[..., 0] = 220
     PIL.Image.fromarray(pixels).save(folder / "images" / "red.png")
     rows = [
-        {"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
-                                               {"from": "gpt", "value": "red"}]},
+        {
+            "image": "red.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}],
+        },
         {"conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello there"}]},
-    ]  # fmt: skip
+    ]
     (folder / "data.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     (folder / "meta.json").write_text(json.dumps({"mixed": {"annotation": "data.jsonl", "root": "images"}}))
     return folder / "meta.json"
@@ -69,12 +71,46 @@ def free_port() -> int:
 def launch(model_dir: Path, data: Path, out: Path, *extra, zero: str | None = None) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 examples/finetune.py` with SGD, one row per process per step, on the CPU."""
     env = child_env(OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(ROOT / "examples" / "finetune.py"), "--model_name_or_path", model_dir,
-               "--meta_path", data, "--output_dir", out, "--max_steps", STEPS, "--per_device_train_batch_size", 1,
-               "--optim", "sgd", "--learning_rate", 0.05, "--lr_scheduler_type", "constant", "--use_cpu",
-               "--ddp_backend", "gloo", "--report_to", "none", "--logging_steps", 1, "--seed", 0,
-               "--save_strategy", "steps", "--save_steps", STEPS // 2, *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "examples" / "finetune.py"),
+        "--model_name_or_path",
+        model_dir,
+        "--meta_path",
+        data,
+        "--output_dir",
+        out,
+        "--max_steps",
+        STEPS,
+        "--per_device_train_batch_size",
+        1,
+        "--optim",
+        "sgd",
+        "--learning_rate",
+        0.05,
+        "--lr_scheduler_type",
+        "constant",
+        "--use_cpu",
+        "--ddp_backend",
+        "gloo",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        1,
+        "--seed",
+        0,
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        STEPS // 2,
+        *extra,
+    ]
     if zero:
         command += ["--deepspeed", ZERO[zero]]
     result = subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=900)
@@ -107,8 +143,10 @@ def test_zero_trains_as_ddp_on_mixed_batches(runs, bundles, model, zero):
     reference, tested = runs[model, "ddp"], runs[model, zero]
     assert len(losses(tested)) == STEPS
     for rank in (0, 1):  # ZeRO ran, at the stage asked for, with the optimizer state split in two
-        state = torch.load(next(tested.glob(f"checkpoint-{STEPS}/global_step*/zero_pp_rank_{rank}_*optim_states.pt")),
-                           weights_only=False)  # fmt: skip
+        state = torch.load(
+            next(tested.glob(f"checkpoint-{STEPS}/global_step*/zero_pp_rank_{rank}_*optim_states.pt")),
+            weights_only=False,
+        )
         assert state["ds_config"]["zero_optimization"]["stage"] == int(zero[-1])
         partitions = state["optimizer_state_dict"]["partition_count"]  # per parameter group at stage 2
         assert set(partitions if isinstance(partitions, list) else [partitions]) == {2}
@@ -157,8 +195,10 @@ def test_zero_3_with_the_optimizer_on_the_cpu_trains_as_ddp_with_adamw(bundles, 
     adamw = ["--optim", "adamw_torch", "--learning_rate", 1e-3]
     launch(bundles["plain"], data, tmp_path / "ddp", *adamw)
     launch(bundles["plain"], data, tmp_path / "offload", *adamw, zero="zero3_offload")
-    state = torch.load(next((tmp_path / "offload").glob(f"checkpoint-{STEPS}/global_step*/*rank_0_*optim_states.pt")),
-                       weights_only=False)  # fmt: skip
+    state = torch.load(
+        next((tmp_path / "offload").glob(f"checkpoint-{STEPS}/global_step*/*rank_0_*optim_states.pt")),
+        weights_only=False,
+    )
     assert state["ds_config"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     np.testing.assert_allclose(losses(tmp_path / "offload"), losses(tmp_path / "ddp"), rtol=1e-4, atol=1e-5)
     expected, weights = (
@@ -183,8 +223,9 @@ def test_zero_checkpoints_load_on_the_oldest_transformers(runs, zero):
         "    print(json.dumps([transformers.__version__, {k: sorted(map(str, v)) for k, v in info.items()}]))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(OLDEST))
-    result = subprocess.run([sys.executable, "-c", script, *map(str, checkpoints)], env=env, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, checkpoints)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
     assert len(reports) == len(checkpoints)

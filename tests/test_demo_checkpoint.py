@@ -7,8 +7,13 @@ import pytest
 from tests.conftest import ROOT
 
 DEMO = ROOT / "examples" / "digits-demo"
-BUNDLE_FILES = ("configuration_internvl_x.py", "modeling_internvl_x.py", "processing_internvl_x.py",
-                "image_processing_internvl_x.py", "handler.py")  # fmt: skip
+BUNDLE_FILES = (
+    "configuration_internvl_x.py",
+    "modeling_internvl_x.py",
+    "processing_internvl_x.py",
+    "image_processing_internvl_x.py",
+    "handler.py",
+)
 
 
 @pytest.mark.parametrize("name", BUNDLE_FILES)

@@ -25,8 +25,11 @@ from tests.docs import (
 PYTHON_BLOCKS = [block for block in all_blocks() if block.language == "python"]
 SHELL_BLOCKS = [block for block in all_blocks() if block.language in ("bash", "sh", "shell")]
 COMMANDS = [(f"{block}: {' '.join(words)}", words) for block in SHELL_BLOCKS for words in commands_in_shell(block.code)]
-COMMANDS += [(f"{page.relative_to(ROOT)} (inline): {' '.join(words)}", words) for page in PAGES
-             for words in inline_commands(page)]  # fmt: skip
+COMMANDS += [
+    (f"{page.relative_to(ROOT)} (inline): {' '.join(words)}", words)
+    for page in PAGES
+    for words in inline_commands(page)
+]
 SCRIPT_COMMANDS = [(name, script_and_arguments(words)) for name, words in COMMANDS if script_and_arguments(words)]
 
 
@@ -36,8 +39,9 @@ def test_every_python_block_compiles_and_is_marked_runnable_or_says_what_it_need
     compile(block.code, str(block), "exec")
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if any(b.mark == "runnable" for b in blocks(p))],
-                         ids=lambda p: str(p.relative_to(ROOT)))  # fmt: skip
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if any(b.mark == "runnable" for b in blocks(p))], ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_runnable_blocks_run_as_written_and_print_what_their_comments_say(page, monkeypatch):
     """The page's runnable blocks in order, in one namespace, from the repository root (as a reader runs them). A
     `print(...)  # text` line must print that text."""

@@ -66,8 +66,13 @@ def test_empty_input_ids_are_refused(bundle, lvtc):
 
 def test_a_prompt_longer_than_the_positions_is_refused(bundle):
     """With LVTC the expanded tiles count: each of 2 tiles takes 16 positions from layer k on, not 4."""
-    model = bundle.model(seed=12, text=dict(num_hidden_layers=4, max_position_embeddings=40), lvtc_enabled=True,
-                         lvtc_expand_layer=3, lvtc_inject_start=1)  # fmt: skip
+    model = bundle.model(
+        seed=12,
+        text=dict(num_hidden_layers=4, max_position_embeddings=40),
+        lvtc_enabled=True,
+        lvtc_expand_layer=3,
+        lvtc_inject_start=1,
+    )
     ids = torch.tensor([prompt(10, image_span(2, 4), 5)])  # 1 + 10 + 10 + 5 = 26 tokens, 26 + 2 · 12 = 50 positions
     with pytest.raises(ValueError, match="needs 50 positions .* max_position_embeddings = 40"):
         model(input_ids=ids, pixel_values=tiles(2))

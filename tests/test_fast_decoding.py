@@ -80,8 +80,10 @@ def test_a_static_cache_prefill_runs_sdpa_s_causal_kernel_only_without_padding(b
     model = bundle.model(seed=3, **LVTC)
     ids = torch.tensor([prompt(3, image_span(2, N1SQ), 4, seed=row) for row in range(2)])
     padded, mask = left_pad([prompt(3, image_span(2, N1SQ), 4, seed=0), prompt(5, image_span(2, N1SQ), 1, seed=1)])
-    for inputs, prompt_masked in ((dict(input_ids=ids, attention_mask=torch.ones_like(ids)), False),
-                                  (dict(input_ids=padded, attention_mask=mask), True)):  # fmt: skip
+    for inputs, prompt_masked in (
+        (dict(input_ids=ids, attention_mask=torch.ones_like(ids)), False),
+        (dict(input_ids=padded, attention_mask=mask), True),
+    ):
         with torch.no_grad(), sdpa_masks() as calls:
             model.generate(**inputs, pixel_values=tiles(4, seed=9), **greedy(cache_implementation="static"))
         decoder_calls = calls[model.config.vision_config.num_hidden_layers :]  # after the vision tower's
@@ -197,8 +199,9 @@ def test_decode_step_traces_as_one_graph(bundle, variant):
     inputs = batch((3, 1))
     with torch.no_grad():
         eager = model.generate(**inputs, **greedy())
-        compiled = model.generate(**inputs, **greedy(cache_implementation="static",
-                                                     compile_config=compile_on_cpu(backend="eager")))  # fmt: skip
+        compiled = model.generate(
+            **inputs, **greedy(cache_implementation="static", compile_config=compile_on_cpu(backend="eager"))
+        )
     assert_same_greedy(compiled, eager)
 
 
@@ -247,8 +250,9 @@ def test_sdpa_s_own_grouped_query_attention_reads_the_cache_once_and_decodes_the
     heads; and the two-phase masks (LVTC's, FastV's) decode the same with it, static and dynamic cache."""
     from torch.profiler import ProfilerActivity, profile
 
-    overrides = {"fastv": dict(text=dict(num_hidden_layers=LAYERS), fastv_layer=1,
-                               fastv_ratio=0.5)}.get(variant, VARIANTS.get(variant))  # fmt: skip
+    overrides = {"fastv": dict(text=dict(num_hidden_layers=LAYERS), fastv_layer=1, fastv_ratio=0.5)}.get(
+        variant, VARIANTS.get(variant)
+    )
     model = bundle.model(seed=9, **overrides)
     text = model.config.text_config
     assert text.num_key_value_heads < text.num_attention_heads

@@ -17,8 +17,7 @@ N1SQ = 4
 
 def fastv(bundle, seed=0, layer=2, ratio=0.5, **overrides):
     text = dict(num_hidden_layers=LAYERS, **overrides.pop("text", {}))
-    return bundle.model(seed=seed, text=text, fastv_layer=layer, fastv_ratio=ratio,
-                        **overrides)  # fmt: skip
+    return bundle.model(seed=seed, text=text, fastv_layer=layer, fastv_ratio=ratio, **overrides)
 
 
 def plain_twin(bundle, model, **overrides):
@@ -53,8 +52,13 @@ def test_layers_from_k_on_hold_the_kept_share_of_visual_tokens(bundle):
 
 def test_settings_fastv_cannot_run_are_refused_by_name(bundle):
     with pytest.raises(ValueError, match="their combination is not defined"):
-        bundle.config(text=dict(num_hidden_layers=LAYERS), fastv_layer=2, lvtc_enabled=True,
-                      lvtc_expand_layer=3, lvtc_inject_start=1)  # fmt: skip
+        bundle.config(
+            text=dict(num_hidden_layers=LAYERS),
+            fastv_layer=2,
+            lvtc_enabled=True,
+            lvtc_expand_layer=3,
+            lvtc_inject_start=1,
+        )
     with pytest.raises(ValueError, match=r"fastv_layer 0 must be in \[1, 3\]"):
         bundle.config(text=dict(num_hidden_layers=LAYERS), fastv_layer=0)
     with pytest.raises(ValueError, match=r"fastv_ratio must be in \[0, 1\), got 1.0"):
@@ -117,8 +121,9 @@ def test_ranking_uses_the_last_prompt_token_s_attention_in_layer_k_minus_1(bundl
         layer_input = reference.hidden_states[1]
         positions = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
         decoder = model.model.language_model
-        scores = schedule.last_token_attention(decoder, decoder.layers[1], layer_input, inputs["attention_mask"],
-                                               positions)  # fmt: skip
+        scores = schedule.last_token_attention(
+            decoder, decoder.layers[1], layer_input, inputs["attention_mask"], positions
+        )
     torch.testing.assert_close(scores, expected, rtol=0, atol=1e-6)
 
 
@@ -163,15 +168,21 @@ def test_cached_decoding_continues_the_prefill_s_pruning_and_batches_equal_their
         all_positions = (mask.cumsum(1) - 1).clamp(min=0)  # as generate numbers a left-padded batch
         prefill = model(**inputs, position_ids=all_positions[:, : inputs["input_ids"].shape[1]], use_cache=True)
         positions = all_positions[:, -decoded.shape[1] :]
-        continued = model(input_ids=decoded[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                          **with_cache(cache_of(prefill)), use_cache=True).logits  # fmt: skip
+        continued = model(
+            input_ids=decoded[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :-1],
+            **with_cache(cache_of(prefill)),
+            use_cache=True,
+        ).logits
         stepwise = torch.stack(batched.logits[1:], dim=1)
         torch.testing.assert_close(continued, stepwise, rtol=0, atol=1e-4)
         start = 0
         for row, count in enumerate([3, 1]):
             real = inputs["input_ids"][row][inputs["attention_mask"][row].bool()][None]
-            alone = model.generate(input_ids=real, pixel_values=inputs["pixel_values"][start : start + count],
-                                   **greedy())  # fmt: skip
+            alone = model.generate(
+                input_ids=real, pixel_values=inputs["pixel_values"][start : start + count], **greedy()
+            )
             assert_same_greedy(batched, alone, rows=[(row, 0)])
             start += count
 

@@ -33,12 +33,24 @@ def write_dataset(folder, samples: int = 12, seed: int = 0):
                 {"conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello"}]}
             )
         elif i % 4 == 2:
-            lines.append({"image": f"{i}.png", "conversations": [
-                {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": answer},
-                {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": f"yes, {answer}"}]})  # fmt: skip
+            lines.append(
+                {
+                    "image": f"{i}.png",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat colour?"},
+                        {"from": "gpt", "value": answer},
+                        {"from": "human", "value": "Sure?"},
+                        {"from": "gpt", "value": f"yes, {answer}"},
+                    ],
+                }
+            )
         else:
-            lines.append({"image": f"{i}.png", "conversations": [
-                {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": answer}]})  # fmt: skip
+            lines.append(
+                {
+                    "image": f"{i}.png",
+                    "conversations": [{"from": "human", "value": "What colour?"}, {"from": "gpt", "value": answer}],
+                }
+            )
     (folder / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     (folder / "meta.json").write_text(json.dumps({"colours": {"annotation": "data.jsonl", "root": "images"}}))
     return folder / "meta.json"
@@ -46,8 +58,14 @@ def write_dataset(folder, samples: int = 12, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def lvtc_dir(bundle, tmp_path_factory):
-    return make_chat_bundle(bundle, tmp_path_factory.mktemp("lvtc_bundle"), text=dict(num_hidden_layers=4),
-                            lvtc_enabled=True, lvtc_expand_layer=3, lvtc_inject_start=1)  # fmt: skip
+    return make_chat_bundle(
+        bundle,
+        tmp_path_factory.mktemp("lvtc_bundle"),
+        text=dict(num_hidden_layers=4),
+        lvtc_enabled=True,
+        lvtc_expand_layer=3,
+        lvtc_inject_start=1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +83,12 @@ def test_labels_supervise_only_the_replies_of_a_multi_turn_sample(lvtc_dir, data
     tiles = len(sample["pixel_values"])
     assert (sample["input_ids"] == processor.image_token_id).sum() == tiles * processor.image_seq_length
     # the tokens spell out exactly the chat template's rendering of the conversation
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
-                {"role": "assistant", "content": "red"}, {"role": "user", "content": "Sure?"},
-                {"role": "assistant", "content": "yes, red"}]  # fmt: skip
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": "yes, red"},
+    ]
     rendered = processor.apply_chat_template(messages)
     span = "<img>" + "<IMG_CONTEXT>" * (tiles * processor.image_seq_length) + "</img>"
     expanded = rendered.replace(processor.image_token, span, 1)
@@ -83,9 +104,12 @@ def test_training_prompt_before_each_reply_is_the_inference_prompt(lvtc_dir, dat
     (path,) = dataset.rows[2].images  # image + two rounds
     sample = dataset[2]
     image = PIL.Image.open(path).convert("RGB")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
-                {"role": "assistant", "content": "red"}, {"role": "user", "content": "Sure?"},
-                {"role": "assistant", "content": "yes, red"}]  # fmt: skip
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": "yes, red"},
+    ]
     labels = sample["labels"].tolist()
     starts = [i for i, label in enumerate(labels) if label != -100 and (i == 0 or labels[i - 1] == -100)]
     assert len(starts) == 2
@@ -107,8 +131,11 @@ def test_a_template_without_generation_blocks_is_refused(lvtc_dir, data):
 def test_the_chat_format_is_written_in_one_place(bundle):
     """Only the processor's template renders the chat format; the checkpoints this repository ships save that same
     template. A second rendering elsewhere (an f-string in a script, say) could drift away from it unnoticed."""
-    sources = [path for path in ROOT.rglob("*.py")
-               if not path.relative_to(ROOT).parts[0].startswith((".", "tests")) and not path.is_symlink()]  # fmt: skip
+    sources = [
+        path
+        for path in ROOT.rglob("*.py")
+        if not path.relative_to(ROOT).parts[0].startswith((".", "tests")) and not path.is_symlink()
+    ]
     users = sorted(str(path.relative_to(ROOT)) for path in sources if "<|im_start|>" in path.read_text())
     assert users == ["processing_internvl_x.py"]
     processing = (ROOT / "processing_internvl_x.py").read_text()
@@ -163,9 +190,29 @@ def run(args):
 
 
 def common_args(model_dir, data, out, steps):
-    return ["--model_name_or_path", model_dir, "--meta_path", data, "--output_dir", out, "--max_steps", steps,
-            "--per_device_train_batch_size", 4, "--learning_rate", 3e-3, "--use_cpu", "--report_to", "none",
-            "--save_strategy", "no", "--logging_steps", 1, "--seed", 0]  # fmt: skip
+    return [
+        "--model_name_or_path",
+        model_dir,
+        "--meta_path",
+        data,
+        "--output_dir",
+        out,
+        "--max_steps",
+        steps,
+        "--per_device_train_batch_size",
+        4,
+        "--learning_rate",
+        3e-3,
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        1,
+        "--seed",
+        0,
+    ]
 
 
 def test_stage_1_changes_only_the_projectors(lvtc_dir, data, tmp_path):
@@ -180,10 +227,15 @@ def test_stage_1_changes_only_the_projectors(lvtc_dir, data, tmp_path):
 
 
 def test_full_stage_2_lowers_the_loss_with_gradient_checkpointing(lvtc_dir, data, tmp_path):
-    run(common_args(lvtc_dir, data, tmp_path, 40) + ["--stage", 2, f"--{CHECKPOINTING}",
-                                                     "--lr_scheduler_type", "constant"])  # fmt: skip
-    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if (
-        tmp_path / "trainer_state.json").exists() else None  # fmt: skip
+    run(
+        common_args(lvtc_dir, data, tmp_path, 40)
+        + ["--stage", 2, f"--{CHECKPOINTING}", "--lr_scheduler_type", "constant"]
+    )
+    history = (
+        json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+        if (tmp_path / "trainer_state.json").exists()
+        else None
+    )
     model = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)
     original = AutoModelForImageTextToText.from_pretrained(lvtc_dir, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
@@ -198,8 +250,22 @@ def test_full_stage_2_lowers_the_loss_with_gradient_checkpointing(lvtc_dir, data
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(lvtc_dir, data, tmp_path):
     """Also: evaluation logs a loss, and `save_total_limit` removes the oldest checkpoint."""
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    extra = ["--stage", 2, "--save_strategy", "steps", "--save_steps", 2, "--save_total_limit", 2,
-             "--eval_strategy", "steps", "--eval_steps", 3, "--eval_meta_path", data]  # fmt: skip
+    extra = [
+        "--stage",
+        2,
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        2,
+        "--save_total_limit",
+        2,
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        3,
+        "--eval_meta_path",
+        data,
+    ]
     run(common_args(lvtc_dir, data, first, 6) + extra)
     assert sorted(p.name for p in first.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # 2 was removed
     history = json.loads((first / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
@@ -286,9 +352,22 @@ def test_lora_stage_2_trains_and_merges_into_a_reloadable_model(lvtc_dir, data, 
 LAUNCHERS = {
     "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"],
     # Accelerate's DDP launcher; on a CPU-only machine `--use_cpu` below makes the two processes train on the CPU
-    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29532"],
-}  # fmt: skip
+    "accelerate": [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29532",
+    ],
+}
 
 
 @pytest.mark.distributed
@@ -297,8 +376,16 @@ def test_two_process_launch(lvtc_dir, data, tmp_path, launcher):
     env = child_env(OMP_NUM_THREADS="1")
     command = [sys.executable, *LAUNCHERS[launcher], str(ROOT / "examples" / "finetune.py")]
     command += [str(a) for a in common_args(lvtc_dir, data, tmp_path, 4)]
-    command += ["--ddp_backend", "gloo", "--save_strategy", "steps", "--save_steps", "4",
-                "--per_device_train_batch_size", "2"]  # fmt: skip
+    command += [
+        "--ddp_backend",
+        "gloo",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())

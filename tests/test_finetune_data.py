@@ -31,14 +31,32 @@ def write(folder, rows: list, **entry) -> str:
     return str(folder / "meta.json")
 
 
-INTERNVL = {"image": ["a.png", "b.png"], "conversations": [
-    {"from": "human", "value": "<image>\nFirst, then <image>\nsecond?"}, {"from": "gpt", "value": "yes"},
-    {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "quite"}]}  # fmt: skip
-MESSAGES = {"images": ["a.png"], "messages": [
-    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "First, then "},
-                                 {"type": "image", "path": "b.png"}, {"type": "text", "text": "second?"}]},
-    {"role": "assistant", "content": "yes"}, {"role": "user", "content": "Sure?"},
-    {"role": "assistant", "content": [{"type": "text", "text": "quite"}]}]}  # fmt: skip
+INTERNVL = {
+    "image": ["a.png", "b.png"],
+    "conversations": [
+        {"from": "human", "value": "<image>\nFirst, then <image>\nsecond?"},
+        {"from": "gpt", "value": "yes"},
+        {"from": "human", "value": "Sure?"},
+        {"from": "gpt", "value": "quite"},
+    ],
+}
+MESSAGES = {
+    "images": ["a.png"],
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": "First, then "},
+                {"type": "image", "path": "b.png"},
+                {"type": "text", "text": "second?"},
+            ],
+        },
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "quite"}]},
+    ],
+}
 
 
 def test_internvl_rows_and_messages_rows_give_the_same_sample(processor, tmp_path):
@@ -55,21 +73,33 @@ def test_internvl_rows_and_messages_rows_give_the_same_sample(processor, tmp_pat
     [
         ("{not json", "data.jsonl:2: not a JSON object"),
         ({"image": "a.png", "text": "no conversation"}, "data.jsonl:2: a row needs `conversations`"),
-        ({"image": "a.png", "conversations": [{"from": "gpt", "value": "an answer"}]},
-         "data.jsonl:2: the row has 1 images but no user turn to put them in"),
-        ({"image": "a.png", "conversations": [{"from": "human", "value": "<image> <image>"},
-                                              {"from": "gpt", "value": "x"}]},
-         "data.jsonl:2: the text has 2 `<image>` placeholders but the row has 1"),
-        ({"image": "missing.png", "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "x"}]},
-         "data.jsonl:2: image 'missing.png' not found"),
+        (
+            {"image": "a.png", "conversations": [{"from": "gpt", "value": "an answer"}]},
+            "data.jsonl:2: the row has 1 images but no user turn to put them in",
+        ),
+        (
+            {
+                "image": "a.png",
+                "conversations": [{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}],
+            },
+            "data.jsonl:2: the text has 2 `<image>` placeholders but the row has 1",
+        ),
+        (
+            {"image": "missing.png", "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "x"}]},
+            "data.jsonl:2: image 'missing.png' not found",
+        ),
         ({"conversations": [{"from": "robot", "value": "?"}]}, "data.jsonl:2: unknown role 'robot'"),
-        ({"messages": [{"role": "user", "content": [{"type": "video"}]}]},
-         "data.jsonl:2: content item of unknown type 'video'"),
-        ({"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "x"}]},
-         "data.jsonl:2: 1 image items have no image"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "video"}]}]},
+            "data.jsonl:2: content item of unknown type 'video'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "x"}]},
+            "data.jsonl:2: 1 image items have no image",
+        ),
         (["a list"], "data.jsonl:2: a row must be a JSON object"),
     ],
-)  # fmt: skip
+)
 def test_a_row_the_trainer_cannot_use_is_refused_by_file_and_line(processor, tmp_path, row, message):
     meta = write(tmp_path, [INTERNVL, row])
     with pytest.raises(ValueError, match=message.replace("(", "\\(").replace("`", "`")):
@@ -77,8 +107,10 @@ def test_a_row_the_trainer_cannot_use_is_refused_by_file_and_line(processor, tmp
 
 
 def test_repeat_time_copies_then_samples_the_fraction(processor, tmp_path):
-    rows = [dict(INTERNVL, conversations=[{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}])
-            for i in range(4)]  # fmt: skip
+    rows = [
+        dict(INTERNVL, conversations=[{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}])
+        for i in range(4)
+    ]
     assert len(finetune.read_meta(write(tmp_path, rows))) == 4
     assert len(finetune.read_meta(write(tmp_path, rows, repeat_time=2))) == 8
     half = finetune.read_meta(write(tmp_path, rows, repeat_time=0.5))
@@ -89,8 +121,10 @@ def test_repeat_time_copies_then_samples_the_fraction(processor, tmp_path):
 
 
 def test_rows_with_nothing_to_learn_are_counted_and_left_out(processor, tmp_path, caplog):
-    idle = [{"conversations": [{"from": "human", "value": "hello"}]},
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}]  # fmt: skip
+    idle = [
+        {"conversations": [{"from": "human", "value": "hello"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+    ]
     with caplog.at_level(logging.WARNING, logger=finetune.logger.name):
         rows = finetune.read_meta(write(tmp_path, [INTERNVL, *idle, MESSAGES]))
     assert [row.where.rsplit(":", 1)[1] for row in rows] == ["1", "4"]
@@ -99,8 +133,16 @@ def test_rows_with_nothing_to_learn_are_counted_and_left_out(processor, tmp_path
 
 
 def test_every_row_of_an_epoch_is_served_and_a_cut_reply_is_refused(processor, tmp_path):
-    rows = finetune.read_meta(write(tmp_path, [INTERNVL, MESSAGES, {"conversations": [
-        {"from": "human", "value": "long " * 50}, {"from": "gpt", "value": "short"}]}]))  # fmt: skip
+    rows = finetune.read_meta(
+        write(
+            tmp_path,
+            [
+                INTERNVL,
+                MESSAGES,
+                {"conversations": [{"from": "human", "value": "long " * 50}, {"from": "gpt", "value": "short"}]},
+            ],
+        )
+    )
     dataset = finetune.ChatDataset(rows, processor, max_length=4096)
     assert [len(dataset[i]["input_ids"]) > 0 for i in range(len(dataset))] == [True] * 3
     with pytest.raises(ValueError, match=r"data.jsonl:3 has \d+ tokens; max_length=40 cuts off every reply"):
@@ -122,8 +164,10 @@ def test_training_reads_images_as_inference_does(processor, tmp_path):
     rng = np.random.default_rng(0)
     exif_rotated(tmp_path / "images" / "photo.jpg", rng.integers(0, 256, (40, 90, 3), dtype=np.uint8))
     PIL.Image.fromarray(np.arange(60 * 50, dtype=np.uint16).reshape(50, 60) * 20).save(tmp_path / "images" / "deep.png")
-    rows = [{"image": name, "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "x"}]}
-            for name in ("photo.jpg", "deep.png")]  # fmt: skip
+    rows = [
+        {"image": name, "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "x"}]}
+        for name in ("photo.jpg", "deep.png")
+    ]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     (tmp_path / "meta.json").write_text(json.dumps({"s": {"annotation": "data.jsonl", "root": "images"}}))
     dataset = finetune.ChatDataset(finetune.read_meta(str(tmp_path / "meta.json")), processor)

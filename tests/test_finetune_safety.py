@@ -39,8 +39,16 @@ def test_another_run_s_checkpoints_are_neither_rotated_away_nor_overwritten(lvtc
     other = tmp_path / "checkpoint-1"
     other.mkdir()
     (other / "notes.txt").write_text("my notes")
-    args = common_args(lvtc_dir, data, tmp_path, 2) + ["--stage", 2, "--save_strategy", "steps", "--save_steps", 1,
-                                                       "--save_total_limit", 1]  # fmt: skip
+    args = common_args(lvtc_dir, data, tmp_path, 2) + [
+        "--stage",
+        2,
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        1,
+        "--save_total_limit",
+        1,
+    ]
     with pytest.raises(ValueError, match=r"already holds 1 checkpoint folders \(checkpoint-1\) that this run did not"):
         run(args)
     assert (other / "notes.txt").read_text() == "my notes"
@@ -61,8 +69,11 @@ def test_a_checkpoint_of_another_stage_is_refused_by_name(lvtc_dir, data, tmp_pa
     run(common_args(lvtc_dir, data, tmp_path, 1) + ["--stage", 1, "--save_strategy", "steps", "--save_steps", 1])
     checkpoint = tmp_path / "checkpoint-1"
     assert checkpoint.is_dir()
-    with pytest.raises(ValueError, match=rf"cannot resume from {checkpoint}: its optimizer state holds \d+ parameters "
-                                         r"but this run trains \d+"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"cannot resume from {checkpoint}: its optimizer state holds \d+ parameters "
+        r"but this run trains \d+",
+    ):
         run(common_args(lvtc_dir, data, tmp_path, 2) + ["--stage", 2, "--resume_from_checkpoint", str(checkpoint)])
 
 
@@ -70,12 +81,16 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(bundle, lvtc_dir, data
     from tests.conftest import make_chat_bundle
 
     plain = make_chat_bundle(bundle, tmp_path / "plain", seed=2)  # no LVTC projectors
-    run(common_args(plain, data, tmp_path / "plain-run", 1) + ["--stage", 2, "--save_strategy", "steps",
-                                                               "--save_steps", 1])  # fmt: skip
+    run(
+        common_args(plain, data, tmp_path / "plain-run", 1)
+        + ["--stage", 2, "--save_strategy", "steps", "--save_steps", 1]
+    )
     checkpoint = tmp_path / "plain-run" / "checkpoint-1"
     with pytest.raises(ValueError, match=rf"cannot resume from {checkpoint}: it holds 0 tensor names .* and lacks \d+"):
-        run(common_args(lvtc_dir, data, tmp_path / "lvtc-run", 2) + ["--stage", 2, "--resume_from_checkpoint",
-                                                                     str(checkpoint)])  # fmt: skip
+        run(
+            common_args(lvtc_dir, data, tmp_path / "lvtc-run", 2)
+            + ["--stage", 2, "--resume_from_checkpoint", str(checkpoint)]
+        )
 
 
 def write_meta(folder, text: str, rows: list | None = None):
@@ -88,27 +103,41 @@ def write_meta(folder, text: str, rows: list | None = None):
 ASK = {"from": "human", "value": "What colour?"}
 ANSWER = {"from": "gpt", "value": "red"}
 BAD_DATA = {
-    "a dataset name given twice": ('{"a": {"annotation": "rows.jsonl"}, "a": {"annotation": "rows.jsonl"}}',
-                                   [{"conversations": [ASK, ANSWER]}],
-                                   r"dataset names \['a'\] are given more than once"),
-    "an image in a reply": ('{"a": {"annotation": "rows.jsonl"}}',
-                            [{"image": "x.png", "conversations": [ASK, {"from": "gpt", "value": "<image>\nthis"}]}],
-                            r"rows\.jsonl:1: an assistant turn holds an image"),
-    "image tokens typed into text": ('{"a": {"annotation": "rows.jsonl"}}',
-                                     [{"conversations": [{"from": "human", "value": "Hi <IMG_CONTEXT>"}, ANSWER]}],
-                                     r"rows\.jsonl:1: a user turn holds \['<IMG_CONTEXT>'\]"),
+    "a dataset name given twice": (
+        '{"a": {"annotation": "rows.jsonl"}, "a": {"annotation": "rows.jsonl"}}',
+        [{"conversations": [ASK, ANSWER]}],
+        r"dataset names \['a'\] are given more than once",
+    ),
+    "an image in a reply": (
+        '{"a": {"annotation": "rows.jsonl"}}',
+        [{"image": "x.png", "conversations": [ASK, {"from": "gpt", "value": "<image>\nthis"}]}],
+        r"rows\.jsonl:1: an assistant turn holds an image",
+    ),
+    "image tokens typed into text": (
+        '{"a": {"annotation": "rows.jsonl"}}',
+        [{"conversations": [{"from": "human", "value": "Hi <IMG_CONTEXT>"}, ANSWER]}],
+        r"rows\.jsonl:1: a user turn holds \['<IMG_CONTEXT>'\]",
+    ),
     "not JSON": ("{nope", None, r"meta\.json: not JSON"),
     "a list, not datasets": ("[1, 2]", None, "must be an object of datasets"),
     "no annotation": ('{"a": {"root": "images"}}', None, r"dataset 'a' needs an `annotation` path"),
     "a missing annotation file": ('{"a": {"annotation": "none.jsonl"}}', None, "which is missing"),
-    "a bad repeat_time": ('{"a": {"annotation": "rows.jsonl", "repeat_time": "twice"}}',
-                          [{"conversations": [ASK, ANSWER]}], r"dataset 'a': could not convert string"),
-    "a content item that is not an object": ('{"a": {"annotation": "rows.jsonl"}}',
-                                             [{"messages": [{"role": "user", "content": ["hi"]}]}],
-                                             r"rows\.jsonl:1: a content item must be an object"),
-    "a role that is not text": ('{"a": {"annotation": "rows.jsonl"}}',
-                                [{"messages": [{"role": ["user"], "content": "hi"}]}], r"rows\.jsonl:1: unknown role"),
-}  # fmt: skip
+    "a bad repeat_time": (
+        '{"a": {"annotation": "rows.jsonl", "repeat_time": "twice"}}',
+        [{"conversations": [ASK, ANSWER]}],
+        r"dataset 'a': could not convert string",
+    ),
+    "a content item that is not an object": (
+        '{"a": {"annotation": "rows.jsonl"}}',
+        [{"messages": [{"role": "user", "content": ["hi"]}]}],
+        r"rows\.jsonl:1: a content item must be an object",
+    ),
+    "a role that is not text": (
+        '{"a": {"annotation": "rows.jsonl"}}',
+        [{"messages": [{"role": ["user"], "content": "hi"}]}],
+        r"rows\.jsonl:1: unknown role",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_DATA))

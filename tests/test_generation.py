@@ -92,13 +92,22 @@ def test_beam_search_batch_equals_each_prompt_alone_and_sampling_runs(model):
             # Beams rank sums of log-probabilities: the best beam is the same unless two are tied to rounding.
             torch.testing.assert_close(batched.sequences_scores[row], alone.sequences_scores[0], rtol=0, atol=1e-5)
             assert torch.equal(batched.sequences[row, -NEW_TOKENS:], alone.sequences[0, -NEW_TOKENS:])
-        sampling = GenerationConfig(do_sample=True, top_k=5, max_new_tokens=NEW_TOKENS, eos_token_id=None,
-                                    pad_token_id=PAD, suppress_tokens=IMAGE_TOKENS)  # fmt: skip
+        sampling = GenerationConfig(
+            do_sample=True,
+            top_k=5,
+            max_new_tokens=NEW_TOKENS,
+            eos_token_id=None,
+            pad_token_id=PAD,
+            suppress_tokens=IMAGE_TOKENS,
+        )
         runs = []
         for _ in range(2):
             torch.manual_seed(0)
-            runs.append(model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixel_values),
-                                       generation_config=sampling))  # fmt: skip
+            runs.append(
+                model.generate(
+                    input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixel_values), generation_config=sampling
+                )
+            )
     assert runs[0].shape == (2, ids.shape[1] + NEW_TOKENS) and torch.equal(runs[0], runs[1])
 
 
@@ -152,8 +161,9 @@ def test_decoding_stops_at_the_last_position_lvtc_s_expansion_included(bundle, a
     transformers_logging.enable_propagation()
     try:
         with caplog.at_level("WARNING"), torch.no_grad():
-            out = model.generate(input_ids=ids, pixel_values=tiles(2), do_sample=False, eos_token_id=None,
-                                 pad_token_id=PAD, **asked)  # fmt: skip
+            out = model.generate(
+                input_ids=ids, pixel_values=tiles(2), do_sample=False, eos_token_id=None, pad_token_id=PAD, **asked
+            )
     finally:
         transformers_logging.disable_propagation()
     assert out.shape[1] - ids.shape[1] == 14

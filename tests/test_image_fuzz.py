@@ -61,8 +61,12 @@ def images(draw):
     elif dtype in ("int64", "bool"):
         array = (array > 0.5).astype(dtype)
     else:
-        array = {"in range": array, "0..255 as float": array * 255 + 1.0, "negative": array - 1.5,
-                 "nan": np.where(array > 0.5, np.nan, array)}[values].astype(dtype)  # fmt: skip
+        array = {
+            "in range": array,
+            "0..255 as float": array * 255 + 1.0,
+            "negative": array - 1.5,
+            "nan": np.where(array > 0.5, np.nan, array),
+        }[values].astype(dtype)
     if layout == "CHW":
         array = np.ascontiguousarray(np.moveaxis(array, -1, 0))
     in_range = values == "in range" or (values == "nan" and not np.isnan(array).any())  # a draw may have no NaN
@@ -84,8 +88,12 @@ def expected_layout(image) -> tuple[int, int] | None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(drawn=images(), slicing=st.sampled_from(["ratio", "area", "edge"]), max_patches=st.integers(1, 12),
-       thumbnail=st.booleans())  # fmt: skip
+@given(
+    drawn=images(),
+    slicing=st.sampled_from(["ratio", "area", "edge"]),
+    max_patches=st.integers(1, 12),
+    thumbnail=st.booleans(),
+)
 def test_any_image_gives_the_rule_s_tiling_or_a_value_error(processor_class, drawn, slicing, max_patches, thumbnail):
     image, _, valid = drawn
     if isinstance(image, PIL.Image.Image):
@@ -105,8 +113,11 @@ def test_any_image_gives_the_rule_s_tiling_or_a_value_error(processor_class, dra
     # The rule: InternVL's matching (Transformers' own implementation in ratio mode) under RVTC's caps.
     if slicing == "ratio":
         assert (columns, rows) == tuple(get_optimal_tiled_canvas((height, width), (TILE, TILE), 1, max_patches))
-    cap = {"ratio": max_patches, "area": math.ceil(width * height / TILE**2),
-           "edge": math.ceil(width / TILE) * math.ceil(height / TILE)}[slicing]  # fmt: skip
+    cap = {
+        "ratio": max_patches,
+        "area": math.ceil(width * height / TILE**2),
+        "edge": math.ceil(width / TILE) * math.ceil(height / TILE),
+    }[slicing]
     assert 1 <= tiles <= max(1, min(max_patches, cap))
     expected = tiles + int(thumbnail and tiles > 1)
     assert out["num_patches"].tolist() == [expected]

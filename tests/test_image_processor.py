@@ -88,8 +88,10 @@ def test_area_tiles_at_most_edge_tiles_at_most_ratio_tiles(tile_grid, size, max_
 
 
 @settings(max_examples=25, deadline=None)
-@given(images=st.lists(sizes.map(lambda s: (s[0] % 200 + 1, s[1] % 200 + 1)), min_size=1, max_size=3),
-       slicing=st.sampled_from(["ratio", "area", "edge"]))  # fmt: skip
+@given(
+    images=st.lists(sizes.map(lambda s: (s[0] % 200 + 1, s[1] % 200 + 1)), min_size=1, max_size=3),
+    slicing=st.sampled_from(["ratio", "area", "edge"]),
+)
 def test_every_tile_is_square_and_num_patches_add_up(processor_class, images, slicing):
     processor = processor_class(image_size=28, max_patches=6, slicing=slicing)
     batch = [PIL.Image.new("RGB", size, color=(10, 200, 30)) for size in images]
@@ -207,8 +209,13 @@ def test_high_bit_images_are_scaled_not_clipped_however_they_are_given(processor
     encoded = base64.b64encode((folder / name).read_bytes()).decode()
     processor = processor_class(image_size=28, max_patches=1)
     reference = processor(image)["pixel_values"]
-    sources = [str(folder / name), f"file://{folder / name}", f"{base_url}/{name}", encoded,
-               f"data:image/png;base64,{encoded}"]  # fmt: skip
+    sources = [
+        str(folder / name),
+        f"file://{folder / name}",
+        f"{base_url}/{name}",
+        encoded,
+        f"data:image/png;base64,{encoded}",
+    ]
     for source in sources:
         torch.testing.assert_close(processor(source)["pixel_values"], reference, rtol=0, atol=0, msg=source)
     # unnormalised: the ramp's first pixel is black and its last white, and the middle is neither
@@ -241,8 +248,17 @@ def test_an_exif_rotated_photo_is_read_upright_as_object_and_as_path(processor_c
         torch.testing.assert_close(out["pixel_values"], expected["pixel_values"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name,value", [("image_size", 0), ("image_size", -8), ("image_size", 2.5),
-                                        ("max_patches", 0), ("max_patches", -3), ("min_patches", 0)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("image_size", 0),
+        ("image_size", -8),
+        ("image_size", 2.5),
+        ("max_patches", 0),
+        ("max_patches", -3),
+        ("min_patches", 0),
+    ],
+)
 def test_sizes_of_zero_negative_or_fractional_are_refused_by_name(processor_class, name, value):
     """A tile side of 0 crashed inside torchvision's resize; now both ways of giving it are refused by name."""
     message = rf"{name} must be a positive integer, got {value}"
@@ -271,8 +287,10 @@ def test_the_grid_search_is_the_exhaustive_one_and_scales_to_huge_caps(tile_grid
     the same order, so the same grid wins: checked against the exhaustive search for every cap up to 40."""
 
     def exhaustive(width, height, size, cap):
-        grids = sorted(((c, r) for c in range(1, cap + 1) for r in range(1, cap + 1) if c * r <= cap),
-                       key=lambda grid: grid[0] * grid[1])  # fmt: skip
+        grids = sorted(
+            ((c, r) for c in range(1, cap + 1) for r in range(1, cap + 1) if c * r <= cap),
+            key=lambda grid: grid[0] * grid[1],
+        )
         best, best_diff = (1, 1), float("inf")
         for columns, rows in grids:
             diff = abs(width / height - columns / rows)

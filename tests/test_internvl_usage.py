@@ -41,8 +41,10 @@ GENERATION = dict(max_new_tokens=12, do_sample=False)
 def closest_grid(width: int, height: int, max_num: int, size: int) -> tuple[int, int]:
     """(columns, rows) with 1 ≤ columns·rows ≤ max_num whose ratio is nearest the image's; among equally near grids,
     fewer tiles first, a larger grid winning only while the image covers more than half of it."""
-    grids = sorted({(c, r) for n in range(1, max_num + 1) for c in range(1, n + 1) for r in range(1, n + 1)
-                    if c * r <= max_num}, key=lambda g: g[0] * g[1])  # fmt: skip
+    grids = sorted(
+        {(c, r) for n in range(1, max_num + 1) for c in range(1, n + 1) for r in range(1, n + 1) if c * r <= max_num},
+        key=lambda g: g[0] * g[1],
+    )
     best, best_gap = (1, 1), float("inf")
     for columns, rows in grids:
         gap = abs(width / height - columns / rows)
@@ -62,8 +64,11 @@ def load_image(image: PIL.Image.Image, input_size: int, max_num: int) -> torch.T
     image = image.convert("RGB")
     columns, rows = closest_grid(*image.size, max_num, input_size)
     grid = image.resize((columns * input_size, rows * input_size), PIL.Image.Resampling.BICUBIC)
-    tiles = [grid.crop((c * input_size, r * input_size, (c + 1) * input_size, (r + 1) * input_size))
-             for r in range(rows) for c in range(columns)]  # fmt: skip
+    tiles = [
+        grid.crop((c * input_size, r * input_size, (c + 1) * input_size, (r + 1) * input_size))
+        for r in range(rows)
+        for c in range(columns)
+    ]
     if len(tiles) > 1:
         tiles.append(image)
     return torch.stack([to_tensor(tile, input_size) for tile in tiles])
@@ -94,8 +99,9 @@ def demo_image(example) -> PIL.Image.Image:
 @pytest.fixture(scope="module")
 def demo():
     """The InternVL-X README's quick start, on the demo (its tile size is 64)."""
-    model = AutoModel.from_pretrained(DEMO, torch_dtype=torch.float32, low_cpu_mem_usage=True,
-                                      use_flash_attention_2=False, trust_remote_code=True).eval()  # fmt: skip
+    model = AutoModel.from_pretrained(
+        DEMO, torch_dtype=torch.float32, low_cpu_mem_usage=True, use_flash_attention_2=False, trust_remote_code=True
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(DEMO, trust_remote_code=True, use_fast=False)
     return model, tokenizer, AutoProcessor.from_pretrained(DEMO, trust_remote_code=True)
 
@@ -113,15 +119,20 @@ def test_auto_model_gives_the_model_that_chats_and_from_config_the_base_model():
         "InternVLXForConditionalGeneration"
     )
     # Hidden states only: the chat model's base model gives what the base model gives.
-    inputs = AutoProcessor.from_pretrained(DEMO, trust_remote_code=True)(text="<image>\nhi", images=[demo_image(
-        EXAMPLES[0])])  # fmt: skip
+    inputs = AutoProcessor.from_pretrained(DEMO, trust_remote_code=True)(
+        text="<image>\nhi", images=[demo_image(EXAMPLES[0])]
+    )
     base.load_state_dict(model.model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(base.eval()(**inputs).last_hidden_state, model.model(**inputs).last_hidden_state)
 
 
-FLASH_KEYWORDS = [dict(use_flash_attn=True), dict(use_flash_attention_2=True), dict(use_flash_attn=False),
-                  dict(low_cpu_mem_usage=True, torch_dtype="float32")]  # fmt: skip
+FLASH_KEYWORDS = [
+    dict(use_flash_attn=True),
+    dict(use_flash_attention_2=True),
+    dict(use_flash_attn=False),
+    dict(low_cpu_mem_usage=True, torch_dtype="float32"),
+]
 
 
 @pytest.mark.parametrize("keywords", FLASH_KEYWORDS, ids=lambda k: ",".join(f"{n}={v}" for n, v in k.items()))
@@ -174,8 +185,9 @@ def test_several_images_and_video_frames_by_num_patches_list(demo):
     frames = [demo_image(e) for e in EXAMPLES[:4]]
     prefix = "".join(f"Frame{i + 1}: <image>\n" for i in range(len(frames)))
     pixel_values = torch.cat([load_image(frame, 64, 1) for frame in frames])
-    answer = model.chat(tokenizer, pixel_values, prefix + "What digit is this?", GENERATION,
-                        num_patches_list=[1] * len(frames))  # fmt: skip
+    answer = model.chat(
+        tokenizer, pixel_values, prefix + "What digit is this?", GENERATION, num_patches_list=[1] * len(frames)
+    )
     assert answer == processor_answer(model, processor, frames, prefix + "What digit is this?", max_patches=1)
     with pytest.raises(ValueError, match=r"num_patches_list \[1, 1, 1\] adds up to 3 tiles but pixel_values has 4"):
         model.chat(tokenizer, pixel_values, prefix + "What digit?", GENERATION, num_patches_list=[1, 1, 1])
@@ -194,8 +206,9 @@ def test_history_batch_chat_and_a_streamer(demo):
     images = [demo_image(e) for e in EXAMPLES[:3]]
     tiles = [load_image(i, 64, 4) for i in images]
     questions = [e["question"] for e in EXAMPLES[:3]]
-    answers = model.batch_chat(tokenizer, torch.cat(tiles), questions, GENERATION,
-                               num_patches_list=[len(t) for t in tiles])  # fmt: skip
+    answers = model.batch_chat(
+        tokenizer, torch.cat(tiles), questions, GENERATION, num_patches_list=[len(t) for t in tiles]
+    )
     assert answers == [model.chat(tokenizer, t, q, GENERATION) for t, q in zip(tiles, questions)]
 
     class Collect(BaseStreamer):
@@ -231,12 +244,18 @@ def test_a_generic_generate_stops_at_the_tokenizer_s_eos(demo):
     model = AutoModelForCausalLM.from_pretrained(DEMO, trust_remote_code=True).eval()
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id in model.generation_config.eos_token_id
     example = EXAMPLES[1]
-    text = processor.apply_chat_template([{"role": "user", "content": "<image>\n" + example["question"]}],
-                                         tokenize=False, add_generation_prompt=True)  # fmt: skip
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": "<image>\n" + example["question"]}], tokenize=False, add_generation_prompt=True
+    )
     inputs = processor(text=text, images=[demo_image(example)])
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        output = model.generate(
+            **inputs,
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     new = output[0, inputs["input_ids"].shape[1] :].tolist()
     assert new[-1] == tokenizer.eos_token_id and len(new) < 20
     assert tokenizer.decode(new, skip_special_tokens=True).strip() == example["answer"]
@@ -246,8 +265,9 @@ def test_lmms_eval_s_internvl_adapter_calls(demo):
     """lmms-eval's `internvl2` / `internvl3` adapters: bf16, low_cpu_mem_usage, a device map, the slow tokenizer, their
     generation keywords (num_beams, top_p) and `chat` with `load_image` tiles."""
     _, tokenizer, processor = demo
-    model = AutoModel.from_pretrained(DEMO, torch_dtype=torch.bfloat16, low_cpu_mem_usage=True,
-                                      trust_remote_code=True, device_map="cpu").eval()  # fmt: skip
+    model = AutoModel.from_pretrained(
+        DEMO, torch_dtype=torch.bfloat16, low_cpu_mem_usage=True, trust_remote_code=True, device_map="cpu"
+    ).eval()
     example = EXAMPLES[0]
     image = demo_image(example)
     pixel_values = load_image(image, 64, 4).to(torch.bfloat16)
@@ -266,8 +286,9 @@ def converted(tmp_path_factory):
 
 
 def test_the_model_card_usage_on_a_converted_internvl2_checkpoint(converted):
-    model = AutoModel.from_pretrained(converted, torch_dtype=torch.float32, low_cpu_mem_usage=True,
-                                      use_flash_attn=True, trust_remote_code=True).eval()  # fmt: skip
+    model = AutoModel.from_pretrained(
+        converted, torch_dtype=torch.float32, low_cpu_mem_usage=True, use_flash_attn=True, trust_remote_code=True
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(converted, trust_remote_code=True, use_fast=False)
     processor = AutoProcessor.from_pretrained(converted, trust_remote_code=True)
     assert tokenizer.eos_token == "<|im_end|>"

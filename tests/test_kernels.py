@@ -20,8 +20,7 @@ from tests.tiny import image_span, left_pad, prompt, tiles
 
 pytestmark = pytest.mark.compat
 TOKENS = 4  # tokens per tile of the tiny geometry (LVTC: 4 → 16)
-MODELS = {"lvtc": LVTC, "fastv": dict(text=dict(num_hidden_layers=4), fastv_layer=1,
-                                       fastv_ratio=0.5)}  # fmt: skip
+MODELS = {"lvtc": LVTC, "fastv": dict(text=dict(num_hidden_layers=4), fastv_layer=1, fastv_ratio=0.5)}
 KERNELS_BY_DEFAULT = TRANSFORMERS >= Version("5.25.0.dev0")
 
 

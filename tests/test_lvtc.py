@@ -99,8 +99,14 @@ def test_an_injected_lr_projector_adds_its_tokens_before_its_layer(bundle):
 def greedy(**kwargs):
     settings = dict(output_logits=True, output_scores=True, return_dict_in_generate=True)
     settings.update(kwargs)
-    return GenerationConfig(do_sample=False, max_new_tokens=20, eos_token_id=None, pad_token_id=PAD,
-                            suppress_tokens=IMAGE_TOKENS, **settings)  # fmt: skip
+    return GenerationConfig(
+        do_sample=False,
+        max_new_tokens=20,
+        eos_token_id=None,
+        pad_token_id=PAD,
+        suppress_tokens=IMAGE_TOKENS,
+        **settings,
+    )
 
 
 @pytest.mark.compat
@@ -124,8 +130,9 @@ def test_left_padded_batch_with_1_3_and_7_tiles_equals_each_prompt_alone(bundle)
     ids, mask = left_pad(prompts)
     with torch.no_grad():
         batched_logits = model(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixel_values)).logits
-        batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixel_values),
-                                 generation_config=greedy())  # fmt: skip
+        batched = model.generate(
+            input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixel_values), generation_config=greedy()
+        )
         for row, (p, pv) in enumerate(zip(prompts, pixel_values)):
             alone_logits = model(input_ids=torch.tensor([p]), pixel_values=pv).logits[0]
             torch.testing.assert_close(batched_logits[row, -len(p) :], alone_logits, rtol=0, atol=1e-4)
@@ -190,8 +197,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(bundle):
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-SLIDING_WINDOW_QWEN2 = dict(model_type="qwen2", num_hidden_layers=LAYERS, use_sliding_window=True, sliding_window=8,
-                            max_window_layers=2)  # fmt: skip
+SLIDING_WINDOW_QWEN2 = dict(
+    model_type="qwen2", num_hidden_layers=LAYERS, use_sliding_window=True, sliding_window=8, max_window_layers=2
+)
 
 
 @pytest.mark.parametrize(
@@ -258,10 +266,18 @@ def test_trainer_lowers_the_loss_in_30_steps(bundle, tmp_path):
     model = lvtc(bundle, seed=13).train()
     dataset = SyntheticImageQA(24)
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=4, learning_rate=3e-3,
-        logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, seed=0, lr_scheduler_type="constant",
+        output_dir=str(tmp_path),
+        max_steps=30,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        lr_scheduler_type="constant",
         **{CHECKPOINTING: True, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
-    )  # fmt: skip
+    )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
     eval_batch = collate([dataset[i] for i in range(8)])
     with torch.no_grad():

@@ -8,8 +8,14 @@ import torch
 
 from tests.tiny import image_span, left_pad, prompt, tiles
 
-LVTC = dict(text=dict(num_hidden_layers=4), lvtc_enabled=True, lvtc_expand_layer=3, lvtc_inject_start=1,
-            lvtc_num_lr_projectors=3, lvtc_inject_interval=1)  # fmt: skip
+LVTC = dict(
+    text=dict(num_hidden_layers=4),
+    lvtc_enabled=True,
+    lvtc_expand_layer=3,
+    lvtc_inject_start=1,
+    lvtc_num_lr_projectors=3,
+    lvtc_inject_interval=1,
+)
 VARIANTS = {
     "plain": {},
     "pvtc": dict(projector_type="pvtc"),
@@ -17,8 +23,12 @@ VARIANTS = {
     "pvtc+lvtc": dict(projector_type="pvtc", **LVTC),
     "fastv": dict(text=dict(num_hidden_layers=4), fastv_layer=2, fastv_ratio=0.5),
 }
-VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "model.lvtc_lr_projectors.",
-                   "model.lvtc_hr_projector.")  # fmt: skip
+VISION_PREFIXES = (
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+    "model.lvtc_lr_projectors.",
+    "model.lvtc_hr_projector.",
+)
 
 
 def text_batch() -> dict:
@@ -39,8 +49,9 @@ def test_padding_tiles_change_nothing_and_give_every_vision_module_a_zero_gradie
     model = bundle.model(seed=21, **variant).train()
     batch = text_batch()
     loss, grads = loss_and_grads(model, **batch)
-    padded_loss, padded_grads = loss_and_grads(model, **batch, pixel_values=torch.zeros(1, *tiles(1).shape[1:]),
-                                               image_flags=torch.zeros(1, dtype=torch.long))  # fmt: skip
+    padded_loss, padded_grads = loss_and_grads(
+        model, **batch, pixel_values=torch.zeros(1, *tiles(1).shape[1:]), image_flags=torch.zeros(1, dtype=torch.long)
+    )
     torch.testing.assert_close(padded_loss, loss, rtol=0, atol=0)
     vision = [name for name in grads if name.startswith(VISION_PREFIXES)]
     assert vision and all(grads[name] is None for name in vision)  # without padding tiles: not in the graph
@@ -59,8 +70,11 @@ def test_padding_tiles_run_every_module_that_images_run_in_the_same_order(bundle
 
     def order(**inputs) -> list[str]:
         calls = []
-        hooks = [module.register_forward_pre_hook(lambda module, args, name=name: calls.append(name))
-                 for name, module in model.named_modules() if list(module.parameters(recurse=False))]  # fmt: skip
+        hooks = [
+            module.register_forward_pre_hook(lambda module, args, name=name: calls.append(name))
+            for name, module in model.named_modules()
+            if list(module.parameters(recurse=False))
+        ]
         try:
             model(**inputs)
         finally:
@@ -69,8 +83,11 @@ def test_padding_tiles_run_every_module_that_images_run_in_the_same_order(bundle
         return calls
 
     with_image = order(input_ids=torch.tensor([prompt(2, image_span(1, 4), 3)]), pixel_values=tiles(1))
-    padded = order(input_ids=torch.tensor([prompt(8)]), pixel_values=torch.zeros(1, *tiles(1).shape[1:]),
-                   image_flags=torch.zeros(1, dtype=torch.long))  # fmt: skip
+    padded = order(
+        input_ids=torch.tensor([prompt(8)]),
+        pixel_values=torch.zeros(1, *tiles(1).shape[1:]),
+        image_flags=torch.zeros(1, dtype=torch.long),
+    )
     text_only = order(input_ids=torch.tensor([prompt(8)]))
     assert padded == with_image
     assert any(name.startswith("model.lvtc_hr_projector") for name in padded)

@@ -104,8 +104,9 @@ def test_chat_and_batch_chat_equal_the_processor_and_generate_path(loaded):
     images = [image(seed=1), image(50, 50, seed=2)]
     tiles = [processor.load_image(img) for img in images]
     with torch.no_grad():
-        answers = model.batch_chat(processor, torch.cat(tiles), ["One?", "Two?"], GREEDY,
-                                   num_patches_list=[len(t) for t in tiles])  # fmt: skip
+        answers = model.batch_chat(
+            processor, torch.cat(tiles), ["One?", "Two?"], GREEDY, num_patches_list=[len(t) for t in tiles]
+        )
     for img, question, got in zip(images, ["One?", "Two?"], answers):
         one = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": question}]}]
         assert got == generate_from_messages(processor, model, one)[1]
@@ -126,9 +127,19 @@ def test_image_text_to_text_pipeline(chat_dir):
     message = [{"role": "user", "content": [{"type": "image", "image": image()}, {"type": "text", "text": "What?"}]}]
     out = pipe(text=message, max_new_tokens=4, return_full_text=False)
     assert isinstance(out[0]["generated_text"], str)
-    batch = pipe(text=[message, [{"role": "user", "content": [{"type": "image", "image": image(seed=3)},
-                                                               {"type": "text", "text": "Two?"}]}]],
-                 max_new_tokens=4, return_full_text=False)  # fmt: skip
+    batch = pipe(
+        text=[
+            message,
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": image(seed=3)}, {"type": "text", "text": "Two?"}],
+                }
+            ],
+        ],
+        max_new_tokens=4,
+        return_full_text=False,
+    )
     assert len(batch) == 2 and all(isinstance(item[0]["generated_text"], str) for item in batch)
     text_only = pipe(text=[{"role": "user", "content": [{"type": "text", "text": "Hello"}]}], max_new_tokens=4)
     assert isinstance(text_only[0]["generated_text"], list | str)

@@ -87,10 +87,18 @@ def test_cls_changes_every_output_through_the_global_path_only(bundle):
 def released_names(module):
     """`w(name)`: the module's weights under the released checkpoints' names (the test's own table)."""
     table = {"mlp1": module.local_mlp, "mlp2": module.cls_mlp, "mlp3": module.kv_mlp}
-    parts = {"attn.norm1": "attention.query_norm", "attn.norm2": "attention.key_value_norm",
-             "attn.q": "attention.q_proj", "attn.k": "attention.k_proj", "attn.v": "attention.v_proj",
-             "attn.proj": "attention.o_proj", "mlp.norm": "mlp.norm", "mlp.w1": "mlp.gate_proj",
-             "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj"}  # fmt: skip
+    parts = {
+        "attn.norm1": "attention.query_norm",
+        "attn.norm2": "attention.key_value_norm",
+        "attn.q": "attention.q_proj",
+        "attn.k": "attention.k_proj",
+        "attn.v": "attention.v_proj",
+        "attn.proj": "attention.o_proj",
+        "mlp.norm": "mlp.norm",
+        "mlp.w1": "mlp.gate_proj",
+        "mlp.w3": "mlp.up_proj",
+        "mlp.w2": "mlp.down_proj",
+    }
 
     def w(name):
         if name == "cls_scale":

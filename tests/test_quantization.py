@@ -16,9 +16,17 @@ from tests.decoding import assert_same_greedy, greedy
 from tests.tiny import image_span, left_pad, prompt, tiles
 
 N1SQ = 4
-WIDE = dict(vision=dict(hidden_size=128, intermediate_size=256, num_attention_heads=4),
-            text=dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=4))  # fmt: skip
+WIDE = dict(
+    vision=dict(hidden_size=128, intermediate_size=256, num_attention_heads=4),
+    text=dict(
+        hidden_size=128,
+        intermediate_size=256,
+        head_dim=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=4,
+    ),
+)
 VARIANTS = {
     "plain": {},
     "pvtc": dict(projector_type="pvtc", pvtc_num_heads=4),

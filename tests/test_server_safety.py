@@ -43,8 +43,9 @@ def refused(base_url: str, content: list[dict], **fields) -> tuple[int, str]:
 
 def post(base_url: str, path: str, body: dict) -> tuple[int, str]:
     root = base_url.removesuffix("/v1")
-    request = urllib.request.Request(root + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"content-type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        root + path, data=json.dumps(body).encode(), method="POST", headers={"content-type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.read().decode()
@@ -117,8 +118,17 @@ def opened(tmp_path_factory):
     from examples.serve import running
 
     env = {"HF_HOME": str(tmp_path_factory.mktemp("hf") / "hf"), "HF_HUB_OFFLINE": "1"}
-    options = ("--device", "cpu", "--allow-internal-urls", "--allowed-local-media-path", str(DEMO),
-               "--fetch-timeout", "3", "--max-image-mb", "1")  # fmt: skip
+    options = (
+        "--device",
+        "cpu",
+        "--allow-internal-urls",
+        "--allowed-local-media-path",
+        str(DEMO),
+        "--fetch-timeout",
+        "3",
+        "--max-image-mb",
+        "1",
+    )
     with running(DEMO, *options, env=env, log=ROOT / ".pytest-serve-opened.log") as base_url:
         yield base_url
 
@@ -149,9 +159,13 @@ def test_local_files_are_refused_without_telling_whether_they_exist(guarded):
 
 def test_internal_addresses_are_refused_alike(guarded, image_host):
     messages = set()
-    internal = (f"{image_host}/demo/{EXAMPLES[0]['image']}", "http://127.0.0.1:9/closed.png",
-                "http://169.254.169.254/latest/meta-data", "http://[::1]:9/x.png",
-                "http://localhost:1/x.png")  # fmt: skip
+    internal = (
+        f"{image_host}/demo/{EXAMPLES[0]['image']}",
+        "http://127.0.0.1:9/closed.png",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]:9/x.png",
+        "http://localhost:1/x.png",
+    )
     for url in internal:
         status, message = refused(guarded, [url_part(url), TEXT])
         assert status == 400 and "not a public address" in message
@@ -163,11 +177,13 @@ def test_generation_fields_are_bounded(guarded):
     image = [image_part(EXAMPLES[0]["image"]), TEXT]
     cases = {
         "stop": (dict(stop=["\n"]), "`stop` is not accepted by this server"),
-        "generation_config": (dict(extra_body={"generation_config": json.dumps({"max_length": 10**6})}),
-                              "may allow it with --allow-generation-config"),
+        "generation_config": (
+            dict(extra_body={"generation_config": json.dumps({"max_length": 10**6})}),
+            "may allow it with --allow-generation-config",
+        ),
         "max_tokens": (dict(max_tokens=10**6), r"`max_tokens` must be an integer from 1 to 1024"),
         "temperature": (dict(temperature=9.0), r"`temperature` must be a number from 0.0 to 2.0"),
-    }  # fmt: skip
+    }
     for name, (fields, message) in cases.items():
         status, text = refused(guarded, image, **fields)
         assert status == 400 and re.search(message, text), (name, text)
@@ -253,9 +269,22 @@ def drawn_requests():
     from hypothesis import strategies as st
 
     good = f"data:image/png;base64,{encoded(EXAMPLES[0]['image'])}"
-    images = st.sampled_from([good, "data:image/png;base64,AAAA", "data:image/png;base64,!!", str(DEMO / "x.png"),
-                              "file:///etc/hostname", "http://127.0.0.1:1/x.png", "http://169.254.169.254/", 7, None,
-                              {"url": good}, "../../etc/passwd", "ftp://example.com/x.png"])  # fmt: skip
+    images = st.sampled_from(
+        [
+            good,
+            "data:image/png;base64,AAAA",
+            "data:image/png;base64,!!",
+            str(DEMO / "x.png"),
+            "file:///etc/hostname",
+            "http://127.0.0.1:1/x.png",
+            "http://169.254.169.254/",
+            7,
+            None,
+            {"url": good},
+            "../../etc/passwd",
+            "ftp://example.com/x.png",
+        ]
+    )
     parts = st.one_of(
         st.builds(lambda url: {"type": "image_url", "image_url": {"url": url}}, images),
         st.builds(lambda url: {"type": "image_url", "image_url": url}, images),
@@ -263,8 +292,9 @@ def drawn_requests():
         st.sampled_from([{"type": "video", "video": "x.mp4"}, {"type": "nope"}, {}, "just text", None]),
     )
     content = st.one_of(st.text(max_size=40), st.lists(parts, max_size=4), st.none(), st.integers())
-    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", "", 5]),
-                                     "content": content})  # fmt: skip
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "tool", "", 5]), "content": content}
+    )
     fields = st.fixed_dictionaries(
         {},
         optional={
@@ -292,8 +322,9 @@ def test_drawn_requests_get_an_answer_or_a_4xx_never_a_crash(guarded):
     def one(request):
         messages, fields = request
         fields = {key: value for key, value in fields.items() if value is not None}
-        status, text = post(guarded, "/v1/chat/completions",
-                            {"model": MODEL, "messages": messages, "max_tokens": 4, **fields})  # fmt: skip
+        status, text = post(
+            guarded, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 4, **fields}
+        )
         seen.append(status)
         assert status < 500, (messages, fields, status, text[:500])
         if status == 200:

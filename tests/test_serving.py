@@ -46,9 +46,13 @@ def test_generate_on_the_saved_generation_config_stops_at_the_end_of_the_turn(de
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert end in model.generation_config.eos_token_id and model.generation_config.pad_token_id is not None
     for example in EXAMPLES:
-        inputs = processor.apply_chat_template(question(example, {"path": str(DEMO / example["image"])}),
-                                               add_generation_prompt=True, tokenize=True, return_dict=True,
-                                               return_tensors="pt")  # fmt: skip
+        inputs = processor.apply_chat_template(
+            question(example, {"path": str(DEMO / example["image"])}),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
         new = output[0, inputs["input_ids"].shape[1] :]
@@ -89,8 +93,13 @@ def test_images_given_as_text_equal_the_same_image_given_as_pil(demo, http_folde
     name = EXAMPLES[2]["image"]
     path = str(DEMO / name)
     reference = processor.image_processor(PIL.Image.open(path))["pixel_values"]
-    for source in (path, f"file://{path}", f"data:image/png;base64,{encoded(name)}", encoded(name),
-                   f"{http_folder}/{name}"):  # fmt: skip
+    for source in (
+        path,
+        f"file://{path}",
+        f"data:image/png;base64,{encoded(name)}",
+        encoded(name),
+        f"{http_folder}/{name}",
+    ):
         torch.testing.assert_close(processor.image_processor(source)["pixel_values"], reference, rtol=0, atol=0)
 
 
@@ -149,8 +158,12 @@ def client(base_url: str):
 
 
 def chat(base_url: str, content: list[dict], stream: bool = False, model: str | None = None) -> str:
-    request = dict(model=model or str(DEMO.resolve()), messages=[{"role": "user", "content": content}],
-                   max_tokens=20, temperature=0)  # fmt: skip
+    request = dict(
+        model=model or str(DEMO.resolve()),
+        messages=[{"role": "user", "content": content}],
+        max_tokens=20,
+        temperature=0,
+    )
     if not stream:
         return client(base_url).chat.completions.create(**request).choices[0].message.content
     chunks = client(base_url).chat.completions.create(**request, stream=True)
@@ -169,8 +182,14 @@ def test_the_server_lists_the_served_model_on_a_fresh_machine(server):
     """The OpenAI client's first call; Transformers ≤ 5.23 answered it with a 500 when no Hub cache folder exists."""
     listed = [model.id for model in client(server).models.list()]
     assert str(DEMO.resolve()) in listed
-    assert chat(server, [image_part(EXAMPLES[0]["image"]), {"type": "text", "text": EXAMPLES[0]["question"]}],
-                model=listed[listed.index(str(DEMO.resolve()))]).strip() == EXAMPLES[0]["answer"]  # fmt: skip
+    assert (
+        chat(
+            server,
+            [image_part(EXAMPLES[0]["image"]), {"type": "text", "text": EXAMPLES[0]["question"]}],
+            model=listed[listed.index(str(DEMO.resolve()))],
+        ).strip()
+        == EXAMPLES[0]["answer"]
+    )
 
 
 def test_the_model_list_adapter_is_needed_only_before_transformers_5_24():
@@ -202,13 +221,19 @@ def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_answering(ser
 
     text = {"type": "text", "text": "What digit is this?"}
     bad = {
-        "an <image> placeholder without an image": ([{"type": "text", "text": "<image>\nWhat digit is this?"}],
-                                                    "1 image placeholders .* but no images"),
-        "corrupt base64": ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAAbm90IGFuIGltYWdl"}},
-                            text], "image 0 of the request is not an image Pillow can read"),
-        "50 images": ([image_part(EXAMPLES[0]["image"])] * 50 + [text],
-                      "the request holds 50 images; this server takes at most 8"),
-    }  # fmt: skip
+        "an <image> placeholder without an image": (
+            [{"type": "text", "text": "<image>\nWhat digit is this?"}],
+            "1 image placeholders .* but no images",
+        ),
+        "corrupt base64": (
+            [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAAbm90IGFuIGltYWdl"}}, text],
+            "image 0 of the request is not an image Pillow can read",
+        ),
+        "50 images": (
+            [image_part(EXAMPLES[0]["image"])] * 50 + [text],
+            "the request holds 50 images; this server takes at most 8",
+        ),
+    }
     for name, (content, message) in bad.items():
         with pytest.raises(BadRequestError, match=message):
             chat(server, content)
@@ -230,8 +255,12 @@ def test_the_serving_page_s_client_example_answers(server, monkeypatch):
 
 
 def test_the_launcher_refuses_continuous_batching_for_lvtc():
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "serve.py"), str(DEMO), "--continuous-batching"],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "serve.py"), str(DEMO), "--continuous-batching"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "--continuous-batching cannot serve an LVTC model" in result.stderr and "from 3 on" in result.stderr
 

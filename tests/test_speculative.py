@@ -90,16 +90,27 @@ def test_crop_then_decoding_equals_decoding_without_the_rejected_tokens(bundle, 
 
     def step(cache, tokens, full_mask):
         length = tokens.shape[1]
-        return model(input_ids=tokens, attention_mask=full_mask, position_ids=positions(full_mask)[:, -length:],
-                     **with_cache(cache), use_cache=True).logits  # fmt: skip
+        return model(
+            input_ids=tokens,
+            attention_mask=full_mask,
+            position_ids=positions(full_mask)[:, -length:],
+            **with_cache(cache),
+            use_cache=True,
+        ).logits
 
     def extend(full_mask, count):
         return torch.cat([full_mask, full_mask.new_ones(2, count)], dim=1)
 
     with torch.no_grad():
         cache = new_cache()
-        model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), pixel_values=pixel_values,
-              **with_cache(cache), use_cache=True)  # fmt: skip
+        model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions(mask),
+            pixel_values=pixel_values,
+            **with_cache(cache),
+            use_cache=True,
+        )
         step(cache, speculated, extend(mask, 3))
         cache.crop(-2)
         assert int(cache.get_seq_length()) == ids.shape[1] + 1
@@ -108,8 +119,14 @@ def test_crop_then_decoding_equals_decoding_without_the_rejected_tokens(bundle, 
         rolled_back = step(cache, replacement, extend(mask, 2))
 
         reference_cache = new_cache()
-        model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), pixel_values=pixel_values,
-              **with_cache(reference_cache), use_cache=True)  # fmt: skip
+        model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions(mask),
+            pixel_values=pixel_values,
+            **with_cache(reference_cache),
+            use_cache=True,
+        )
         step(reference_cache, speculated[:, :1], extend(mask, 1))
         reference = step(reference_cache, replacement, extend(mask, 2))
     torch.testing.assert_close(rolled_back, reference, rtol=0, atol=1e-5)
@@ -128,8 +145,9 @@ def test_speculative_decoding_on_a_static_cache_that_can_crop(bundle, variant):
     length = inputs["input_ids"].shape[1] + NEW_TOKENS + 4
     with torch.no_grad():
         reference = model.generate(**inputs, **greedy())
-        lookup = model.generate(**inputs, **with_cache(static_cache(bundle, model, length)),
-                                **greedy(prompt_lookup_num_tokens=3))  # fmt: skip
+        lookup = model.generate(
+            **inputs, **with_cache(static_cache(bundle, model, length)), **greedy(prompt_lookup_num_tokens=3)
+        )
         assert_same_greedy(lookup, reference)
         static_setting = greedy(prompt_lookup_num_tokens=3, cache_implementation="static")
         if TRANSFORMERS < Version("5.24.0.dev0"):

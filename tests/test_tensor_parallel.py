@@ -26,8 +26,14 @@ def one_process(folder) -> tuple[list, torch.Tensor]:
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     inputs = prompts(processor)
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                                output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        output = model.generate(
+            **inputs,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     return output.sequences[:, inputs["input_ids"].shape[1] :].tolist(), torch.stack(output.logits, dim=1)
 
 
@@ -40,9 +46,21 @@ def test_two_processes_generate_what_one_process_generates(bundle, tmp_path, var
     text = dict(num_hidden_layers=3, tie_word_embeddings=tied, vocab_size=328)
     folder = make_chat_bundle(bundle, tmp_path / "model", text=text, **VARIANTS[variant])
     env = child_env(OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
-               str(ROOT / "examples" / "tp_generate.py"), str(folder), "--out", str(tmp_path / "tp.json"),
-               "--max-new-tokens", str(NEW_TOKENS)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29561",
+        str(ROOT / "examples" / "tp_generate.py"),
+        str(folder),
+        "--out",
+        str(tmp_path / "tp.json"),
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sharded = json.loads((tmp_path / "tp.json").read_text())

@@ -67,11 +67,16 @@ def trainer(folder, tmp_path, dataset, peft_config=None, **config) -> SFTTrainer
         seed=0,
         dataloader_num_workers=0,
         gradient_checkpointing=False,
-        bf16=False,
-    )  # fmt: skip  (SFTConfig turns bf16 autocast on where the CPU has it; compare in fp32)
+        bf16=False,  # SFTConfig turns bf16 autocast on where the CPU has it; compare in fp32
+    )
     settings.update(config)
-    return SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=dataset, processing_class=processor,
-                      peft_config=peft_config)  # fmt: skip
+    return SFTTrainer(
+        model=model,
+        args=SFTConfig(**settings),
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+    )
 
 
 def first_batch(sft: SFTTrainer, size: int = 2) -> dict:
@@ -85,8 +90,11 @@ def trl_loss(sft: SFTTrainer, batch: dict) -> torch.Tensor:
 
 
 def own_loss(model, batch: dict) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values", "num_patches",
-                                                      "position_ids", "labels")}  # fmt: skip
+    inputs = {
+        k: v
+        for k, v in batch.items()
+        if k in ("input_ids", "attention_mask", "pixel_values", "num_patches", "position_ids", "labels")
+    }
     with torch.no_grad():
         return model(**inputs, use_cache=False).loss
 

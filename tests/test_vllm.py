@@ -69,19 +69,30 @@ def transformers_greedy(path: Path, examples: list[dict], **processor_kwargs) ->
         image = Image.open(DEMO / example["image"]).convert("RGB")
         inputs = processor(images=[image], text=prompt, return_tensors="pt", **processor_kwargs)
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)  # fmt: skip
+            out = model.generate(
+                **inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
         tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
         logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(out.logits, tokens)]
-        results.append({"prompt": prompt, "token_ids": tokens, "logprobs": logprobs,
-                        "prompt_token_ids": inputs["input_ids"][0].tolist()})  # fmt: skip
+        results.append(
+            {
+                "prompt": prompt,
+                "token_ids": tokens,
+                "logprobs": logprobs,
+                "prompt_token_ids": inputs["input_ids"][0].tolist(),
+            }
+        )
     return results
 
 
 def vllm_run(tmp_path: Path, spec: dict) -> subprocess.CompletedProcess:
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    command = [sys.executable, str(ROOT / "tests" / "vllm_runs.py"), str(tmp_path / "spec.json"),
-               str(tmp_path / "out.json")]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "tests" / "vllm_runs.py"),
+        str(tmp_path / "spec.json"),
+        str(tmp_path / "out.json"),
+    ]
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
 
 
@@ -99,8 +110,9 @@ def raw_prompt(prompt: str, bos: str = "<s>") -> str:
 @pytest.mark.parametrize("name", ["pvtc", "pixel_shuffle"])
 def test_a_batch_of_demo_questions_gives_transformers_greedy_tokens(checkpoints, name, tmp_path):
     references = transformers_greedy(checkpoints[name], EXAMPLES)
-    requests = [{"prompt": raw_prompt(r["prompt"]), "images": [str(DEMO / e["image"])]}
-                for r, e in zip(references, EXAMPLES)]  # fmt: skip
+    requests = [
+        {"prompt": raw_prompt(r["prompt"]), "images": [str(DEMO / e["image"])]} for r, e in zip(references, EXAMPLES)
+    ]
     results = vllm_results(tmp_path, {"model": str(checkpoints[name]), "requests": requests, "max_tokens": MAX_TOKENS})
     worst = 0.0
     for reference, result in zip(references, results):
@@ -121,9 +133,17 @@ def test_chat_with_an_image_url_answers_as_transformers_and_stops_at_the_end_of_
     conversations = []
     for example in examples:
         data = base64.b64encode((DEMO / example["image"]).read_bytes()).decode()
-        conversations.append([{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
-            {"type": "text", "text": example["question"]}]}])  # fmt: skip
+        conversations.append(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+                        {"type": "text", "text": example["question"]},
+                    ],
+                }
+            ]
+        )
     spec = {"model": str(checkpoints["pvtc"]), "kind": "chat", "requests": conversations, "max_tokens": MAX_TOKENS}
     results = vllm_results(tmp_path, spec)
     processor = AutoProcessor.from_pretrained(checkpoints["pvtc"], trust_remote_code=True)
@@ -176,9 +196,21 @@ def free_port() -> int:
 def server(checkpoints, tmp_path):
     """`vllm serve` on a free port of 127.0.0.1 in its own process group, stopped with it."""
     port = free_port()
-    command = [str(Path(sys.executable).parent / "vllm"), "serve", str(checkpoints["pvtc"]), "--trust-remote-code",
-               "--model-impl", "transformers", "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1",
-               "--port", str(port)]  # fmt: skip
+    command = [
+        str(Path(sys.executable).parent / "vllm"),
+        "serve",
+        str(checkpoints["pvtc"]),
+        "--trust-remote-code",
+        "--model-impl",
+        "transformers",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (open for the server's lifetime)
     process = subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -223,8 +255,9 @@ def test_vllm_serve_answers_the_openai_client_as_transformers(checkpoints, serve
 
     def ask(example: dict, url: str) -> str:
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": example["question"]}]
-        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                               max_tokens=MAX_TOKENS, temperature=0)  # fmt: skip
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": content}], max_tokens=MAX_TOKENS, temperature=0
+        )
         return reply.choices[0].message.content
 
     def image_url(example: dict) -> str:

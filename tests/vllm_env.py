@@ -42,8 +42,12 @@ def run(*command: str) -> None:
 
 
 def site_packages(python: Path) -> Path:
-    path = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    path = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return Path(path)
 
 
@@ -65,8 +69,12 @@ def main(argv=None) -> None:
     (packages / "internvl_x_vllm_cpu_fixes.pth").write_text(
         "import internvl_x_vllm_cpu_fixes; internvl_x_vllm_cpu_fixes.install()\n"
     )
-    version = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
-                             check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    version = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     for stale in packages.glob("vllm-*.dist-info"):
         shutil.rmtree(stale)
     alias = packages / f"vllm-{version}+cpu.dist-info"

@@ -22,11 +22,18 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GB; vLLM's default asks 
 def engine(spec: dict):
     from vllm import LLM
 
-    return LLM(model=spec["model"], model_impl="transformers", trust_remote_code=True, dtype="float32",
-               max_model_len=spec.get("max_model_len"), enforce_eager=True, seed=0,
-               limit_mm_per_prompt={"image": spec.get("max_images", 4)},
-               mm_processor_kwargs=spec.get("mm_processor_kwargs") or None,
-               max_num_seqs=spec.get("max_num_seqs", 16))  # fmt: skip
+    return LLM(
+        model=spec["model"],
+        model_impl="transformers",
+        trust_remote_code=True,
+        dtype="float32",
+        max_model_len=spec.get("max_model_len"),
+        enforce_eager=True,
+        seed=0,
+        limit_mm_per_prompt={"image": spec.get("max_images", 4)},
+        mm_processor_kwargs=spec.get("mm_processor_kwargs") or None,
+        max_num_seqs=spec.get("max_num_seqs", 16),
+    )
 
 
 def prompts(spec: dict) -> list[dict]:
@@ -45,8 +52,9 @@ def main(spec_path: str, out_path: str) -> None:
 
     spec = json.loads(open(spec_path).read())
     llm = engine(spec)
-    sampling = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0, logprobs=1,
-                              ignore_eos=spec.get("ignore_eos", False))  # fmt: skip
+    sampling = SamplingParams(
+        max_tokens=spec.get("max_tokens", 8), temperature=0, logprobs=1, ignore_eos=spec.get("ignore_eos", False)
+    )
     chat = spec.get("kind", "generate") == "chat"
     requests = spec["requests"] if chat else prompts(spec)
     if spec.get("warm_up"):  # one request first, outside the timing
@@ -59,13 +67,15 @@ def main(spec_path: str, out_path: str) -> None:
     results = []
     for output in outputs:
         completion = output.outputs[0]
-        results.append({
-            "token_ids": list(completion.token_ids),
-            "logprobs": [entry[token].logprob for entry, token in zip(completion.logprobs, completion.token_ids)],
-            "prompt_token_ids": list(output.prompt_token_ids),
-            "text": completion.text,
-            "finish_reason": completion.finish_reason,
-        })  # fmt: skip
+        results.append(
+            {
+                "token_ids": list(completion.token_ids),
+                "logprobs": [entry[token].logprob for entry, token in zip(completion.logprobs, completion.token_ids)],
+                "prompt_token_ids": list(output.prompt_token_ids),
+                "text": completion.text,
+                "finish_reason": completion.finish_reason,
+            }
+        )
     with open(out_path, "w") as out:
         json.dump({"results": results, "seconds": statistics.median(timings)}, out)
 
