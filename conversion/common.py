@@ -539,10 +539,8 @@ def write_chat_files(dst: Path, tokenizer, config, max_patches: int, slicing: st
     """The bundle files, the processor (tokenizer, tiling image processor, chat template) and a generation config that
     ends each turn at `<|im_end|>`, also the tokenizer's EOS: what a checkpoint needs besides its weights and config."""
     from transformers import GenerationConfig
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    def bundle(name: str):
-        return get_class_from_dynamic_module(name, ROOT)
+    from devtools.bundle import bundle_class as bundle
 
     GenerationConfig(**bundle("processing_internvl_x.chat_generation_defaults")(tokenizer)).save_pretrained(dst)
     bundle("processing_internvl_x.make_turn_end_the_eos")(tokenizer)
@@ -565,11 +563,12 @@ def copy_bundle_files(dst: Path) -> None:
 
 def bundle_classes():
     """The bundle's config and model classes, loaded from this repository as `trust_remote_code` loads them."""
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from devtools.bundle import bundle_class
 
-    config = get_class_from_dynamic_module("configuration_internvl_x.InternVLXConfig", ROOT)
-    model = get_class_from_dynamic_module("modeling_internvl_x.InternVLXForConditionalGeneration", ROOT)
-    return config, model
+    return (
+        bundle_class("configuration_internvl_x.InternVLXConfig"),
+        bundle_class("modeling_internvl_x.InternVLXForConditionalGeneration"),
+    )
 
 
 def expected_shapes(model_class, config) -> dict[str, torch.Size]:

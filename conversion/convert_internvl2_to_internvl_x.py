@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conversion.common import (  # noqa: E402
     DTYPES,
-    ROOT,
     ConversionError,
     KeyMapper,
     ShardWriter,
@@ -311,9 +310,9 @@ def write_bundle(args, src: Path, dst: Path, name: str):
             "for its processor and to end chat turns at <|im_end|>."
         )
     tokenizer = build_fast_tokenizer(src)
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from devtools.bundle import bundle_class
 
-    prepare_tokenizer = get_class_from_dynamic_module("processing_internvl_x.prepare_tokenizer", ROOT)
+    prepare_tokenizer = bundle_class("processing_internvl_x.prepare_tokenizer")
     vocab_before = len(tokenizer)
     token_ids = prepare_tokenizer(tokenizer)
     if len(tokenizer) != vocab_before:

@@ -130,9 +130,9 @@ def write_bundle(args, src: Path, dst: Path):
             "and the converted one needs it for its processor and to end chat turns at <|im_end|>."
         )
     tokenizer = build_fast_tokenizer(src)
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from devtools.bundle import bundle_class
 
-    token_ids = get_class_from_dynamic_module("processing_internvl_x.prepare_tokenizer", ROOT)(tokenizer)
+    token_ids = bundle_class("processing_internvl_x.prepare_tokenizer")(tokenizer)
     config_class, model_class = bundle_classes()
     config = config_class(**target_config(src_config, keys, args.pvtc_num_heads))
     config.image_token_id = token_ids["<IMG_CONTEXT>"]

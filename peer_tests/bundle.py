@@ -1,22 +1,15 @@
 """The bundle's classes, imported through Transformers' remote-code loader from the repository folder, and `skip`."""
 
 import unittest
-from pathlib import Path
 
-from transformers.dynamic_module_utils import get_class_from_dynamic_module
+from devtools.bundle import Bundle
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def bundle_class(module: str, name: str):
-    return get_class_from_dynamic_module(f"{module}.{name}", ROOT)
-
-
-InternVLXConfig = bundle_class("configuration_internvl_x", "InternVLXConfig")
-InternVLXModel = bundle_class("modeling_internvl_x", "InternVLXModel")
-InternVLXForConditionalGeneration = bundle_class("modeling_internvl_x", "InternVLXForConditionalGeneration")
-InternVLXImageProcessor = bundle_class("image_processing_internvl_x", "InternVLXImageProcessor")
-InternVLXProcessor = bundle_class("processing_internvl_x", "InternVLXProcessor")
+BUNDLE = Bundle()
+InternVLXConfig = BUNDLE.Config
+InternVLXModel = BUNDLE.Model
+InternVLXForConditionalGeneration = BUNDLE.ForConditionalGeneration
+InternVLXImageProcessor = BUNDLE.load("image_processing_internvl_x.InternVLXImageProcessor")
+InternVLXProcessor = BUNDLE.load("processing_internvl_x.InternVLXProcessor")
 
 
 def skip(reason: str, *names: str):

@@ -4,16 +4,14 @@ loaded the way users load them (remote code from the repository folder)."""
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="internvl_x_modules_"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fetch_mixins import fetch  # noqa: E402
+from fetch_mixins import fetch  # noqa: E402  (this folder is on sys.path: pytest puts a conftest's folder there)
 
-sys.path.insert(0, str(fetch()))
+sys.path.insert(0, str(fetch()))  # the mixins fetched from Transformers' sdist, as `transformers_tests`
 
 # The mixins decide what a class is (a base model, an image-text-to-text model, ...) by looking its name up in
 # Transformers' model tables, which list native models only. Enter the bundle's two classes there, as they would be

@@ -1,15 +1,12 @@
 """Transformers' `ProcessorTesterMixin` against `InternVLXProcessor`: a tokenizer trained here (no download) and the
 image processor at one tile per image, so that each image gives `image_seq_length` tokens."""
 
-import sys
 import unittest
-from pathlib import Path
 
-from bundle import InternVLXImageProcessor, InternVLXProcessor, bundle_class, skip
+from bundle import BUNDLE, InternVLXImageProcessor, InternVLXProcessor, skip
 from transformers_tests.test_processing_common import ProcessorTesterMixin
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.tokenizer import build_tokenizer  # noqa: E402
+from tests.utils.tokenizer import build_tokenizer
 
 IMAGE_SEQ_LENGTH = 4  # visual tokens per 56-pixel tile at patch 14 and pixel shuffle 0.5
 
@@ -33,7 +30,7 @@ class InternVLXProcessorTest(ProcessorTesterMixin, unittest.TestCase):
 
     @classmethod
     def _setup_tokenizer(cls):
-        return build_tokenizer(bundle_class("processing_internvl_x", "prepare_tokenizer"))
+        return build_tokenizer(BUNDLE.load("processing_internvl_x.prepare_tokenizer"))
 
     @classmethod
     def _setup_image_processor(cls):

@@ -12,17 +12,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
-from transformers.dynamic_module_utils import get_class_from_dynamic_module  # noqa: E402
 
-from tests.tiny import tiny_config_kwargs  # noqa: E402
+from devtools.bundle import ROOT, Bundle  # noqa: E402
+from tests.utils.tiny import tiny_config_kwargs  # noqa: E402
 
 # Property-based tests draw the same examples on every machine (a red run reproduces anywhere); set
 # HYPOTHESIS_PROFILE=explore to search new ones.
 settings.register_profile("repeatable", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def child_env(**variables: str) -> dict[str, str]:
@@ -32,24 +30,8 @@ def child_env(**variables: str) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=python_path, **variables)
 
 
-class Bundle:
-    """The bundle's classes, imported from the repository folder through Transformers' remote-code loader."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.Config = get_class_from_dynamic_module("configuration_internvl_x.InternVLXConfig", folder)
-        self.Model = get_class_from_dynamic_module("modeling_internvl_x.InternVLXModel", folder)
-        self.ForConditionalGeneration = get_class_from_dynamic_module(
-            "modeling_internvl_x.InternVLXForConditionalGeneration", folder
-        )
-
-    def function(self, module: str, name: str):
-        """Any top-level name of a bundle file, e.g. `bundle.function("processing_internvl_x", "prepare_tokenizer")`."""
-        return get_class_from_dynamic_module(f"{module}.{name}", self.folder)
-
-    def module(self, name: str):
-        """Any class of the modeling file, e.g. `bundle.module("InternVLXPVTCProjector")`."""
-        return get_class_from_dynamic_module(f"modeling_internvl_x.{name}", self.folder)
+class TinyBundle(Bundle):
+    """The repository's bundle, with tiny configs and models built from it."""
 
     def config(self, **overrides):
         return self.Config(**tiny_config_kwargs(**overrides))
@@ -60,13 +42,13 @@ class Bundle:
 
 
 @pytest.fixture(scope="session")
-def bundle() -> Bundle:
-    return Bundle(ROOT)
+def bundle() -> TinyBundle:
+    return TinyBundle(ROOT)
 
 
 def make_chat_bundle(bundle: Bundle, folder: Path, seed: int = 0, max_patches: int = 4, **overrides) -> Path:
     """A tiny model saved with its trained tokenizer, image processor and processor, as a Hub folder holds them."""
-    from tests.tokenizer import build_tokenizer
+    from tests.utils.tokenizer import build_tokenizer
 
     prepare_tokenizer = bundle.function("processing_internvl_x", "prepare_tokenizer")
     tokenizer = build_tokenizer(prepare_tokenizer)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from examples.attention_analysis import AttentionRecorder, layer_masks, layer_statistics
-from tests.tiny import IMG_CONTEXT, image_span, prompt, tiles
+from tests.utils.tiny import IMG_CONTEXT, image_span, prompt, tiles
 
 LENGTH = 12
 VISUAL = torch.arange(LENGTH).ge(2) & torch.arange(LENGTH).lt(8)  # 6 visual tokens at 2..7

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.tiny import IMG_CONTEXT, image_span, left_pad, native_reference, prompt, tiles
+from tests.utils.tiny import IMG_CONTEXT, image_span, left_pad, native_reference, prompt, tiles
 
 TOKENS = 4  # tokens per tile of the tiny geometry
 

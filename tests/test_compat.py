@@ -19,10 +19,10 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationMixin, StaticLayer
 
-from tests.compat import CACHE, cache_of, with_cache
 from tests.conftest import ROOT
-from tests.decoding import VARIANTS, assert_same_greedy, greedy
-from tests.tiny import image_span, left_pad, prompt, tiles
+from tests.utils.compat import CACHE, cache_of, with_cache
+from tests.utils.decoding import VARIANTS, assert_same_greedy, greedy
+from tests.utils.tiny import image_span, left_pad, prompt, tiles
 
 pytestmark = pytest.mark.compat
 N1SQ = 4
@@ -296,7 +296,7 @@ def test_the_tested_range_is_what_the_requirements_install(bundle):
 
 
 def test_the_matrix_takes_each_minor_s_newest_patch_and_a_newer_pre_release():
-    from tests.compat_matrix import versions_to_test
+    from devtools.compat_matrix import versions_to_test
 
     published = [Version(v) for v in ("5.16.1", "5.17.0", "5.18.0rc1", "5.18.0", "5.18.1", "5.19.0", "5.20.0.dev0")]
     assert versions_to_test(published, Version("5.17")) == [Version(v) for v in ("5.17.0", "5.18.1", "5.19.0")]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-import tests.compat_matrix as matrix
+import devtools.compat_matrix as matrix
 
 
 def write_wheel(index: Path, name: str, version: str, requires: list[str] = ()) -> None:

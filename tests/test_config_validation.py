@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from tests.tiny import image_span, prompt, tiles
+from tests.utils.tiny import image_span, prompt, tiles
 
 BAD = {
     "expansion past the last layer": (dict(lvtc_enabled=True, lvtc_expand_layer=99), "lvtc_expand_layer 99 must be in"),

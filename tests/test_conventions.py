@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.compat import cache_of, with_cache
 from tests.conftest import ROOT, child_env
-from tests.decoding import VARIANTS
-from tests.tiny import image_span, prompt, tiles
+from tests.utils.compat import cache_of, with_cache
+from tests.utils.decoding import VARIANTS
+from tests.utils.tiny import image_span, prompt, tiles
 
 N1SQ = 4
 VARIANTS = {**VARIANTS, "fastv": dict(text=dict(num_hidden_layers=4), fastv_layer=2, fastv_ratio=0.5)}

@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoModelForImageTextToText
 
 from conversion import convert_internvl2_to_internvl_x as converter
-from tests.checkpoints import internvl2_checkpoint
+from devtools.checkpoints import internvl2_checkpoint
 from tests.conftest import ROOT
 
 SCRIPT = ROOT / "conversion" / "convert_internvl2_to_internvl_x.py"
@@ -238,7 +238,7 @@ def test_a_faulty_source_is_refused_for_what_is_wrong(source, tmp_path, fault, m
 
 def test_each_converter_names_the_other_for_the_other_s_checkpoints(source, tmp_path, capsys):
     from conversion import convert_official_internvl_x as official
-    from tests.checkpoints import released_internvl_x
+    from devtools.checkpoints import released_internvl_x
 
     with pytest.raises(SystemExit):
         official.main(["--src", str(source), "--dst", str(tmp_path / "a")])

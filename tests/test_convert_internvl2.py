@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from conversion import convert_internvl2_to_internvl_x as convert_script
-from tests.checkpoints import INTERNLM2, SAMPLE_TEXT, VISION, internvl2_checkpoint
+from devtools.checkpoints import INTERNLM2, SAMPLE_TEXT, VISION, internvl2_checkpoint
 from tests.conftest import ROOT
-from tests.tiny import native_reference
+from tests.utils.tiny import native_reference
 
 
 def convert(src, dst, *flags):
@@ -167,7 +167,7 @@ def test_tokenizer_round_trips_like_sentencepiece(tmp_path, dummy_prefix, strip_
     import sentencepiece as spm
 
     from conversion.tokenizer import build_fast_tokenizer
-    from tests.checkpoints import train_sentencepiece
+    from devtools.checkpoints import train_sentencepiece
 
     train_sentencepiece(
         tmp_path, add_dummy_prefix=dummy_prefix, remove_extra_whitespaces=strip_spaces, normalization=rule

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from conversion import convert_official_internvl_x as official
-from tests.checkpoints import VISION, released_internvl_x
-from tests.references import pvtc_reference
+from devtools.checkpoints import VISION, released_internvl_x
+from tests.utils.references import pvtc_reference
 
 HEADS = 4
 

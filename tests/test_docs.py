@@ -10,7 +10,7 @@ import re
 import pytest
 
 from tests.conftest import ROOT
-from tests.docs import (
+from tests.utils.docs import (
     MARKS,
     PAGES,
     all_blocks,

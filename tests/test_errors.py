@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from tests.tiny import IMAGE_SIZE, image_span, prompt, tiles
+from tests.utils.tiny import IMAGE_SIZE, image_span, prompt, tiles
 
 
 @pytest.fixture(scope="module")

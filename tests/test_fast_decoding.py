@@ -7,11 +7,11 @@ import transformers
 from packaging.version import Version
 from transformers import CompileConfig, StaticCache
 
-from tests.compat import cache_of, with_cache
-from tests.decoding import LVTC, assert_same_greedy, sdpa_masks
-from tests.decoding import VARIANTS as SHARED_VARIANTS
-from tests.decoding import greedy as greedy_settings
-from tests.tiny import image_span, left_pad, prompt, tiles
+from tests.utils.compat import cache_of, with_cache
+from tests.utils.decoding import LVTC, assert_same_greedy, sdpa_masks
+from tests.utils.decoding import VARIANTS as SHARED_VARIANTS
+from tests.utils.decoding import greedy as greedy_settings
+from tests.utils.tiny import image_span, left_pad, prompt, tiles
 
 N1SQ = 4
 LAYERS = 4

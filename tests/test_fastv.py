@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from tests.compat import cache_of, with_cache
-from tests.decoding import assert_same_greedy
-from tests.decoding import greedy as greedy_settings
-from tests.tiny import IMG_CONTEXT, image_span, left_pad, prompt, tiles
+from tests.utils.compat import cache_of, with_cache
+from tests.utils.decoding import assert_same_greedy
+from tests.utils.decoding import greedy as greedy_settings
+from tests.utils.tiny import IMG_CONTEXT, image_span, left_pad, prompt, tiles
 
 LAYERS = 4
 N1SQ = 4

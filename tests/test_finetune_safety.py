@@ -15,7 +15,7 @@ from tests.test_finetune import common_args, run, write_dataset
 @pytest.fixture(scope="module")
 def lvtc_dir(bundle, tmp_path_factory):
     from tests.conftest import make_chat_bundle
-    from tests.decoding import LVTC
+    from tests.utils.decoding import LVTC
 
     return make_chat_bundle(bundle, tmp_path_factory.mktemp("safety_lvtc"), seed=2, **LVTC)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from tests.decoding import assert_greedy_matches_recomputation, assert_same_greedy
-from tests.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD, image_span, left_pad, prompt, tiles
+from tests.utils.decoding import assert_greedy_matches_recomputation, assert_same_greedy
+from tests.utils.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD, image_span, left_pad, prompt, tiles
 
 TOKENS = 4
 NEW_TOKENS = 10
@@ -153,7 +153,7 @@ def test_decoding_stops_at_the_last_position_lvtc_s_expansion_included(bundle, a
 
     from transformers.utils import logging as transformers_logging
 
-    from tests.decoding import LVTC
+    from tests.utils.decoding import LVTC
 
     model = bundle.model(seed=1, **{**LVTC, "text": {**LVTC["text"], "max_position_embeddings": 64}})
     ids = torch.tensor([prompt(10, image_span(2, 4), 5)])

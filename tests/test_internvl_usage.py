@@ -27,7 +27,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as transformers_logging
 
 from conversion import convert_internvl2_to_internvl_x as convert_script
-from tests.checkpoints import internvl2_checkpoint
+from devtools.checkpoints import internvl2_checkpoint
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.compat

@@ -14,9 +14,9 @@ from packaging.version import Version
 from transformers import AutoModelForImageTextToText
 from transformers.utils import is_kernels_available
 
-from tests.compat import TRANSFORMERS
-from tests.decoding import LVTC, assert_same_greedy, greedy
-from tests.tiny import image_span, left_pad, prompt, tiles
+from tests.utils.compat import TRANSFORMERS
+from tests.utils.decoding import LVTC, assert_same_greedy, greedy
+from tests.utils.tiny import image_span, left_pad, prompt, tiles
 
 pytestmark = pytest.mark.compat
 TOKENS = 4  # tokens per tile of the tiny geometry (LVTC: 4 → 16)

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.compat import CHECKPOINTING, enable_checkpointing
-from tests.tiny import IMG_CONTEXT, image_span, left_pad, prompt, tiles
+from tests.utils.compat import CHECKPOINTING, enable_checkpointing
+from tests.utils.tiny import IMG_CONTEXT, image_span, left_pad, prompt, tiles
 
 TOKENS = 4
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from tests.compat import CHECKPOINTING, enable_checkpointing
-from tests.decoding import assert_greedy_matches_recomputation, assert_same_greedy, sdpa_masks
-from tests.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD, image_span, left_pad, prompt, tiles
+from tests.utils.compat import CHECKPOINTING, enable_checkpointing
+from tests.utils.decoding import assert_greedy_matches_recomputation, assert_same_greedy, sdpa_masks
+from tests.utils.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD, image_span, left_pad, prompt, tiles
 
 N1SQ, N2SQ = 4, 16  # tiny geometry: S = 4 patches per side, M1 = 2, M2 = 1
 LAYERS = 4

@@ -7,8 +7,8 @@ name; the context check counts each packed sequence, not the row."""
 import pytest
 import torch
 
-from tests.decoding import LVTC
-from tests.tiny import image_span, prompt, tiles
+from tests.utils.decoding import LVTC
+from tests.utils.tiny import image_span, prompt, tiles
 
 TOKENS = 4  # tokens per tile of the tiny geometry
 PATHS = {

@@ -6,7 +6,7 @@ zero gradients. Flags that mix padding and image tiles, or do not fit the tiles,
 import pytest
 import torch
 
-from tests.tiny import image_span, left_pad, prompt, tiles
+from tests.utils.tiny import image_span, left_pad, prompt, tiles
 
 LVTC = dict(
     text=dict(num_hidden_layers=4),

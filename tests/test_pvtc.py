@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tests.references import pvtc_reference
-from tests.tiny import image_span, prompt, tiles
+from tests.utils.references import pvtc_reference
+from tests.utils.tiny import image_span, prompt, tiles
 
 C, D, HEADS = 16, 32, 4  # ViT width, LLM width, PVTC heads
 

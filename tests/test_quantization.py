@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, QuantoConfig, TorchAoConfig
 
 from tests.conftest import ROOT
-from tests.decoding import assert_same_greedy, greedy
-from tests.tiny import image_span, left_pad, prompt, tiles
+from tests.utils.decoding import assert_same_greedy, greedy
+from tests.utils.tiny import image_span, left_pad, prompt, tiles
 
 N1SQ = 4
 WIDE = dict(

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import Cache
 
-from tests.compat import cache_of
-from tests.tiny import IMG_CONTEXT, image_span, left_pad, native_reference, prompt, tiles
+from tests.utils.compat import cache_of
+from tests.utils.tiny import IMG_CONTEXT, image_span, left_pad, native_reference, prompt, tiles
 
 LVTC = dict(text=dict(num_hidden_layers=4), lvtc_enabled=True, lvtc_expand_layer=3, lvtc_inject_start=1)
 VARIANTS = {"plain": {}, "pvtc": dict(projector_type="pvtc", pvtc_num_heads=4), "lvtc": LVTC}

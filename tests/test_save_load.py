@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from tests.conftest import ROOT
-from tests.tiny import image_span, prompt, tiles
+from tests.utils.tiny import image_span, prompt, tiles
 
 BUNDLE_FILES = ("configuration_internvl_x.py", "modeling_internvl_x.py")
 

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from tests.conftest import ROOT
-from tests.docs import blocks
+from tests.utils.docs import blocks
 
 DEMO = ROOT / "examples" / "digits-demo"
 EXAMPLES = json.loads((DEMO / "examples.json").read_text())

@@ -6,10 +6,10 @@ import torch
 from packaging.version import Version
 from transformers import DynamicCache
 
-from tests.compat import TRANSFORMERS, with_cache
-from tests.decoding import LVTC, VARIANTS, assert_same_greedy
-from tests.decoding import greedy as greedy_settings
-from tests.tiny import image_span, left_pad, prompt, tiles
+from tests.utils.compat import TRANSFORMERS, with_cache
+from tests.utils.decoding import LVTC, VARIANTS, assert_same_greedy
+from tests.utils.decoding import greedy as greedy_settings
+from tests.utils.tiny import image_span, left_pad, prompt, tiles
 
 N1SQ = 4
 LAYERS = 4

@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import SFTConfig, SFTTrainer
 
 from tests.conftest import make_chat_bundle
-from tests.decoding import LVTC
+from tests.utils.decoding import LVTC
 
 QUESTIONS = ["What is in the picture?", "Which colour is it?", "How many shapes?", "Describe it."]
 ANSWERS = ["a square", "red", "two", "a red square on white"]

@@ -1,10 +1,10 @@
 """Serving with vLLM's Transformers backend (`model_impl="transformers"`), on vLLM's CPU build: `make test-vllm` runs
-this file in `.venv-vllm` (tests/vllm_env.py); elsewhere vLLM is not importable and it is skipped.
+this file in `.venv-vllm` (devtools/vllm_env.py); elsewhere vLLM is not importable and it is skipped.
 
 Checkpoints are built from the committed digits demo: with LVTC off (its PVTC projector, as the authors' released
 models), and with LVTC off and a pixel-shuffle projector (InternVL2's). Each engine runs in a process of its own
-(tests/vllm_runs.py, or `vllm serve`), so it is shut down with it. References are Transformers' `generate` on the same
-checkpoint, in this process.
+(devtools/vllm_runs.py, or `vllm serve`), so it is shut down with it. References are Transformers' `generate` on the
+same checkpoint, in this process.
 """
 
 import base64
@@ -89,7 +89,7 @@ def vllm_run(tmp_path: Path, spec: dict) -> subprocess.CompletedProcess:
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     command = [
         sys.executable,
-        str(ROOT / "tests" / "vllm_runs.py"),
+        str(ROOT / "devtools" / "vllm_runs.py"),
         str(tmp_path / "spec.json"),
         str(tmp_path / "out.json"),
     ]

@@ -1,7 +1,7 @@
 """One vLLM engine run in a process of its own, for tests/test_vllm.py and the `vllm` benchmark suite: the process
 ends with the run, and with it every engine process vLLM started (an orphaned engine holds about 1.5 GB).
 
-    python tests/vllm_runs.py SPEC.json OUT.json
+    python devtools/vllm_runs.py SPEC.json OUT.json
 
 SPEC: `{"model": PATH, "requests": [...], "kind": "generate" | "chat", "max_tokens": N, "ignore_eos": BOOL,
 "warm_up": BOOL, "repeats": N, "mm_processor_kwargs": {...}, "max_num_seqs": N}`. For `generate` each request is

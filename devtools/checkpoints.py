@@ -263,12 +263,10 @@ def internvl2_checkpoint(folder: Path, llm: str = "internlm2", seed: int = 0, sh
         internlm2_tensors(t, llm_config)
         template = "internlm2-chat"
     else:
-        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+        from devtools.bundle import bundle_class
+        from tests.utils.tokenizer import build_tokenizer
 
-        from tests.conftest import ROOT
-        from tests.tokenizer import build_tokenizer
-
-        prepare = get_class_from_dynamic_module("processing_internvl_x.prepare_tokenizer", ROOT)
+        prepare = bundle_class("processing_internvl_x.prepare_tokenizer")
         tokenizer = build_tokenizer(prepare)
         tokenizer.save_pretrained(folder)
         llm_config = dict(

