@@ -1406,13 +1406,16 @@ class InternVLXModel(InternVLXPreTrainedModel):
         self.post_init()
 
     def schedule_settings(self) -> tuple:
-        return tuple(getattr(self.config, field) for field in SCHEDULE_FIELDS)
+        """What a token schedule is built from: the config object and its schedule fields' values."""
+        return (self.config, *(getattr(self.config, field) for field in SCHEDULE_FIELDS))
 
     @property
     def token_schedule(self) -> PhasedDecoder | None:
         """The per-layer token schedule the decoder runs under (LVTC, FastV), or None for the plain model. Built with
-        the model; built again only when its config fields are edited (FastV can be switched on a trained model)."""
-        if self._schedule_settings != self.schedule_settings():
+        the model; built again only when its config, or a schedule field of it, is changed (FastV can be switched on a
+        trained model)."""
+        built_from, current = self._schedule_settings, self.schedule_settings()
+        if built_from[0] is not current[0] or built_from[1:] != current[1:]:
             self.config.validate()
             self._token_schedule = build_token_schedule(self.config)
             self._schedule_settings = self.schedule_settings()
