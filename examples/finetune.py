@@ -636,10 +636,10 @@ def exit_before_interpreter_teardown(status: int = 0) -> None:
 
     `destroy_process_group` does not stop gloo's worker threads here (C++ still holds its backends, nothing Python
     reaches), and a worker that touches a tensor while the interpreter is finalizing needs the GIL, which ends the
-    thread inside a noexcept frame: "terminate called without an active exception", SIGABRT, and torchrun reports
-    the whole run as failed after it finished. Seen on 2 of 4 ZeRO-3 launches of one CI run, never in 30 launches
-    since. So: the `atexit` handlers run (loggers such as wandb finish there), the streams are flushed, then the
-    process ends with `os._exit`."""
+    thread inside a noexcept frame: "terminate called without an active exception", SIGABRT, and torchrun reports the
+    whole run as failed after it finished. Seen on 2 of 4 ZeRO-3 launches of one CI run, never in 30 launches since; and
+    in `tp_generate.py` on Transformers 5.17 (1 run in about 30), which ends the same way. So: the `atexit` handlers run
+    (loggers such as wandb finish there), the streams are flushed, then the process ends with `os._exit`."""
     import atexit
 
     atexit._run_exitfuncs()  # CPython's runner of the registered handlers, as at a normal exit

@@ -14,7 +14,6 @@ Every process runs the same prompts; rank 0 writes the new tokens, their logits 
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -72,14 +71,12 @@ def main(argv=None) -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-        # With torch 2.14 on CPU (gloo), a process sometimes aborts after this, while the interpreter shuts down
-        # ("terminate called without an active exception" from a C++ destructor, no Python frame left; about 1 run in
-        # 40 here), so torchrun reports a failure for finished work. Everything is written: leave without running
-        # the interpreter's teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo's workers can abort the interpreter's teardown after finished work (finetune.py says why): skip it.
+        from finetune import exit_before_interpreter_teardown  # this script's folder is on sys.path
+
+        exit_before_interpreter_teardown()
