@@ -112,7 +112,7 @@ MEDIA_POLICY_VARIABLE = "INTERNVL_X_MEDIA_POLICY"  # JSON of `MediaPolicy` field
 
 @dataclasses.dataclass(frozen=True)
 class MediaPolicy:
-    """Which image sources `read_image` reads, and how far it reaches for them.
+    """Which image and video sources `read_image` and `read_video` read, and how far they reach for them.
 
     The default is a user's own machine: any local path or `file://` URL, any `http(s)` URL. A server or handler that
     strangers can reach runs with `MediaPolicy.for_servers()` (in its processes through the `INTERNVL_X_MEDIA_POLICY`
@@ -128,12 +128,14 @@ class MediaPolicy:
     fetch_timeout: float = 60.0  # seconds for a whole fetch, redirects included
     max_bytes: int = 512 * 2**20  # of one fetched image
     max_redirects: int = 5
-    max_pixels: int | None = None  # of one image, from its header; None: Pillow's decompression-bomb limit only
+    max_pixels: int | None = None  # of one image or video frame, from its header; None: Pillow's bomb limit only
+    max_video_frames: int | None = None  # frames of one video decoded at most (decoding is sequential); None: any
 
     @classmethod
     def for_servers(cls, **overrides) -> "MediaPolicy":
         """What a network service accepts by default: base64 and data URIs, public http(s) URLs (20 s, 20 MB, 3
-        redirects), images of at most 40 megapixels, no local files."""
+        redirects), images and video frames of at most 40 megapixels, videos decoded up to 18,000 frames (10 minutes at
+        30 fps), no local files."""
         settings = dict(
             local_files=False,
             internal_urls=False,
@@ -141,6 +143,7 @@ class MediaPolicy:
             max_bytes=20 * 2**20,
             max_redirects=3,
             max_pixels=40_000_000,
+            max_video_frames=18_000,
         )
         return cls(**{**settings, **overrides})
 
@@ -214,20 +217,52 @@ def fetch_image_bytes(url: str, where: str, policy: MediaPolicy) -> bytes:
     raise ValueError(f"{where}: more than {policy.max_redirects} redirects.")
 
 
-def local_path_allowed(path: str, index: int, policy: MediaPolicy) -> str:
-    """`path` if `policy` lets it be read (resolved, under `local_root` when one is set); else a `ValueError` that
-    says the rule, not whether the file exists."""
+def local_path_allowed(path: str, where: str, policy: MediaPolicy) -> str:
+    """`path` if `policy` lets it be read (resolved, under `local_root` when one is set); else a `ValueError` naming
+    the item (`where`, e.g. "image 0 of the batch") and the rule, not whether the file exists."""
     if not policy.local_files:
         raise ValueError(
-            f"image {index} of the batch is a local path or file:// URL; this server reads no local files (send the "
-            "image as base64, a data URI or an http(s) URL)."
+            f"{where} is a local path or file:// URL; this server reads no local files (send it as base64, a data "
+            "URI or an http(s) URL)."
         )
     if policy.local_root is not None:
         resolved, root = os.path.realpath(path), os.path.realpath(policy.local_root)
         if os.path.commonpath([resolved, root]) != root:
-            raise ValueError(f"image {index} of the batch is a local path outside the folder this server reads from.")
+            raise ValueError(f"{where} is a local path outside the folder this server reads from.")
         return resolved
     return path
+
+
+def open_media(source: str, where: str, policy: MediaPolicy) -> tuple[str, str | io.BytesIO]:
+    """`(what, data)` of an image or video given as text, under `policy`: a local path or `file://` URL (`data` is the
+    path), an `http(s)` URL (fetched), or base64 (a data URI or the bare payload). `what` describes the source for
+    messages ("the file x.mp4", "a URL", ...); refusals are `ValueError`s naming `where` and the rule."""
+    path = source.removeprefix("file://") if source.startswith("file://") else source
+    if source.startswith("data:"):
+        what = f"a data URI of {len(source)} characters"
+    elif source.startswith(("http://", "https://")):
+        if not policy.remote_urls:
+            raise ValueError(f"{where} is a URL; this service fetches no URLs.")
+        what = "a URL" if not policy.internal_urls else f"the URL {source}"
+        return what, io.BytesIO(fetch_image_bytes(source, f"{where} ({what})", policy))
+    elif (
+        source.startswith("file://")
+        or not BASE64.match(source)
+        or len(source) < 64
+        or (policy.local_files and os.path.isfile(path))  # without local files, no look at the disk at all
+    ):
+        path = local_path_allowed(path, where, policy)
+        if not os.path.isfile(path):
+            raise ValueError(f"{where}: no such file {path!r} (nor a URL or base64 data).")
+        return f"the file {path}", path
+    else:
+        what = f"a base64 string of {len(source)} characters"
+    payload = source.split(",", 1)[1] if source.startswith("data:") else source
+    try:
+        return what, io.BytesIO(base64.b64decode("".join(payload.split()), validate=True))
+    except ValueError:
+        # the payload itself may be megabytes: not repeated in the message
+        raise ValueError(f"{where} ({what}): its base64 could not be decoded.") from None
 
 
 def read_image(source: str, index: int, policy: MediaPolicy | None = None) -> PIL.Image.Image:
@@ -241,36 +276,10 @@ def read_image(source: str, index: int, policy: MediaPolicy | None = None) -> PI
     opens).
     """
     policy = policy or MediaPolicy.current()
-    path = source.removeprefix("file://") if source.startswith("file://") else source
-    remote = source.startswith(("http://", "https://"))
-    if source.startswith("data:"):
-        what = f"a data URI of {len(source)} characters"
-    elif remote:
-        if not policy.remote_urls:
-            raise ValueError(f"image {index} of the batch is a URL; this service fetches no URLs.")
-        what = "a URL" if not policy.internal_urls else f"the URL {source}"
-    elif (
-        source.startswith("file://")
-        or not BASE64.match(source)
-        or len(source) < 64
-        or (policy.local_files and os.path.isfile(path))  # without local files, no look at the disk at all
-    ):
-        path = local_path_allowed(path, index, policy)
-        if not os.path.isfile(path):
-            raise ValueError(f"image {index} of the batch: no such file {path!r} (nor a URL or base64 image).")
-        what = f"the file {path}"
-    else:
-        what = f"a base64 string of {len(source)} characters"
+    where = f"image {index} of the batch"
+    what, data = open_media(source, where, policy)
     try:
-        if remote:
-            image = PIL.Image.open(
-                io.BytesIO(fetch_image_bytes(source, f"image {index} of the batch ({what})", policy))
-            )
-        elif what.startswith("the file"):
-            image = PIL.Image.open(path)
-        else:
-            payload = source.split(",", 1)[1] if source.startswith("data:") else source
-            image = PIL.Image.open(io.BytesIO(base64.b64decode("".join(payload.split()), validate=True)))
+        image = PIL.Image.open(data)
         width, height = image.size  # from the header: nothing is decoded yet
         if policy.max_pixels is not None and width * height > policy.max_pixels:
             raise ValueError(
@@ -292,6 +301,190 @@ def read_image(source: str, index: int, policy: MediaPolicy | None = None) -> PI
         raise ValueError(
             f"image {index} of the batch ({what}) could not be decoded: {type(error).__name__}: {str(error)[:300]}"
         ) from None
+
+
+FRAME_SAMPLING = ("uniform", "internvl2")
+DEFAULT_NUM_FRAMES = 8  # frames taken from a video file when neither `num_frames` nor `fps` is given
+
+
+def sample_frame_indices(
+    total_frames: int,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    video_fps: float | None = None,
+    sampling: str = "uniform",
+    where: str = "the video",
+) -> list[int]:
+    """Which of a clip's `total_frames` frames to take: `num_frames` of them, or `fps` per second of a clip recorded
+    at `video_fps`, or (neither given) all of them.
+
+    The clip is cut into `num_frames` equal segments and the frame in the middle of each is taken. `"uniform"` is
+    Transformers' InternVL rule (segments over all `total_frames`, the middle rounded down); `"internvl2"` is
+    InternVL2's `load_video` (segments spanning the first to the last frame, each middle offset rounded half to even).
+    Refusals name `where` and the numbers.
+    """
+    if sampling not in FRAME_SAMPLING:
+        raise ValueError(f"frame_sampling must be one of {FRAME_SAMPLING}, got {sampling!r}.")
+    if total_frames < 1:
+        raise ValueError(f"{where} has no frames.")
+    if num_frames is not None and fps is not None:
+        raise ValueError(f"{where}: give num_frames or fps, not both (got num_frames={num_frames}, fps={fps}).")
+    if fps is not None:
+        if not video_fps:
+            raise ValueError(
+                f"{where}: fps={fps} needs the clip's frame rate, which it does not record; give num_frames."
+            )
+        if fps <= 0:
+            raise ValueError(f"{where}: fps must be positive, got {fps}.")
+        num_frames = max(1, int(total_frames / video_fps * fps))
+    if num_frames is None:
+        return list(range(total_frames))
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"{where}: num_frames must be a positive integer, got {num_frames!r}.")
+    if num_frames > total_frames:
+        asked = f"num_frames={num_frames}" if fps is None else f"fps={fps} ({num_frames} frames)"
+        raise ValueError(f"{where} has {total_frames} frames, fewer than the {asked} asked for.")
+    if sampling == "uniform":
+        step = total_frames / num_frames
+        return torch.arange(step / 2, total_frames, step).int().tolist()
+    segment = (total_frames - 1) / num_frames
+    return [int(segment / 2 + round(segment * index)) for index in range(num_frames)]
+
+
+@dataclasses.dataclass
+class VideoClip:
+    """The frames taken from one video: `frames` `(T, H, W, 3)` uint8 RGB, which of the clip's `total_frames` they
+    are (`frames_indices`) and the clip's frame rate, if it records one."""
+
+    frames: np.ndarray
+    frames_indices: list[int]
+    total_frames: int
+    fps: float | None = None
+
+    def metadata(self) -> dict:
+        """As Transformers' `VideoMetadata` names it."""
+        return {"total_num_frames": self.total_frames, "fps": self.fps, "frames_indices": self.frames_indices}
+
+
+def frames_as_array(video, where: str) -> np.ndarray:
+    """A video given as frames → `(T, H, W, 3)` uint8: a `(T, H, W, C)` or `(T, C, H, W)` array or tensor (C of 1, 3
+    or 4; uint8, or float in [0, 1]), or a list of PIL images / `(H, W, C)` arrays of one size."""
+    if isinstance(video, (list, tuple)):
+        if not video:
+            raise ValueError(f"{where} has no frames.")
+        frames = [to_image_tensor(frame, number) for number, frame in enumerate(video)]
+        sizes = sorted({tuple(frame.shape[1:]) for frame in frames})
+        if len(sizes) > 1:
+            raise ValueError(f"the frames of {where} differ in size (height, width): {sizes[:4]}.")
+        stacked = torch.stack(frames)
+    else:
+        stacked = torch.as_tensor(video.copy() if isinstance(video, np.ndarray) else video.detach().cpu())
+        if stacked.dim() != 4:
+            raise ValueError(
+                f"{where} is an array of shape {tuple(stacked.shape)}; a video is (frames, height, width, channels)."
+            )
+        if stacked.shape[0] == 0:
+            raise ValueError(f"{where} has no frames.")
+        channels_last = stacked.shape[-1] in CHANNEL_COUNTS
+        stacked = torch.stack(
+            [
+                to_image_tensor(frame, number, "channels_last" if channels_last else "channels_first")
+                for number, frame in enumerate(stacked)
+            ]
+        )
+    if stacked.is_floating_point():
+        stacked = (stacked * 255).round().to(torch.uint8)
+    return stacked.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def decode_video(data, where: str, what: str, policy: MediaPolicy, pick) -> VideoClip:
+    """Decode the frames `pick(total_frames, video_fps)` chooses from a video file (a path or file object) with PyAV,
+    the backend Transformers' `load_video` uses by default: frames are counted from the container (or, where it does
+    not record them, from its packets) and decoded in order up to the last one taken."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError(f"reading {where} needs PyAV: `pip install av`.") from None
+    try:
+        container = av.open(data)
+    except Exception as error:  # noqa: BLE001 (not a container FFmpeg knows, truncated, ...)
+        raise ValueError(f"{where} ({what}) could not be read as a video: {type(error).__name__}.") from None
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{where} ({what}) holds no video stream.")
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if policy.max_pixels is not None and width * height > policy.max_pixels:
+            raise ValueError(
+                f"{where} ({what}) has frames of {width}×{height} = {width * height} pixels, more than the "
+                f"{policy.max_pixels} allowed."
+            )
+        rate = stream.average_rate or stream.guessed_rate
+        total = stream.frames
+        try:
+            if not total:  # containers such as Matroska do not record a count
+                total = sum(1 for packet in container.demux(stream) if packet.size)
+                container.seek(0, stream=stream)
+            if policy.max_video_frames is not None and total > policy.max_video_frames:
+                raise ValueError(
+                    f"{where} ({what}) has {total} frames, more than the {policy.max_video_frames} this service "
+                    "decodes."
+                )
+            indices = pick(total, float(rate) if rate else None)
+            wanted, last, frames = set(indices), max(indices), {}
+            for number, frame in enumerate(container.decode(stream)):
+                if number in wanted:
+                    frames[number] = frame.to_ndarray(format="rgb24")
+                if number >= last:
+                    break
+        except ValueError:
+            raise
+        except Exception as error:  # noqa: BLE001 (a corrupt stream)
+            raise ValueError(f"{where} ({what}) could not be decoded: {type(error).__name__}.") from None
+    if len(frames) < len(wanted):
+        raise ValueError(
+            f"{where} ({what}) records {total} frames but only {number + 1 if frames else 0} could be decoded; "
+            f"frames {sorted(wanted - set(frames))[:8]} are missing."
+        )
+    return VideoClip(np.stack([frames[i] for i in indices]), indices, total, float(rate) if rate else None)
+
+
+def read_video(
+    video,
+    index: int = 0,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    sampling: str = "uniform",
+    policy: MediaPolicy | None = None,
+) -> VideoClip:
+    """One video → the frames to show the model. `video` is a file (a path, `file://` or `http(s)` URL, base64 or a
+    data URI, read under `policy` as images are), frames already decoded (a `(T, H, W, C)` array or tensor, or a list
+    of PIL images or arrays), or a `VideoClip`.
+
+    A file gives `num_frames` frames (`DEFAULT_NUM_FRAMES` if neither it nor `fps` is given, or all of a shorter
+    clip); frames already decoded are all kept unless `num_frames` or `fps` is given. See `sample_frame_indices` for
+    the `sampling` rules. Refusals are `ValueError`s naming the video (`index` in the batch) and the numbers.
+    """
+    where = f"video {index} of the batch"
+    if isinstance(video, VideoClip):
+        return video
+    if isinstance(video, str):
+        policy = policy or MediaPolicy.current()
+        what, data = open_media(video, where, policy)
+
+        def pick(total: int, video_fps: float | None) -> list[int]:
+            count = num_frames if num_frames is not None or fps is not None else min(DEFAULT_NUM_FRAMES, total)
+            return sample_frame_indices(total, count, fps, video_fps, sampling, f"{where} ({what})")
+
+        return decode_video(data, where, what, policy, pick)
+    if not isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
+        raise ValueError(
+            f"{where} has unsupported type {type(video).__name__}: pass a path, URL or base64 string of a video file, "
+            "a (frames, height, width, channels) array or tensor, or a list of frames."
+        )
+    frames = frames_as_array(video, where)
+    indices = sample_frame_indices(len(frames), num_frames, fps, None, sampling, where)
+    return VideoClip(frames[indices], indices, len(frames))
 
 
 def scaled_to_unit(pixels: np.ndarray, mode: str) -> np.ndarray:
@@ -519,14 +712,17 @@ class InternVLXImageProcessor(BaseImageProcessor):
         use_thumbnail = (images_kwargs or {}).get("use_thumbnail", self.use_thumbnail)
         return columns * rows + int(use_thumbnail and columns * rows > 1)
 
-    def tile(self, image: torch.Tensor, options: dict) -> list[torch.Tensor]:
-        """`(3, H, W)` → list of `(3, size, size)` tiles, row-major, then the thumbnail if any."""
+    def tile(self, image: torch.Tensor, options: dict, video_frame: bool = False) -> list[torch.Tensor]:
+        """`(3, H, W)` → list of `(3, size, size)` tiles, row-major, then the thumbnail if any. A video frame is one
+        tile: the whole frame resized to the tile size (RVTC's slicing does not apply to frames)."""
         size = options["image_size"]
+        bicubic = tvF.InterpolationMode.BICUBIC
+        if video_frame:
+            return [tvF.resize(image, [size, size], interpolation=bicubic, antialias=True)]
         height, width = image.shape[-2:]
         columns, rows = tile_grid(
             width, height, size, options["min_patches"], options["max_patches"], options["slicing"]
         )
-        bicubic = tvF.InterpolationMode.BICUBIC
         resized = tvF.resize(image, [rows * size, columns * size], interpolation=bicubic, antialias=True)
         tiles = [
             resized[:, r * size : (r + 1) * size, c * size : (c + 1) * size]
@@ -546,7 +742,9 @@ class InternVLXImageProcessor(BaseImageProcessor):
             kwargs: per-call overrides of `image_size`, `min_patches`, `max_patches`, `use_thumbnail`, `slicing`,
                 `image_mean`, `image_std`; `input_data_format` (`"channels_first"` or `"channels_last"`) says where
                 the channel axis of array images is; `do_convert_rgb=False` keeps each image's channels (1 for
-                grayscale, 4 with alpha; the mean and std then need as many values) instead of making it RGB.
+                grayscale, 4 with alpha; the mean and std then need as many values) instead of making it RGB;
+                `video_frames` (a list of booleans, one per image) marks the images that are video frames, one tile
+                each (the processor sets it for the frames of its `videos`).
 
         Returns:
             `BatchFeature` with `pixel_values (total_tiles, 3, size, size)` and `num_patches`, the tiles of each
@@ -554,6 +752,7 @@ class InternVLXImageProcessor(BaseImageProcessor):
         """
         input_data_format = kwargs.pop("input_data_format", None)
         device = kwargs.pop("device", None)
+        video_frames = kwargs.pop("video_frames", None)
         options = self._options(kwargs)
         flat = []
 
@@ -565,10 +764,13 @@ class InternVLXImageProcessor(BaseImageProcessor):
                 flat.append(item)
 
         collect(images)
+        video_frames = list(video_frames) if video_frames is not None else [False] * len(flat)
+        if len(video_frames) != len(flat):
+            raise ValueError(f"video_frames has {len(video_frames)} flags for {len(flat)} images; give one per image.")
         tiles, num_patches = [], []
-        for index, image in enumerate(flat):
+        for index, (image, video_frame) in enumerate(zip(flat, video_frames)):
             image_tiles = self.tile(
-                to_image_tensor(image, index, input_data_format, options["do_convert_rgb"]), options
+                to_image_tensor(image, index, input_data_format, options["do_convert_rgb"]), options, video_frame
             )
             tiles += image_tiles
             num_patches.append(len(image_tiles))

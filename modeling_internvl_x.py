@@ -1666,9 +1666,12 @@ class InternVLXModel(InternVLXPreTrainedModel):
             return
         needed = self.positions_needed(input_ids, attention_mask, new_tokens, position_ids)
         if needed > limit:
+            tiles = int((input_ids == self.config.image_token_id).sum(1).max()) // self.config.tokens_per_tile
             raise ValueError(
                 f"this input needs {needed} positions{self.positions_note()}, more than the language model's "
-                f"max_position_embeddings = {limit}; send fewer images or tiles (max_patches), or less text."
+                f"max_position_embeddings = {limit}; a row holds up to {tiles} tiles of "
+                f"{self.config.tokens_per_tile} image tokens (an image's tiles, or a video's frames at one tile each): "
+                "send fewer images, tiles (max_patches) or video frames (num_frames), or less text."
             )
 
     @can_return_tuple

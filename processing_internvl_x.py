@@ -14,9 +14,19 @@ from transformers.processing_utils import ImagesKwargs, MultiModalData, Processi
 from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 
 from .configuration_internvl_x import CHAT_END_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
-from .image_processing_internvl_x import BASE64, MediaPolicy, fetch_image_bytes, local_path_allowed, read_image
+from .image_processing_internvl_x import (
+    BASE64,
+    MediaPolicy,
+    VideoClip,
+    fetch_image_bytes,
+    local_path_allowed,
+    read_image,
+    read_video,
+)
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+VIDEO_OPTIONS = ("num_frames", "fps", "frame_sampling", "do_sample_frames")
 CHAT_START_TOKEN = "<|im_start|>"
 SPECIAL_TOKENS = (CHAT_END_TOKEN, CHAT_START_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
 IMAGE_SPAN_TOKENS = (IMAGE_START_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN)
@@ -28,17 +38,19 @@ DEFAULT_SYSTEM_MESSAGE = (
 # newline; the InternVL2 system message unless one is given; every image item becomes the processor's image token,
 # `<IMG_CONTEXT>`, on its own line (as in Transformers' InternVL; InternVL2's own prompts write `<image>` there, which
 # the processor reads the same), which the processor expands into the image's span of image tokens. Serving engines
-# that expand images themselves (vLLM) look for that token in the rendered prompt. Each
+# that expand images themselves (vLLM) look for that token in the rendered prompt. Every video item becomes `<video>`
+# on its own line, which the processor expands into one `FrameN: ` line per frame (InternVL2's video prompt). Each
 # assistant reply and its <|im_end|> sit in a generation block: what `return_assistant_tokens_mask` marks for
-# training. A content part the format cannot show (a video, audio, a part without a type) is refused, never dropped.
+# training. A content part the format cannot show (audio, a part without a type) is refused, never dropped.
 # This is the only rendering of the format in the project: training and inference both use it.
 CHAT_TEMPLATE = (
     "{%- macro render_content(content) %}"
     "{%- if content is string %}{{ content }}"
     "{%- elif content is defined and content is not none %}{%- for item in content %}"
     "{%- if item['type'] in ('image', 'image_url') %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{%- elif item['type'] in ('video', 'video_url') %}{{ '<video>\\n' }}"
     "{%- elif item['type'] == 'text' %}{{ item['text'] }}"
-    "{%- else %}{{ raise_exception('InternVL-X chats hold text and image parts only, got a part of type ' "
+    "{%- else %}{{ raise_exception('InternVL-X chats hold text, image and video parts only, got a part of type ' "
     "+ (item['type'] | string)) }}{%- endif %}"
     "{%- endfor %}{%- endif %}"
     "{%- endmacro %}"
@@ -59,13 +71,13 @@ CHAT_TEMPLATE = (
 )
 
 # The content parts a chat message may hold: what the chat template renders.
-TEXT_PART, IMAGE_PARTS = "text", ("image", "image_url")
+TEXT_PART, IMAGE_PARTS, VIDEO_PARTS = "text", ("image", "image_url"), ("video", "video_url")
 
 
 def check_conversation(messages, where: str = "the conversation") -> None:
     """Refuse, naming the message and the part, what the chat template cannot render faithfully: no messages, a
     message without a string `role`, content that is not a string or a list of parts, a part without a `type`, a
-    text part without string `text`, or a part of another kind (video, audio, ...). Messages that are not dicts
+    text part without string `text`, or a part of another kind (audio, ...). Messages that are not dicts
     (dataclasses, pydantic models) are left to Transformers, which converts them."""
     if isinstance(messages, (list, tuple)) and not messages:
         raise ValueError(f"{where} has no messages; give at least one {{'role': ..., 'content': ...}} message.")
@@ -84,10 +96,10 @@ def check_conversation(messages, where: str = "the conversation") -> None:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == TEXT_PART and not isinstance(part.get("text"), str):
                 raise ValueError(f"part {number} of {name} is a text part without a string `text`: {part!r:.200}.")
-            if kind != TEXT_PART and kind not in IMAGE_PARTS:
+            if kind != TEXT_PART and kind not in IMAGE_PARTS and kind not in VIDEO_PARTS:
                 raise ValueError(
                     f"part {number} of {name} has type {kind!r}; InternVL-X chats hold "
-                    f"{[TEXT_PART, *IMAGE_PARTS]} parts only: {part!r:.200}."
+                    f"{[TEXT_PART, *IMAGE_PARTS, *VIDEO_PARTS]} parts only: {part!r:.200}."
                 )
 
 
@@ -185,7 +197,7 @@ def admit_chat_images(
             except ValueError:
                 raise ValueError(f"image {index} of the request: its base64 could not be decoded.") from None
         else:
-            path = local_path_allowed(source.removeprefix("file://"), index, policy)
+            path = local_path_allowed(source.removeprefix("file://"), f"image {index} of the request", policy)
             try:
                 with open(path, "rb") as file:
                     data = file.read(policy.max_bytes + 1)
@@ -222,6 +234,7 @@ class InternVLXImagesKwargs(ImagesKwargs, total=False):
     max_patches: int
     use_thumbnail: bool
     slicing: str
+    video_frames: list[bool]
 
 
 class InternVLXProcessorKwargs(ProcessingKwargs, total=False):
@@ -283,9 +296,12 @@ class InternVLXProcessor(ProcessorMixin):
             other output into images by their tile counts, which a field of one value per image does not fit.
         """
         if text is None:
-            raise ValueError("InternVLXProcessor needs `text` (with one `<image>` per image).")
-        if kwargs.pop("videos", None) is not None or kwargs.pop("audio", None) is not None:
-            raise ValueError("InternVLXProcessor reads text and images only; it got videos or audio.")
+            raise ValueError("InternVLXProcessor needs `text` (with one `<image>` per image, one `<video>` per video).")
+        if kwargs.pop("audio", None) is not None:
+            raise ValueError("InternVLXProcessor reads text, images and videos; it got audio.")
+        videos = kwargs.pop("videos", None)
+        video_options = {**kwargs.pop("videos_kwargs", {})}
+        video_options.update({name: kwargs.pop(name) for name in VIDEO_OPTIONS if name in kwargs})
         given = [text] if isinstance(text, str) else list(text)
         text = [sample.replace(IMAGE_PLACEHOLDER, IMAGE_CONTEXT_TOKEN) for sample in given]
         images = [
@@ -305,6 +321,14 @@ class InternVLXProcessor(ProcessorMixin):
             raise ValueError(
                 f"the text has {count} image placeholders (`<image>` or `<IMG_CONTEXT>`) but no images were given."
             )
+        clips = None
+        if videos is not None or any(VIDEO_PLACEHOLDER in sample for sample in text):
+            if kwargs.get("return_text_replacement_offsets"):
+                raise ValueError("return_text_replacement_offsets is not available for videos.")
+            clips = self.read_videos(videos, text, **video_options)
+            text, images, frame_flags = self.expand_videos(text, images, clips)
+            images_kwargs = {**kwargs.pop("images_kwargs", {}), "video_frames": frame_flags}
+            kwargs["images_kwargs"] = images_kwargs
         text_kwargs = kwargs.get("text_kwargs", {})
         padding_set = "padding" in kwargs or "padding" in text_kwargs or "padding" in self.tokenizer.init_kwargs
         if len(text) > 1 and not padding_set:
@@ -315,6 +339,8 @@ class InternVLXProcessor(ProcessorMixin):
             kwargs["add_special_tokens"] = False  # a rendered chat template already starts with BOS: not a second
         return_num_patches = kwargs.pop("return_num_patches", None)
         outputs = super().__call__(images=images or None, text=text, **kwargs)
+        if clips is not None and kwargs.get("return_metadata"):
+            outputs["video_metadata"] = [clip.metadata() for clip in clips]
         if return_num_patches is None:
             return_num_patches = "text_replacement_offsets" not in outputs
         if not return_num_patches:
@@ -325,6 +351,66 @@ class InternVLXProcessor(ProcessorMixin):
                 for offsets, sample in zip(outputs["text_replacement_offsets"], given)
             ]
         return outputs
+
+    def read_videos(
+        self,
+        videos,
+        text: list[str],
+        num_frames: int | None = None,
+        fps: float | None = None,
+        frame_sampling: str = "uniform",
+        do_sample_frames: bool | None = None,
+    ) -> list[VideoClip]:
+        """Each video of the batch read and its frames taken (`read_video`), after checking that the text holds one
+        `<video>` per video. `do_sample_frames=False` keeps every frame."""
+        videos = _flatten_videos(videos) if videos is not None else []
+        counts = [sample.count(VIDEO_PLACEHOLDER) for sample in text]
+        if sum(counts) != len(videos):
+            raise ValueError(
+                f"the text has {sum(counts)} `<video>` placeholders (per sample: {counts}) but {len(videos)} videos "
+                "were given; put one `<video>` where each video belongs."
+            )
+        if do_sample_frames is False:
+            num_frames = fps = None
+        return [read_video(video, index, num_frames, fps, frame_sampling) for index, video in enumerate(videos)]
+
+    def expand_videos(
+        self, text: list[str], images: list, clips: list[VideoClip], image_placeholder: str = IMAGE_CONTEXT_TOKEN
+    ) -> tuple[list[str], list, list[bool]]:
+        """Write each `<video>` as one `FrameN: <IMG_CONTEXT>` line per frame (InternVL2's video prompt; the lines
+        joined by newlines) and put its frames among the images in the order the placeholders appear (the counts of
+        both are checked already; `image_placeholder`: how the text marks images, `<IMG_CONTEXT>` or InternVL2's
+        `<image>`). Returns the text, the images and frames in that order, and which are frames."""
+        pattern = re.compile(f"{re.escape(image_placeholder)}|{re.escape(VIDEO_PLACEHOLDER)}")
+        given, clips, ordered, flags, written = iter(images), iter(clips), [], [], []
+
+        def place(match: re.Match) -> str:
+            if match.group() == image_placeholder:
+                ordered.append(next(given))
+                flags.append(False)
+                return image_placeholder
+            clip = next(clips)
+            ordered.extend(PIL.Image.fromarray(frame) for frame in clip.frames)
+            flags.extend([True] * len(clip.frames))
+            return "\n".join(f"Frame{number + 1}: {image_placeholder}" for number in range(len(clip.frames)))
+
+        for sample in text:
+            written.append(pattern.sub(place, sample))
+        return written, ordered, flags
+
+    def load_video(
+        self, video, num_segments: int = 8, frame_sampling: str = "internvl2", **image_kwargs
+    ) -> tuple[torch.Tensor, list[int]]:
+        """InternVL2's `load_video`: a video (a path, URL or base64 string, or frames) → `(pixel_values (frames, 3,
+        size, size), num_patches_list)`, `num_segments` frames each one tile, taken by InternVL2's rule (see
+        `sample_frame_indices`); for `model.chat` with a question that starts `Frame1: <image>\nFrame2: <image>\n...`.
+        """
+        clip = read_video(video, 0, num_segments, None, frame_sampling)
+        frames = [PIL.Image.fromarray(frame) for frame in clip.frames]
+        pixel_values = self.image_processor(
+            frames, return_tensors="pt", video_frames=[True] * len(frames), **image_kwargs
+        )["pixel_values"]
+        return pixel_values, [1] * len(frames)
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
         """Transformers' `apply_chat_template`, after `check_conversation` on each conversation of a batch."""
@@ -380,6 +466,15 @@ def _flatten(images) -> list:
     return [images]
 
 
+def _flatten_videos(videos) -> list:
+    """The videos of a (nested) list in order: a video is a string, a `VideoClip`, a 4-D array or tensor, or a list
+    of frames (PIL images or 3-D arrays)."""
+    is_frame = lambda item: isinstance(item, PIL.Image.Image) or getattr(item, "ndim", 0) == 3  # noqa: E731
+    if isinstance(videos, (list, tuple)) and not (videos and all(is_frame(item) for item in videos)):
+        return [video for item in videos for video in _flatten_videos(item)]
+    return [videos]
+
+
 InternVLXProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
@@ -389,4 +484,5 @@ __all__ = [
     "chat_generation_defaults",
     "CHAT_TEMPLATE",
     "check_conversation",
+    "VIDEO_PLACEHOLDER",
 ]

@@ -11,6 +11,9 @@ the fraction). Each JSONL line is either InternVL's `{"image": path | [paths], "
 templates and TRL: `{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]},
 {"role": "assistant", "content": "..."}], "images": [paths]}` (an image item may also carry its own `image`, `url` or
 `path`). Lines without images are text-only; images without a placeholder go at the start of the first user turn.
+Videos likewise: InternVL's `{"video": path, "conversations": [{"from": "human", "value": "<video>\\n..."}, ...]}` or
+`{"type": "video", "video" | "path" | "url": ...}` items (or a `videos` column); each video becomes `--num_frames`
+frames (uniform, one tile each) written `Frame1: <image>\\nFrame2: ...` as InternVL2 trains and the processor infers.
 A line the Trainer could not use is refused when the data is read, naming its file and line; lines without a reply
 to learn from are left out and counted. Labels are -100 everywhere except the assistant replies and their
 `<|im_end|>`. Images are read by the processor's own loader, as at inference (EXIF orientation, 16-bit images);
@@ -72,6 +75,7 @@ class DataArguments:
     meta_path: str = field(metadata={"help": "JSON naming the training JSONL files and their image roots."})
     eval_meta_path: str | None = field(default=None, metadata={"help": "same format, for evaluation."})
     max_length: int = field(default=4096, metadata={"help": "longest tokenized sample; longer text is cut."})
+    num_frames: int = field(default=8, metadata={"help": "frames taken from each video (uniformly; one tile each)."})
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Row:
     messages: list[dict]
     images: list
     where: str
+    videos: list = field(default_factory=list)
 
     @property
     def learns(self) -> bool:
@@ -89,23 +94,56 @@ class Row:
         return any(m["role"] == "assistant" and m["content"].strip() for m in self.messages)
 
 
-def image_source(item, root: Path, where: str):
-    """A row's image as the image processor reads it: a path relative to the data root (it must exist), or a URL,
-    base64 payload or in-memory image as it is."""
+def image_source(item, root: Path, where: str, kind: str = "image"):
+    """A row's image (or video: `kind`) as the processor reads it: a path relative to the data root (it must exist),
+    or a URL, base64 payload or in-memory image or frames as it is."""
     if not isinstance(item, str):
         return item
     if item.startswith(("http://", "https://", "data:")) or len(item) > 1024:
         return item
     path = Path(item) if Path(item).is_absolute() else root / item
     if not path.is_file():
-        raise ValueError(f"{where}: image {item!r} not found (looked for {path})")
+        raise ValueError(f"{where}: {kind} {item!r} not found (looked for {path})")
     return str(path)
 
 
-def row_messages(record: dict, where: str) -> tuple[list[dict], list]:
-    """The row's messages with text content, and the images its content items carry, from either format:
+def with_sources(carried: list, listed, kind: str, where: str) -> list:
+    """A row's images or videos: those its content items carry, an item without a source taking the row's next
+    listed one (TRL's `images` column), then the listed ones left."""
+    listed = listed if isinstance(listed, list) else [listed] if listed else []
+    listed_iter = iter(listed)
+    sources = [item if item is not None else next(listed_iter, None) for item in carried] + list(listed_iter)
+    if None in sources:
+        raise ValueError(f"{where}: {sources.count(None)} {kind} items have no {kind} (no source and none listed left)")
+    return sources
+
+
+def place_placeholders(messages: list[dict], sources: list, placeholder: str, where: str) -> None:
+    """Check the row's `placeholder`s (`<image>` or `<video>`) against its sources; with none written, put one per
+    source at the start of the first user turn. An assistant turn may hold none."""
+    kind = placeholder.strip("<>")
+    for message in messages:
+        if message["role"] == "assistant" and placeholder in message["content"]:
+            raise ValueError(
+                f"{where}: an assistant turn holds an {kind}; the model would be trained to emit {kind} tokens. Put "
+                f"{kind}s in user turns"
+            )
+    placeholders = sum(m["content"].count(placeholder) for m in messages)
+    if sources and not placeholders:
+        users = [m for m in messages if m["role"] == "user"]
+        if not users:
+            raise ValueError(f"{where}: the row has {len(sources)} {kind}s but no user turn to put them in")
+        users[0]["content"] = f"{placeholder}\n" * len(sources) + users[0]["content"]
+    elif placeholders != len(sources):
+        raise ValueError(
+            f"{where}: the text has {placeholders} `{placeholder}` placeholders but the row has {len(sources)} {kind}s"
+        )
+
+
+def row_messages(record: dict, where: str) -> tuple[list[dict], list, list]:
+    """The row's messages with text content, and the images and videos its content items carry, from either format:
     InternVL's `conversations` (`from` / `value`) or Transformers' and TRL's `messages` (`role` / `content`, content a
-    string or a list of `{"type": "text" | "image", ...}` items)."""
+    string or a list of `{"type": "text" | "image" | "video", ...}` items)."""
     if "conversations" in record:
         turns = record["conversations"]
         if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
@@ -120,7 +158,7 @@ def row_messages(record: dict, where: str) -> tuple[list[dict], list]:
             f"{where}: a row needs `conversations` (InternVL: from / value) or `messages` (role / content); it has "
             f"{sorted(record)}"
         )
-    texts, carried = [], []
+    texts, carried, carried_videos = [], [], []
     for message in messages:
         role = ROLES.get(message["role"]) if isinstance(message["role"], str) else None
         if role is None:
@@ -137,27 +175,26 @@ def row_messages(record: dict, where: str) -> tuple[list[dict], list]:
                     parts.append("<image>\n")
                     source = item.get("image") or item.get("url") or item.get("path") or item.get("image_url")
                     carried.append(source.get("url") if isinstance(source, dict) else source)
+                elif item.get("type") in ("video", "video_url"):
+                    parts.append("<video>\n")
+                    source = item.get("video") or item.get("url") or item.get("path") or item.get("video_url")
+                    carried_videos.append(source.get("url") if isinstance(source, dict) else source)
                 else:
                     raise ValueError(f"{where}: content item of unknown type {item.get('type')!r}")
             content = "".join(parts)
         if not isinstance(content, str):
             raise ValueError(f"{where}: a {role} turn's content must be text or a list of items, got {content!r}")
         texts.append({"role": role, "content": content})
-    return texts, carried
+    return texts, carried, carried_videos
 
 
 def parse_row(record, root: Path, where: str) -> Row:
     """A data row checked once, at load: refused with `where` when the Trainer could not use it."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
-    messages, carried = row_messages(record, where)
-    listed = record.get("image", record.get("images")) or []
-    listed = listed if isinstance(listed, list) else [listed]
-    # an image item without a source of its own takes the row's next listed image (TRL's `images` column)
-    listed_iter = iter(listed)
-    images = [item if item is not None else next(listed_iter, None) for item in carried] + list(listed_iter)
-    if None in images:
-        raise ValueError(f"{where}: {images.count(None)} image items have no image (no source and no `images` left)")
+    messages, carried, carried_videos = row_messages(record, where)
+    images = with_sources(carried, record.get("image", record.get("images")), "image", where)
+    videos = with_sources(carried_videos, record.get("video", record.get("videos")), "video", where)
     for message in messages:
         spans = [token for token in IMAGE_SPAN_TOKENS if token in message["content"]]
         if spans:
@@ -165,20 +202,14 @@ def parse_row(record, root: Path, where: str) -> Row:
                 f"{where}: a {message['role']} turn holds {spans}, the tokens the processor writes for images; mark "
                 "each image with `<image>` (or an image item) instead"
             )
-        if message["role"] == "assistant" and "<image>" in message["content"]:
-            raise ValueError(
-                f"{where}: an assistant turn holds an image; the model would be trained to emit image tokens. Put "
-                "images in user turns"
-            )
-    placeholders = sum(m["content"].count("<image>") for m in messages)
-    if images and not placeholders:
-        users = [m for m in messages if m["role"] == "user"]
-        if not users:
-            raise ValueError(f"{where}: the row has {len(images)} images but no user turn to put them in")
-        users[0]["content"] = "<image>\n" * len(images) + users[0]["content"]
-    elif placeholders != len(images):
-        raise ValueError(f"{where}: the text has {placeholders} `<image>` placeholders but the row has {len(images)}")
-    return Row(messages, [image_source(image, root, where) for image in images], where)
+    place_placeholders(messages, images, "<image>", where)
+    place_placeholders(messages, videos, "<video>", where)
+    return Row(
+        messages,
+        [image_source(image, root, where) for image in images],
+        where,
+        [image_source(video, root, where, "video") for video in videos],
+    )
 
 
 def repeated(rows: list[Row], times: float, seed: int = 0) -> list[Row]:
@@ -262,8 +293,8 @@ def read_meta(meta_path: str) -> list[Row]:
 class ChatDataset(Dataset):
     """Rows (`read_meta`) → `input_ids`, `labels` (assistant replies only), `pixel_values`, `num_patches`."""
 
-    def __init__(self, rows: list[Row], processor, max_length: int = 4096):
-        self.rows, self.processor, self.max_length = rows, processor, max_length
+    def __init__(self, rows: list[Row], processor, max_length: int = 4096, num_frames: int = 8):
+        self.rows, self.processor, self.max_length, self.num_frames = rows, processor, max_length, num_frames
         self.tokenizer = processor.tokenizer
         bundle = importlib.import_module(type(processor).__module__)  # the processor's own bundle module
         self.expand_image_placeholders = bundle.expand_image_placeholders
@@ -297,18 +328,31 @@ class ChatDataset(Dataset):
             )
         return input_ids, labels
 
+    def with_video_frames(self, row: Row) -> tuple[list[dict], list, list[bool]]:
+        """The row's messages with each `<video>` written as one `FrameN: <image>` line per frame, its images and
+        video frames in the order of their placeholders, and which are frames: the processor's own reading and
+        expansion of videos (`num_frames` per video, uniformly)."""
+        contents = [message["content"] for message in row.messages]
+        clips = self.processor.read_videos(row.videos, contents, num_frames=self.num_frames)
+        contents, images, frames = self.processor.expand_videos(contents, row.images, clips, "<image>")
+        return [{**m, "content": c} for m, c in zip(row.messages, contents)], images, frames
+
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         sample = {}
         num_patches = []
-        if row.images:
-            try:  # read as inference reads them (the image processor's one loader: EXIF, 16-bit images, ...)
-                image_inputs = self.processor.image_processor(row.images, return_tensors="pt")
+        messages, images, frames = row.messages, row.images, [False] * len(row.images)
+        if row.images or row.videos:
+            try:  # read as inference reads them (the processor's one loader: EXIF, 16-bit images, video frames ...)
+                if row.videos:
+                    messages, images, frames = self.with_video_frames(row)
+                image_inputs = self.processor.image_processor(images, return_tensors="pt", video_frames=frames)
             except ValueError as error:
                 raise ValueError(f"{row.where}: {error}") from error
             sample["pixel_values"] = image_inputs["pixel_values"]
             num_patches = image_inputs["num_patches"].tolist()
             sample["num_patches"] = image_inputs["num_patches"]
+        row = Row(messages, images, row.where)
         input_ids, labels = self.build(row, num_patches)
         if len(input_ids) > self.max_length:
             image_token = self.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
@@ -591,9 +635,9 @@ def main(argv=None) -> None:
     trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
     logger.info("trainable parameters: %d of %d", trainable, sum(parameter_count(p) for p in model.parameters()))
 
-    train_dataset = ChatDataset(read_meta(data_args.meta_path), processor, data_args.max_length)
+    train_dataset = ChatDataset(read_meta(data_args.meta_path), processor, data_args.max_length, data_args.num_frames)
     eval_dataset = (
-        ChatDataset(read_meta(data_args.eval_meta_path), processor, data_args.max_length)
+        ChatDataset(read_meta(data_args.eval_meta_path), processor, data_args.max_length, data_args.num_frames)
         if data_args.eval_meta_path
         else None
     )

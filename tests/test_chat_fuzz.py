@@ -20,6 +20,9 @@ from tests.test_processor import SYSTEM
 IMAGE_TOKENS = ("<image>", "<IMG_CONTEXT>")
 
 
+FRAMES = np.random.default_rng(7).integers(0, 256, (2, 20, 30, 3), dtype=np.uint8)  # a video of two frames
+
+
 def png(seed: int) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 30, 3), dtype=np.uint8))
 
@@ -38,7 +41,8 @@ def expected_rendering(messages: list[dict], add_generation_prompt: bool) -> str
     def content(value) -> str:
         if value is None or isinstance(value, str):
             return value or ""
-        return "".join("<IMG_CONTEXT>\n" if part["type"] in ("image", "image_url") else part["text"] for part in value)
+        written = {"image": "<IMG_CONTEXT>\n", "image_url": "<IMG_CONTEXT>\n", "video": "<video>\n"}
+        return "".join(written.get(part["type"]) or part["text"] for part in value)
 
     if messages and messages[0]["role"] == "system":
         system, messages = content(messages[0].get("content")), messages[1:]
@@ -65,7 +69,7 @@ def problem(messages) -> str | None:
             kind = part.get("type")
             if kind == "text" and not isinstance(part.get("text"), str):
                 return f"part {number} of message {index} of the conversation is a text part without a string"
-            if kind not in ("text", "image", "image_url"):
+            if kind not in ("text", "image", "image_url", "video", "video_url"):
                 return f"part {number} of message {index} of the conversation has type {kind!r}"
     return None
 
@@ -79,10 +83,10 @@ good_parts = st.one_of(
     texts.map(lambda text: {"type": "text", "text": text}),
     st.integers(0, 3).map(lambda seed: {"type": "image", "image": png(seed)}),
     st.integers(0, 3).map(lambda seed: {"type": "image_url", "image_url": {"url": data_uri(png(seed))}}),
+    st.just({"type": "video", "video": FRAMES}),
 )
 bad_parts = st.sampled_from(
     [
-        {"type": "video", "path": "clip.mp4"},
         {"type": "audio", "path": "a.wav"},
         {"text": "no type"},
         {"type": "text"},
@@ -136,7 +140,14 @@ def check(processor, messages: list[dict], add_generation_prompt: bool) -> None:
         messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
     )
     tiles = [int(n) for n in inputs.get("num_patches", [])]
-    assert len(tiles) == images
+    frames = sum(
+        len(part["video"])
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for part in m["content"]
+        if part["type"] == "video"
+    )
+    assert len(tiles) == images + frames and tiles.count(1) >= frames  # a video frame is one tile
     image_tokens = int((inputs["input_ids"] == processor.image_token_id).sum())
     assert image_tokens == sum(tiles) * processor.image_seq_length
 
@@ -178,7 +189,7 @@ NAMED = {
     "a placeholder typed in the text": [
         {"role": "user", "content": [{"type": "image", "image": png(0)}, {"type": "text", "text": "and <image>"}]}
     ],
-    "video part": [{"role": "user", "content": [{"type": "video", "path": "clip.mp4"}]}],
+    "video part": [{"role": "user", "content": [{"type": "video", "video": FRAMES}, {"type": "text", "text": "?"}]}],
     "audio part": [{"role": "user", "content": [{"type": "audio", "path": "a.wav"}]}],
     "part without a type": [{"role": "user", "content": [{"text": "hi"}]}],
     "text part without text": [{"role": "user", "content": [{"type": "text"}]}],
@@ -195,13 +206,13 @@ def test_named_edge_cases(processor, messages):
 
 def test_the_template_itself_refuses_parts_it_cannot_render(processor):
     """Called through the tokenizer (no processor check in between), the template raises instead of dropping."""
-    messages = [{"role": "user", "content": [{"type": "video", "path": "clip.mp4"}, {"type": "text", "text": "?"}]}]
-    with pytest.raises(TemplateError, match="text and image parts only, got a part of type video"):
+    messages = [{"role": "user", "content": [{"type": "audio", "path": "a.wav"}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(TemplateError, match="text, image and video parts only, got a part of type audio"):
         processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=False)
 
 
 def test_a_batch_of_conversations_names_the_conversation(processor):
-    batch = [[{"role": "user", "content": "fine"}], [{"role": "user", "content": [{"type": "video"}]}]]
-    with pytest.raises(ValueError, match="part 0 of message 0 of conversation 1 has type 'video'"):
+    batch = [[{"role": "user", "content": "fine"}], [{"role": "user", "content": [{"type": "audio"}]}]]
+    with pytest.raises(ValueError, match="part 0 of message 0 of conversation 1 has type 'audio'"):
         processor.apply_chat_template(batch)
     assert len(processor.apply_chat_template([batch[0], batch[0]])) == 2

@@ -90,8 +90,8 @@ def test_internvl_rows_and_messages_rows_give_the_same_sample(processor, tmp_pat
         ),
         ({"conversations": [{"from": "robot", "value": "?"}]}, "data.jsonl:2: unknown role 'robot'"),
         (
-            {"messages": [{"role": "user", "content": [{"type": "video"}]}]},
-            "data.jsonl:2: content item of unknown type 'video'",
+            {"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+            "data.jsonl:2: content item of unknown type 'audio'",
         ),
         (
             {"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "x"}]},
@@ -178,3 +178,95 @@ def test_training_reads_images_as_inference_does(processor, tmp_path):
     upright = PIL.ImageOps.exif_transpose(PIL.Image.open(tmp_path / "images" / "photo.jpg"))
     assert upright.size == (40, 90)  # turned: 90 wide becomes 90 high
     torch.testing.assert_close(dataset[0]["pixel_values"], processor.image_processor(upright)["pixel_values"])
+
+
+def test_video_rows_train_on_the_frames_and_prompt_inference_uses(processor, tmp_path):
+    """InternVL's `video` rows and `messages` rows with video items give the same sample, whose prompt (frames one
+    tile each, `FrameN:` lines) and pixels are what the processor gives at inference for the same video."""
+    from tests.utils.video import random_frames, write_video
+
+    write(tmp_path, [])
+    write_video(tmp_path / "images" / "clip.mkv", random_frames(20, seed=2))
+    internvl = {
+        "video": "clip.mkv",
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<video>\nand <image>\nWhat changes?"},
+            {"from": "gpt", "value": "noise"},
+        ],
+    }
+    messages = {
+        "videos": ["clip.mkv"],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video"},
+                    {"type": "text", "text": "and "},
+                    {"type": "image", "path": "a.png"},
+                    {"type": "text", "text": "What changes?"},
+                ],
+            },
+            {"role": "assistant", "content": "noise"},
+        ],
+    }
+    dataset = finetune.ChatDataset(finetune.read_meta(write(tmp_path, [internvl, messages])), processor, num_frames=5)
+    first, second = dataset[0], dataset[1]
+    for name in ("input_ids", "labels", "pixel_values", "num_patches"):
+        assert torch.equal(first[name], second[name]), name
+    assert first["num_patches"].tolist()[:5] == [1] * 5  # five frames, one tile each, before the image
+    turn = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "path": str(tmp_path / "images" / "clip.mkv")},
+                {"type": "text", "text": "and "},
+                {"type": "image", "path": str(tmp_path / "images" / "a.png")},
+                {"type": "text", "text": "What changes?"},
+            ],
+        }
+    ]
+    inference = processor.apply_chat_template(
+        turn, add_generation_prompt=True, tokenize=True, return_dict=True, num_frames=5
+    )
+    prompt = inference["input_ids"][0]
+    assert torch.equal(first["input_ids"][: len(prompt)], prompt)
+    assert torch.equal(first["pixel_values"], inference["pixel_values"])
+    assert processor.tokenizer.decode(first["labels"][first["labels"] != -100]) == "noise<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        (
+            {"video": "clip.mkv", "conversations": [{"from": "human", "value": "<video> <video>"}]},
+            "data.jsonl:2: the text has 2 `<video>` placeholders but the row has 1 videos",
+        ),
+        ({"video": "gone.mp4", "conversations": [{"from": "human", "value": "?"}]}, "video 'gone.mp4' not found"),
+        (
+            {
+                "video": "clip.mkv",
+                "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "<video>"}],
+            },
+            "an assistant turn holds an video",
+        ),
+    ],
+)
+def test_a_video_row_the_trainer_cannot_use_is_refused(processor, tmp_path, row, message):
+    from tests.utils.video import random_frames, write_video
+
+    write(tmp_path, [])
+    write_video(tmp_path / "images" / "clip.mkv", random_frames(4))
+    with pytest.raises(ValueError, match=message):
+        finetune.read_meta(write(tmp_path, [INTERNVL, row]))
+
+
+def test_a_video_shorter_than_num_frames_is_refused_by_line(processor, tmp_path):
+    from tests.utils.video import random_frames, write_video
+
+    write(tmp_path, [])
+    write_video(tmp_path / "images" / "clip.mkv", random_frames(4))
+    row = {"video": "clip.mkv", "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "x"}]}
+    dataset = finetune.ChatDataset(finetune.read_meta(write(tmp_path, [row])), processor, num_frames=8)
+    with pytest.raises(ValueError, match=r"data.jsonl:1: video 0 of the batch .* has 4 frames, fewer than the num_f"):
+        dataset[0]
