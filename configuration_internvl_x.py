@@ -80,6 +80,7 @@ AUTO_MAP = {
     "AutoModel": "modeling_internvl_x.InternVLXChatModel",
     "AutoModelForCausalLM": "modeling_internvl_x.InternVLXForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_internvl_x.InternVLXForConditionalGeneration",
+    "AutoModelForMultimodalLM": "modeling_internvl_x.InternVLXForConditionalGeneration",  # the any-to-any pipeline
 }
 
 # InternLM2-chat-1.8B written as a Llama config (InternLM2 checkpoints are converted to Llama).

@@ -51,7 +51,7 @@ class EndpointHandler:
             path, trust_remote_code=True, dtype="auto", device_map=device_map
         ).eval()
         image_module = importlib.import_module(type(self.processor.image_processor).__module__)
-        self.admit_chat_images = importlib.import_module(type(self.processor).__module__).admit_chat_images
+        self.admit_chat_media = importlib.import_module(type(self.processor).__module__).admit_chat_media
         # Every image is taken in (and turned into a data URI) under this policy before the processor sees it.
         policy = image_module.MediaPolicy
         self.policy = policy.current() if image_module.MEDIA_POLICY_VARIABLE in os.environ else policy.for_servers()
@@ -67,7 +67,7 @@ class EndpointHandler:
                 f"`parameters` must be a JSON object of generate arguments, got {type(parameters).__name__}."
             )
         self.check_parameters(parameters)
-        self.admit_chat_images(
+        self.admit_chat_media(
             messages,
             self.processor.image_processor,
             self.processor.image_seq_length,

@@ -397,10 +397,11 @@ def frames_as_array(video, where: str) -> np.ndarray:
     return stacked.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def decode_video(data, where: str, what: str, policy: MediaPolicy, pick) -> VideoClip:
-    """Decode the frames `pick(total_frames, video_fps)` chooses from a video file (a path or file object) with PyAV,
-    the backend Transformers' `load_video` uses by default: frames are counted from the container (or, where it does
-    not record them, from its packets) and decoded in order up to the last one taken."""
+def open_video(data, where: str, what: str, policy: MediaPolicy):
+    """Open a video file (a path or file object) with PyAV, the backend Transformers' `load_video` uses by default,
+    and check it under `policy` before any frame is decoded: a video stream, its frame size, its frame count (from
+    the container or, where it records none, counted from its packets, up to `policy.max_video_frames`). Returns
+    `(container, stream, total_frames, fps)`; the caller closes the container."""
     try:
         import av
     except ImportError:
@@ -409,7 +410,7 @@ def decode_video(data, where: str, what: str, policy: MediaPolicy, pick) -> Vide
         container = av.open(data)
     except Exception as error:  # noqa: BLE001 (not a container FFmpeg knows, truncated, ...)
         raise ValueError(f"{where} ({what}) could not be read as a video: {type(error).__name__}.") from None
-    with container:
+    try:
         if not container.streams.video:
             raise ValueError(f"{where} ({what}) holds no video stream.")
         stream = container.streams.video[0]
@@ -420,33 +421,47 @@ def decode_video(data, where: str, what: str, policy: MediaPolicy, pick) -> Vide
                 f"{policy.max_pixels} allowed."
             )
         rate = stream.average_rate or stream.guessed_rate
+        cap = policy.max_video_frames
         total = stream.frames
+        if not total:  # containers such as Matroska do not record a count
+            for packet in container.demux(stream):
+                total += bool(packet.size)
+                if cap is not None and total > cap:
+                    break
+            container.seek(0, stream=stream)
+        if cap is not None and total > cap:
+            raise ValueError(f"{where} ({what}) has more than the {cap} frames this service decodes.")
+        return container, stream, total, float(rate) if rate else None
+    except ValueError:
+        container.close()
+        raise
+    except Exception as error:  # noqa: BLE001 (a corrupt stream)
+        container.close()
+        raise ValueError(f"{where} ({what}) could not be read as a video: {type(error).__name__}.") from None
+
+
+def decode_video(data, where: str, what: str, policy: MediaPolicy, pick) -> VideoClip:
+    """Decode the frames `pick(total_frames, video_fps)` chooses from a video file (`open_video`), in order up to the
+    last one taken."""
+    container, stream, total, fps = open_video(data, where, what, policy)
+    number, frames = -1, {}
+    with container:
+        indices = pick(total, fps)
+        wanted, last = set(indices), max(indices)
         try:
-            if not total:  # containers such as Matroska do not record a count
-                total = sum(1 for packet in container.demux(stream) if packet.size)
-                container.seek(0, stream=stream)
-            if policy.max_video_frames is not None and total > policy.max_video_frames:
-                raise ValueError(
-                    f"{where} ({what}) has {total} frames, more than the {policy.max_video_frames} this service "
-                    "decodes."
-                )
-            indices = pick(total, float(rate) if rate else None)
-            wanted, last, frames = set(indices), max(indices), {}
             for number, frame in enumerate(container.decode(stream)):
                 if number in wanted:
                     frames[number] = frame.to_ndarray(format="rgb24")
                 if number >= last:
                     break
-        except ValueError:
-            raise
         except Exception as error:  # noqa: BLE001 (a corrupt stream)
             raise ValueError(f"{where} ({what}) could not be decoded: {type(error).__name__}.") from None
     if len(frames) < len(wanted):
         raise ValueError(
-            f"{where} ({what}) records {total} frames but only {number + 1 if frames else 0} could be decoded; "
-            f"frames {sorted(wanted - set(frames))[:8]} are missing."
+            f"{where} ({what}) records {total} frames but only {number + 1} could be decoded; frames "
+            f"{sorted(wanted - set(frames))[:8]} are missing."
         )
-    return VideoClip(np.stack([frames[i] for i in indices]), indices, total, float(rate) if rate else None)
+    return VideoClip(np.stack([frames[i] for i in indices]), indices, total, fps)
 
 
 def read_video(

@@ -1304,7 +1304,7 @@ class InternVLXPreTrainedModel(PreTrainedModel):
     config: InternVLXConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    input_modalities = ("image", "text")
+    input_modalities = ("image", "text", "video")  # a video is read as frames of one tile each
     supports_gradient_checkpointing = True
     _no_split_modules = ["InternVLVisionLayer"]
     _skip_keys_device_placement = [CACHE_NAME]

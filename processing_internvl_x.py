@@ -16,10 +16,12 @@ from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 from .configuration_internvl_x import CHAT_END_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
 from .image_processing_internvl_x import (
     BASE64,
+    DEFAULT_NUM_FRAMES,
     MediaPolicy,
     VideoClip,
     fetch_image_bytes,
     local_path_allowed,
+    open_video,
     read_image,
     read_video,
 )
@@ -154,76 +156,102 @@ def expand_image_placeholders(text: list[str], num_patches: list[int], tokens_pe
     return [re.sub(re.escape(IMAGE_PLACEHOLDER), span, sample) for sample in text]
 
 
-def image_parts(messages) -> list[tuple[dict, str]]:
-    """`(part, key)` of every image given as a string in chat `messages` (Transformers' `{"type": "image", "url" |
-    "path" | "base64" | "image": ...}` parts and OpenAI's `image_url` parts), in order."""
+def media_parts(messages) -> list[tuple[dict, str, str]]:
+    """`(part, key, kind)` of every image or video given as a string in chat `messages` (Transformers' `{"type":
+    "image" | "video", "url" | "path" | ...: ...}` parts and OpenAI's `image_url` / `video_url` parts), in order;
+    `kind` is "image" or "video"."""
     found = []
     for message in messages if isinstance(messages, list) else []:
         content = message.get("content") if isinstance(message, dict) else None
         for part in content if isinstance(content, list) else []:
-            if not isinstance(part, dict):
-                continue
-            if part.get("type") == "image_url":
-                holder = part["image_url"] if isinstance(part.get("image_url"), dict) else part
-                found.append((holder, "url" if holder is not part else "image_url"))
-            elif part.get("type") == "image":
-                found += [(part, key) for key in ("url", "path", "base64", "image") if isinstance(part.get(key), str)]
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("image_url", "video_url"):
+                holder = part[kind] if isinstance(part.get(kind), dict) else part
+                found.append((holder, "url" if holder is not part else kind, kind.removesuffix("_url")))
+            elif kind in ("image", "video"):
+                keys = ("url", "path", "base64", kind)
+                found += [(part, key, kind) for key in keys if isinstance(part.get(key), str)]
     return found
 
 
-def admit_chat_images(
-    messages, image_processor, image_seq_length: int, policy: MediaPolicy, max_images: int, max_tokens: int
+def admit_chat_media(
+    messages,
+    image_processor,
+    image_seq_length: int,
+    policy: MediaPolicy,
+    max_items: int,
+    max_tokens: int,
+    num_frames: int | None = None,
 ) -> None:
-    """Take a stranger's chat `messages` in, in place: every image (a URL, base64, a data URI, a local path) becomes a
-    data URI of its bytes, read under `policy` (URLs fetched with its limits, local files only where it allows), and
-    each image's size is read from its header, before anything is decoded, against `policy.max_pixels` and against the
-    tokens its tiles take: the request's images may take at most `max_tokens` (the model's context). At most
-    `max_images` images. A refusal is a `ValueError` naming the image and the rule. Blocking (fetches): a server calls
-    it off its event loop."""
-    parts = image_parts(messages)
-    if len(parts) > max_images:
-        raise ValueError(f"the request holds {len(parts)} images; this server takes at most {max_images}.")
-    tokens = 0
-    for index, (part, key) in enumerate(parts):
+    """Take a stranger's chat `messages` in, in place: every image and video (a URL, base64, a data URI, a local path)
+    becomes a data URI of its bytes, read under `policy` (URLs fetched with its limits, local files only where it
+    allows). Before anything is decoded, each image's size is read from its header, and each video's frame size and
+    frame count from its container, against `policy` and against the tokens they take: the request's images' tiles
+    and videos' frames (`num_frames` each, as the processor will take them: a file's default when None) may take at
+    most `max_tokens` (the model's context). At most `max_items` images and videos. A refusal is a `ValueError` naming
+    the image or video and the rule. Blocking (fetches): a server calls it off its event loop."""
+    parts = media_parts(messages)
+    if len(parts) > max_items:
+        raise ValueError(f"the request holds {len(parts)} images and videos; this server takes at most {max_items}.")
+    tokens, counts = 0, {"image": 0, "video": 0}
+    for part, key, kind in parts:
+        where = f"{kind} {counts[kind]} of the request"
+        counts[kind] += 1
         source = part[key] if isinstance(part[key], str) else ""
         if source.startswith(("http://", "https://")):
             if not policy.remote_urls:
-                raise ValueError(f"image {index} of the request is a URL; this server fetches no URLs.")
-            data = fetch_image_bytes(source, f"image {index} of the request (a URL)", policy)
+                raise ValueError(f"{where} is a URL; this server fetches no URLs.")
+            data = fetch_image_bytes(source, f"{where} (a URL)", policy)
         elif source.startswith("data:") or (len(source) >= 64 and BASE64.match(source)):
             payload = source.split(",", 1)[1] if source.startswith("data:") else source
             try:
                 data = base64.b64decode("".join(payload.split()), validate=True)
             except ValueError:
-                raise ValueError(f"image {index} of the request: its base64 could not be decoded.") from None
+                raise ValueError(f"{where}: its base64 could not be decoded.") from None
         else:
-            path = local_path_allowed(source.removeprefix("file://"), f"image {index} of the request", policy)
+            path = local_path_allowed(source.removeprefix("file://"), where, policy)
             try:
                 with open(path, "rb") as file:
                     data = file.read(policy.max_bytes + 1)
             except OSError:
-                raise ValueError(f"image {index} of the request: the file could not be read.") from None
+                raise ValueError(f"{where}: the file could not be read.") from None
         if len(data) > policy.max_bytes:
-            raise ValueError(f"image {index} of the request: more than the {policy.max_bytes} bytes allowed.")
+            raise ValueError(f"{where}: more than the {policy.max_bytes} bytes allowed.")
+        if kind == "video":
+            container, _, total, _ = open_video(io.BytesIO(data), where, "as sent", policy)
+            container_format = container.format.name.split(",")[0]
+            container.close()
+            frames = num_frames if num_frames is not None else min(DEFAULT_NUM_FRAMES, total)
+            if frames > total:
+                raise ValueError(f"{where} has {total} frames, fewer than the {frames} this server takes per video.")
+            tokens += frames * (2 + image_seq_length)
+            part[key] = f"data:video/{container_format};base64," + base64.b64encode(data).decode()
+            if tokens > max_tokens:
+                raise ValueError(
+                    f"the request's images and videos take {tokens} tokens or more ({where}: {frames} frames of "
+                    f"{image_seq_length} tokens), more than the model's {max_tokens} positions; send fewer or shorter "
+                    "videos, or ask for fewer frames (num_frames)."
+                )
+            continue
         try:
             header = PIL.Image.open(io.BytesIO(data))  # reads the header only
-            width, height, kind = *header.size, (header.format or "png").lower()
+            width, height, image_format = *header.size, (header.format or "png").lower()
         except Exception:  # noqa: BLE001 (not an image Pillow knows)
-            raise ValueError(f"image {index} of the request is not an image Pillow can read.") from None
+            raise ValueError(f"{where} is not an image Pillow can read.") from None
         if policy.max_pixels is not None and width * height > policy.max_pixels:
             raise ValueError(
-                f"image {index} of the request is {width}×{height} = {width * height} pixels, more than the "
+                f"{where} is {width}×{height} = {width * height} pixels, more than the "
                 f"{policy.max_pixels} allowed; send a smaller image."
             )
         tiles = image_processor.get_number_of_image_patches(height, width)
         tokens += 2 + tiles * image_seq_length
         if tokens > max_tokens:
             raise ValueError(
-                f"the request's images take {tokens} tokens or more by their sizes (image {index}: {width}×{height}, "
+                f"the request's images take {tokens} tokens or more by their sizes ({where}: {width}×{height}, "
                 f"{tiles} tiles of {image_seq_length}), more than the model's {max_tokens} positions; send fewer or "
                 "smaller images."
             )
-        part[key] = f"data:image/{kind};base64," + base64.b64encode(data).decode()
+        part[key] = f"data:image/{image_format};base64," + base64.b64encode(data).decode()
 
 
 class InternVLXImagesKwargs(ImagesKwargs, total=False):
@@ -413,7 +441,11 @@ class InternVLXProcessor(ProcessorMixin):
         return pixel_values, [1] * len(frames)
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
-        """Transformers' `apply_chat_template`, after `check_conversation` on each conversation of a batch."""
+        """Transformers' `apply_chat_template`, after `check_conversation` on each conversation of a batch.
+
+        InternVL-X hears nothing: a video's sound is not read, whatever `load_audio_from_video` says (Transformers'
+        server sets it for every video sent to a model it loads as multimodal)."""
+        kwargs.pop("load_audio_from_video", None)
         batched = (
             isinstance(conversation, (list, tuple))
             and bool(conversation)

@@ -4,7 +4,8 @@
     python examples/serve.py MODEL_DIR [--host 127.0.0.1] [--port 8000] [--device auto|cpu|cuda] \\
         [--dtype auto|float32|bfloat16] [--compile] [--continuous-batching]
 
-Then any OpenAI client talks to it (images as `image_url` parts: `data:image/png;base64,...` or an http(s) URL):
+Then any OpenAI client talks to it (images as `image_url` parts: `data:image/png;base64,...` or an http(s) URL; videos
+as `video_url` parts the same way, which Transformers' server takes as an extension of the OpenAI API):
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
@@ -68,6 +69,10 @@ GUARDED_FIELDS = {
     "generation_config": "--allow-generation-config",
     "stop": None,
 }
+# What a request may set through `chat_template_kwargs` (which Transformers' server hands the processor): the frames
+# taken per video, up to `--max-video-frames`. Anything else there (tiling, template switches) is refused.
+CHAT_TEMPLATE_OPTIONS = ("num_frames",)
+SERVER_NUM_FRAMES = 32  # frames per video when a request names none: Transformers' server's default
 CHAT_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/completions")
 MANAGEMENT_PATHS = ("/load_model", "/reset")
 
@@ -77,15 +82,26 @@ class RequestGate:
 
     `POST /load_model` and `/reset` (load any folder or Hub repo with remote code; unload the model) are refused. A
     chat request's body is read up to `max_body_bytes`; its generation fields are checked against bounds (and
-    `generation_config` refused unless allowed); its images are taken in by the bundle's `admit_chat_images` in a worker
+    `generation_config` refused unless allowed; `chat_template_kwargs` may set the frames per video only); its images
+    and videos are taken in by the bundle's `admit_chat_media` in a worker
     thread (fetches never block the event loop, `/health` keeps answering), so the model sees data URIs whose sizes
     were checked from their headers. Every refusal is a 4xx with the field or image and the rule.
     """
 
-    def __init__(self, app, *, admit, max_body_bytes: int, max_new_tokens: int, allow_generation_config: bool):
+    def __init__(
+        self,
+        app,
+        *,
+        admit,
+        max_body_bytes: int,
+        max_new_tokens: int,
+        allow_generation_config: bool,
+        max_video_frames: int = SERVER_NUM_FRAMES,
+    ):
         self.app, self.admit = app, admit
         self.max_body_bytes, self.max_new_tokens = max_body_bytes, max_new_tokens
         self.allow_generation_config = allow_generation_config
+        self.max_video_frames = max_video_frames
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
@@ -110,7 +126,8 @@ class RequestGate:
             self.check_fields(request)
             if path == "/v1/chat/completions":
                 self.check_messages(request.get("messages"))
-            await asyncio.to_thread(self.admit, request.get("messages") or request.get("input"))
+            num_frames = (request.get("chat_template_kwargs") or {}).get("num_frames", SERVER_NUM_FRAMES)
+            await asyncio.to_thread(self.admit, request.get("messages") or request.get("input"), num_frames)
         except ValueError as error:
             return await self.refuse(send, 400, str(error))
         replayed = json.dumps(request).encode()
@@ -130,7 +147,8 @@ class RequestGate:
     @staticmethod
     def check_messages(messages) -> None:
         """The chat's shape, as the OpenAI API defines it: a non-empty list of messages with a string `role` and
-        content that is a string or a list of typed parts (text with string `text`, `image_url` with a string URL)."""
+        content that is a string or a list of typed parts (text with string `text`, `image_url` or `video_url` with a
+        string URL)."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("`messages` must be a non-empty list of {'role': ..., 'content': ...} messages.")
         for index, message in enumerate(messages):
@@ -146,15 +164,15 @@ class RequestGate:
                 )
             for number, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
-                image = part.get("image_url") if isinstance(part, dict) else None
-                url = image.get("url") if isinstance(image, dict) else image
+                media = part.get(kind) if kind in ("image_url", "video_url") else None
+                url = media.get("url") if isinstance(media, dict) else media
                 if kind == "text" and isinstance(part.get("text"), str):
                     continue
-                if kind == "image_url" and isinstance(url, str):
+                if kind in ("image_url", "video_url") and isinstance(url, str):
                     continue
                 raise ValueError(
-                    f"part {number} of {where} must be {{'type': 'text', 'text': str}} or {{'type': 'image_url', "
-                    f"'image_url': {{'url': str}}}}, got {str(part)[:120]}."
+                    f"part {number} of {where} must be {{'type': 'text', 'text': str}} or {{'type': 'image_url' | "
+                    f"'video_url', 'image_url' | 'video_url': {{'url': str}}}}, got {str(part)[:120]}."
                 )
 
     def check_fields(self, request: dict) -> None:
@@ -171,6 +189,16 @@ class RequestGate:
             value = request.get(name)
             if value is not None and (not isinstance(value, int) or not 1 <= value <= self.max_new_tokens):
                 raise ValueError(f"`{name}` must be an integer from 1 to {self.max_new_tokens}, got {value!r}.")
+        options = request.get("chat_template_kwargs")
+        if options is not None:
+            if not isinstance(options, dict) or set(options) - set(CHAT_TEMPLATE_OPTIONS):
+                raise ValueError(
+                    f"`chat_template_kwargs` may set only {list(CHAT_TEMPLATE_OPTIONS)} on this server, got "
+                    f"{str(options)[:120]}."
+                )
+            frames = options.get("num_frames", SERVER_NUM_FRAMES)
+            if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= self.max_video_frames:
+                raise ValueError(f"`num_frames` must be an integer from 1 to {self.max_video_frames}, got {frames!r}.")
         bias = request.get("logit_bias")
         if bias is not None and (not isinstance(bias, dict) or len(bias) > 300):
             raise ValueError("`logit_bias` must be an object of at most 300 token ids.")
@@ -192,17 +220,20 @@ def request_gate(args: argparse.Namespace):
     config = AutoConfig.from_pretrained(args.model_dir, trust_remote_code=True)
     context = config.text_config.max_position_embeddings
     image_processor = AutoImageProcessor.from_pretrained(args.model_dir, trust_remote_code=True)
-    admit_chat_images = get_class_from_dynamic_module("processing_internvl_x.admit_chat_images", args.model_dir)
+    admit_chat_media = get_class_from_dynamic_module("processing_internvl_x.admit_chat_media", args.model_dir)
     policy = media_policy(args)
 
-    def admit(messages) -> None:
-        admit_chat_images(messages, image_processor, config.tokens_per_tile, policy, args.max_images, context)
+    def admit(messages, num_frames: int) -> None:
+        admit_chat_media(
+            messages, image_processor, config.tokens_per_tile, policy, args.max_images, context, num_frames
+        )
 
     return dict(
         admit=admit,
         max_body_bytes=args.max_request_mb * 2**20,
         max_new_tokens=context,
         allow_generation_config=args.allow_generation_config,
+        max_video_frames=args.max_video_frames,
     )
 
 
@@ -220,6 +251,7 @@ def media_policy(args: argparse.Namespace):
         fetch_timeout=args.fetch_timeout,
         max_bytes=args.max_image_mb * 2**20,
         max_pixels=args.max_image_pixels,
+        max_video_frames=args.max_decoded_frames,
     )
 
 
@@ -302,9 +334,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="accept a request's `generation_config` (any generate argument)",
     )
     safety.add_argument("--fetch-timeout", type=float, default=20.0, help="seconds for a whole image fetch")
-    safety.add_argument("--max-image-mb", type=int, default=20, help="bytes of one image, in MiB")
+    safety.add_argument("--max-image-mb", type=int, default=20, help="bytes of one image or video, in MiB")
     safety.add_argument("--max-image-pixels", type=int, default=40_000_000, help="pixels of one image (header)")
-    safety.add_argument("--max-images", type=int, default=8, help="images in one request")
+    safety.add_argument("--max-images", type=int, default=8, help="images and videos in one request")
+    safety.add_argument(
+        "--max-video-frames",
+        type=int,
+        default=SERVER_NUM_FRAMES,
+        help="frames a request may ask for per video (chat_template_kwargs num_frames; 32 when not asked)",
+    )
+    safety.add_argument(
+        "--max-decoded-frames", type=int, default=18_000, help="frames of one video decoded at most (its length)"
+    )
     safety.add_argument("--max-request-mb", type=int, default=64, help="bytes of one request body, in MiB")
     return parser.parse_args(argv)
 

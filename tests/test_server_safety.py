@@ -236,9 +236,9 @@ def test_what_each_switch_opens(opened, image_host, tmp_path):
 
 
 def test_the_images_tokens_are_checked_against_the_context_from_their_headers():
-    """`admit_chat_images` refuses by the tiles the images' header sizes give, before decoding: a PNG whose pixel data
+    """`admit_chat_media` refuses by the tiles the images' header sizes give, before decoding: a PNG whose pixel data
     is cut off is admitted (nothing decoded) while the budget holds, and refused by the budget when it does not."""
-    admit = get_class_from_dynamic_module("processing_internvl_x.admit_chat_images", DEMO)
+    admit = get_class_from_dynamic_module("processing_internvl_x.admit_chat_media", DEMO)
     policy = get_class_from_dynamic_module("image_processing_internvl_x.MediaPolicy", DEMO).for_servers()
     image_processor = AutoImageProcessor.from_pretrained(DEMO, trust_remote_code=True)
     cut = base64.b64encode((DEMO / EXAMPLES[2]["image"]).read_bytes()[:120]).decode()  # header intact, data cut
@@ -335,3 +335,57 @@ def test_drawn_requests_get_an_answer_or_a_4xx_never_a_crash(guarded):
     one()
     assert any(status == 200 for status in seen) and any(status >= 400 for status in seen)
     assert chat(guarded, [image_part(EXAMPLES[0]["image"]), TEXT]).strip() == EXAMPLES[0]["answer"]
+
+
+def digits_clip(tmp_path, count: int = 4) -> str:
+    """A data URI of a lossless video whose frames are the demo's example images (64×64)."""
+    import numpy as np
+
+    from tests.utils.video import write_video
+
+    frames = np.stack([np.asarray(PIL.Image.open(DEMO / e["image"]).convert("RGB").resize((64, 64))) for e in EXAMPLES])
+    path = write_video(tmp_path / "clip.mkv", frames[np.arange(count) % len(frames)])
+    return "data:video/x-matroska;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_videos_come_as_video_url_parts_within_bounds(guarded, image_host, tmp_path):
+    """A `video_url` part (Transformers' server's extension of the OpenAI API) is answered as the processor and
+    `generate` answer it here; the frames a request asks for are bounded, other `chat_template_kwargs` refused, and
+    a video is checked and fetched under the same rules as an image."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    clip = digits_clip(tmp_path)
+    content = [{"type": "video_url", "video_url": {"url": clip}}, {"type": "text", "text": "What digit is this?"}]
+    answer = (
+        client(guarded)
+        .chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": content}],
+            max_tokens=8,
+            temperature=0,
+            extra_body={"chat_template_kwargs": {"num_frames": 4}},
+        )
+        .choices[0]
+        .message.content
+    )
+    processor = AutoProcessor.from_pretrained(DEMO, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(DEMO, trust_remote_code=True).eval()
+    local = [{"type": "video", "url": clip}, content[1]]
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": local}], add_generation_prompt=True, tokenize=True, return_dict=True, num_frames=4
+    )
+    ids = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    assert answer.strip() == processor.decode(ids, skip_special_tokens=True).strip()
+    cases = [
+        ({"chat_template_kwargs": {"max_patches": 99}}, r"`chat_template_kwargs` may set only \['num_frames'\]"),
+        ({"chat_template_kwargs": {"num_frames": 500}}, "`num_frames` must be an integer from 1 to 32, got 500"),
+        ({}, "video 0 of the request has 4 frames, fewer than the 32 this server takes per video"),
+    ]
+    for extra, message in cases:
+        status, text = refused(guarded, content, extra_body=extra)
+        assert status == 400 and re.search(message, text), (extra, text)
+    internal = [{"type": "video_url", "video_url": {"url": f"{image_host}/demo/clip.mp4"}}, content[1]]
+    status, text = refused(guarded, internal, extra_body={"chat_template_kwargs": {"num_frames": 4}})
+    assert status == 400 and "video 0 of the request (a URL): its host is not a public address" in text
+    status, text = refused(guarded, [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}])
+    assert status == 400 and "video 0 of the request (as sent) could not be read as a video" in text

@@ -161,6 +161,11 @@ def test_chat_parts_mix_images_and_videos_in_order(loaded, clip_file):
     assert torch.equal(out["pixel_values"][3:], image_tiles)
     rendered = processor.tokenizer.decode(out["input_ids"][0])
     assert rendered.count("Frame") == 3 and "Frame3: <img>" in rendered and "Frame4" not in rendered
+    # Transformers' server asks every multimodal model for a video's sound; InternVL-X reads none
+    heard = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, num_frames=3, load_audio_from_video=True
+    )
+    assert torch.equal(heard["input_ids"], out["input_ids"]) and "audio" not in str(list(heard))
 
 
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
@@ -238,3 +243,20 @@ def test_a_video_longer_than_the_context_is_refused_with_its_frames(bundle, tmp_
     inputs = processor(text="<video>\nWhat happens?", videos=str(clip_file[0]), num_frames=16)
     with pytest.raises(ValueError, match=r"max_position_embeddings = 96; a row holds up to 16 tiles of 4 image tokens"):
         model.generate(**inputs, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("task", ["image-text-to-text", "any-to-any"])
+def test_pipelines_answer_a_video_chat_as_generate_does(chat_dir, loaded, clip_file, task):
+    from transformers import pipeline
+
+    processor, model = loaded
+    path, _ = clip_file
+    pipe = pipeline(task, model=str(chat_dir), trust_remote_code=True)
+    messages = video_turn(str(path))
+    result = pipe(text=messages, max_new_tokens=5, do_sample=False, return_full_text=False, num_frames=3)
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, num_frames=3
+    )
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    assert result[0]["generated_text"] == processor.decode(ids, skip_special_tokens=True)

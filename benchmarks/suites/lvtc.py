@@ -55,9 +55,15 @@ def prompt_ids(config, tiles: int, text_tokens: int) -> list[int]:
 
 
 def full_width_flops(classes, quick: bool, overrides: dict, tiles: int, text_tokens: int, device: str) -> dict:
-    """Prefill FLOPs at the real 2B widths: a forward on `device` with zero weights and eager attention under
-    `FlopCounterMode` (LVTC's layout depends on the token ids, so it cannot run on the meta device)."""
+    """Prefill FLOPs of an LVTC-suite variant at the real 2B widths (`counted_prefill_flops`)."""
     config = lvtc_config(classes, "cuda", quick, overrides)
+    return counted_prefill_flops(classes, config, prompt_ids(config, tiles, text_tokens), tiles, device)
+
+
+def counted_prefill_flops(classes, config, input_ids: list[int], tiles: int, device: str) -> dict:
+    """Prefill FLOPs of `config` on `input_ids` with `tiles` tiles: a forward on `device` with zero weights and eager
+    attention under `FlopCounterMode` (LVTC's layout depends on the token ids, so it cannot run on the meta device).
+    Returns the whole prefill's and the decoder layers' FLOPs."""
     config._attn_implementation = "eager"
     with torch.device("meta"):
         model = classes.ForConditionalGeneration(config)
@@ -68,7 +74,7 @@ def full_width_flops(classes, quick: bool, overrides: dict, tiles: int, text_tok
         if hasattr(module, "original_inv_freq") and hasattr(module, "rope_init_fn"):
             inv_freq, _ = module.rope_init_fn(module.config, device)
             module.inv_freq.copy_(inv_freq)
-    input_ids = torch.tensor([prompt_ids(config, tiles, text_tokens)], device=device)
+    input_ids = torch.tensor([input_ids], device=device)
     pixel_values = torch.zeros(tiles, 3, config.tile_size, config.tile_size, device=device)
     with FlopCounterMode(display=False) as counter:
         model(input_ids=input_ids, pixel_values=pixel_values, logits_to_keep=1)
