@@ -105,19 +105,24 @@ class EndpointHandler:
 
     @staticmethod
     def messages(inputs) -> list[dict]:
-        """`inputs` as a conversation: a question (with an optional image) becomes one user turn."""
+        """`inputs` as a conversation: a question (with an optional image and video, in that order; a video gives 8
+        frames) becomes one user turn."""
         if isinstance(inputs, str):
             inputs = {"text": inputs}
         if isinstance(inputs, dict):
             text = inputs.get("text")
             if not isinstance(text, str) or not text.strip():
-                raise ValueError("`inputs` needs a non-empty `text` (the question), and optionally an `image`.")
+                raise ValueError(
+                    "`inputs` needs a non-empty `text` (the question), and optionally an `image` and a `video`."
+                )
             content = [{"type": "text", "text": text}]
-            image = inputs.get("image")
-            if image is not None:
-                if not isinstance(image, str):
-                    raise ValueError("`inputs.image` must be a string: base64, a data URI or an http(s) URL.")
-                content.insert(0, {"type": "image", "url": image})
+            for kind in ("image", "video"):
+                source = inputs.get(kind)
+                if source is None:
+                    continue
+                if not isinstance(source, str):
+                    raise ValueError(f"`inputs.{kind}` must be a string: base64, a data URI or an http(s) URL.")
+                content.insert(len(content) - 1, {"type": kind, "url": source})
             return [{"role": "user", "content": content}]
         if isinstance(inputs, list) and inputs and all(isinstance(m, dict) and "role" in m for m in inputs):
             return inputs

@@ -6,6 +6,9 @@ The checkpoint (`examples/digits-demo/`) is a small InternVL-X (PVTC + LVTC, RVT
 by `examples/train_digits_demo.py` on images composed of real handwritten digits from scikit-learn (held-out
 accuracy in its metrics.json and the README). The demo answers the shipped example images (exit status 1 if one is
 answered wrongly), then images it composes now from held-out handwriting (`--seed` picks them; shown, not checked).
+Then the video demo (`examples/digits-video-demo/`, the same checkpoint taught to read clips by
+`examples/train_digits_video.py`) reads the digits of its shipped clips in the order they appear (checked the same
+way), and of a clip it composes now.
 """
 
 import argparse
@@ -20,9 +23,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.digits_task import DigitPool, make_sample  # noqa: E402
+from examples.digits_task import DigitPool, make_clip, make_sample  # noqa: E402
+from examples.train_digits_video import answer_clip  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parent / "digits-demo"
+VIDEO_FOLDER = Path(__file__).resolve().parent / "digits-video-demo"
 
 
 def answer(model, processor, image: PIL.Image.Image, question: str) -> str:
@@ -81,9 +86,40 @@ def main(argv=None) -> None:
     fresh_correct = sum(
         show(model, processor, s["image"], f"new image {i}", s["question"], s["answer"]) for i, s in enumerate(fresh)
     )
-    print(f"new images (seed {args.seed}): {fresh_correct}/{len(fresh)} correct")
-    if correct < len(examples):
+    print(f"new images (seed {args.seed}): {fresh_correct}/{len(fresh)} correct\n")
+    if not video_demo(args.seed) or correct < len(examples):
         sys.exit(1)
+
+
+def video_demo(seed: int) -> bool:
+    """The video checkpoint on its shipped clips (checked) and on a clip composed now (shown); whether every shipped
+    clip was read correctly."""
+    processor = AutoProcessor.from_pretrained(VIDEO_FOLDER, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(VIDEO_FOLDER, trust_remote_code=True).eval()
+    metrics = json.loads((VIDEO_FOLDER / "metrics.json").read_text())
+    print(
+        f"InternVL-X digits video demo: every frame one tile, LVTC {model.config.tokens_per_tile} → "
+        f"{metrics['visual_tokens_per_frame_last_layer']} tokens per frame; held-out exact match on "
+        f"{metrics['eval_samples']} clips: {metrics['video_accuracy_8_frames']:.0%} at 8 frames, "
+        f"{metrics['video_accuracy_16_frames']:.0%} at 16 (chance < 1 %)"
+    )
+    examples = json.loads((VIDEO_FOLDER / "examples.json").read_text())
+    correct = 0
+    for example in examples:
+        got = answer_clip(model, processor, str(VIDEO_FOLDER / example["video"]), example["question"], 8)
+        correct += got == example["answer"]
+        print(
+            f"{example['video']} (8 frames of the clip, one tile each) — {example['question']}\n"
+            f"  model: {got!r}   expected: {example['answer']!r}   {'✓' if got == example['answer'] else '✗'}"
+        )
+    print(f"shipped clips: {correct}/{len(examples)} correct")
+    clip = make_clip(DigitPool("test"), random.Random(seed), 8)
+    got = answer_clip(model, processor, clip["video"], clip["question"])
+    print(
+        f"new clip (seed {seed}, 8 frames) — {clip['question']}\n"
+        f"  model: {got!r}   expected: {clip['answer']!r}   {'✓' if got == clip['answer'] else '✗'}"
+    )
+    return correct == len(examples)
 
 
 if __name__ == "__main__":

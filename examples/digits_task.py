@@ -5,6 +5,10 @@ Each image is a canvas of varied size and aspect ratio holding digits at varied 
 - grid images: four digits in the quadrants, asked "What digit is in the top-left?" (or another corner);
 - row images: two to four digits in a row, asked "Read the digits left to right." (answer "4 0 9").
 Digit scans are split once into a training and a held-out pool, so held-out images show unseen handwriting.
+
+The video task (`make_clip`): a clip of 64×64 frames in which two to four digits appear one after another, each for an
+equal run of frames and drifting a little from frame to frame, asked "Read the digits in the order they appear." (no
+digit twice in a row, so every change of digit is visible).
 """
 
 import random
@@ -77,12 +81,40 @@ def make_sample(pool: DigitPool, rng: random.Random, kind: str | None = None, ca
     return {"image": canvas.convert("RGB"), "question": question, "answer": answer}
 
 
+VIDEO_QUESTION = "Read the digits in the order they appear."
+
+
+def make_clip(pool: DigitPool, rng: random.Random, frames: int = 8, side: int = 64) -> dict:
+    """A clip of `frames` frames (`(frames, side, side, 3)` uint8) with its question and answer: `{"video",
+    "question", "answer"}`. Each of its 2–4 digits (at most one per two frames) holds the screen for an equal run
+    of frames at one size, starting at a random place and drifting by up to 3 pixels a frame."""
+    count = rng.randint(2, min(4, frames // 2))
+    labels, digits = [], []
+    while len(labels) < count:
+        digit, label = pool.sample(rng)
+        if not labels or label != labels[-1]:
+            labels.append(label)
+            digits.append(digit)
+    clip = np.zeros((frames, side, side, 3), np.uint8)
+    bounds = [round(i * frames / count) for i in range(count + 1)]
+    for digit, start, end in zip(digits, bounds, bounds[1:]):
+        size = rng.randint(side * 3 // 8, side * 7 // 8)
+        scaled = np.asarray(digit.resize((size, size), PIL.Image.BILINEAR))
+        x, y = rng.randint(0, side - size), rng.randint(0, side - size)
+        for frame in range(start, end):
+            clip[frame, y : y + size, x : x + size] = scaled[..., None]
+            x = min(max(0, x + rng.randint(-3, 3)), side - size)
+            y = min(max(0, y + rng.randint(-3, 3)), side - size)
+    return {"video": clip, "question": VIDEO_QUESTION, "answer": " ".join(map(str, labels))}
+
+
 def as_record(sample: dict) -> dict:
-    """The sample in InternVL's chat format (for `examples/finetune.py`'s `ChatDataset`)."""
+    """The sample (an image or a clip) in InternVL's chat format (for `examples/finetune.py`'s `ChatDataset`)."""
+    kind = "video" if "video" in sample else "image"
     return {
-        "image": sample["image"],
+        kind: sample[kind],
         "conversations": [
-            {"from": "human", "value": f"<image>\n{sample['question']}"},
+            {"from": "human", "value": f"<{kind}>\n{sample['question']}"},
             {"from": "gpt", "value": sample["answer"]},
         ],
     }

@@ -110,11 +110,13 @@ def image_source(item, root: Path, where: str, kind: str = "image"):
 def with_sources(carried: list, listed, kind: str, where: str) -> list:
     """A row's images or videos: those its content items carry, an item without a source taking the row's next
     listed one (TRL's `images` column), then the listed ones left."""
-    listed = listed if isinstance(listed, list) else [listed] if listed else []
+    if not isinstance(listed, list):
+        listed = [] if listed is None or (isinstance(listed, str) and not listed) else [listed]
     listed_iter = iter(listed)
     sources = [item if item is not None else next(listed_iter, None) for item in carried] + list(listed_iter)
-    if None in sources:
-        raise ValueError(f"{where}: {sources.count(None)} {kind} items have no {kind} (no source and none listed left)")
+    missing = sum(source is None for source in sources)
+    if missing:
+        raise ValueError(f"{where}: {missing} {kind} items have no {kind} (no source and none listed left)")
     return sources
 
 

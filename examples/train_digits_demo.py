@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from examples.digits_task import DigitPool, as_record, corpus, make_sample  # noqa: E402
-from examples.finetune import ChatCollator, ChatDataset  # noqa: E402
+from examples.finetune import ChatCollator, ChatDataset, parse_row  # noqa: E402
 from examples.tiny_tokenizer import train_tokenizer  # noqa: E402
 
 VARIANTS = {
@@ -104,9 +104,8 @@ class GeneratedRecords:
 
     def __getitem__(self, index: int):
         rng = random.Random(self.seed * 1_000_003 + index)
-        if self.single:
-            return as_record(make_sample(self.pool, rng, "single", canvas=(64, 64))), Path(".")
-        return as_record(make_sample(self.pool, rng)), Path(".")
+        sample = make_sample(self.pool, rng, "single", canvas=(64, 64)) if self.single else make_sample(self.pool, rng)
+        return parse_row(as_record(sample), Path("."), f"generated sample {index}")
 
 
 def chat_inputs(processor, samples: list[dict]):

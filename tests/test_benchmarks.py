@@ -18,3 +18,19 @@ def test_every_suite_module_registers_its_suite_and_run_py_offers_it():
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert all(name in help_text for name in SUITES), help_text
+
+
+def test_the_video_suite_s_flops_on_the_meta_device_equal_a_counted_forward():
+    """`benchmarks/suites/video.py` counts a video prefill in parts on the meta device (a 32-frame HR-only prefill
+    at the real widths does not fit in memory); the parts add up to the whole forward counted on real tensors, for
+    every variant (at the quick depth and the CPU widths, 2 frames)."""
+    from benchmarks.common import bundle_classes, geometry
+    from benchmarks.suites.lvtc import counted_prefill_flops
+    from benchmarks.suites.video import prefill_flops, variants, video_prompt_ids
+
+    classes = bundle_classes()
+    for name, overrides in variants(4).items():
+        parts = prefill_flops(classes, classes.Config(**geometry("cpu", True, **overrides)), 2)["prefill"]
+        config = classes.Config(**geometry("cpu", True, **overrides))
+        whole = counted_prefill_flops(classes, config, video_prompt_ids(config, 2), 2, "cpu")["prefill"]
+        assert abs(parts / whole - 1) < 1e-3, (name, parts, whole)

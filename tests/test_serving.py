@@ -289,6 +289,23 @@ def test_endpoint_handler_answers_like_make_demo(handler):
     assert handler({"inputs": messages, "parameters": {"max_new_tokens": 8}}) == [{"generated_text": example["answer"]}]
 
 
+def test_endpoint_handler_takes_a_video_as_the_processor_does(handler, tmp_path):
+    from tests.test_server_safety import digits_clip
+
+    clip = digits_clip(tmp_path, count=10)
+    question = "What digit is this?"
+    result = handler({"inputs": {"video": clip, "text": question}, "parameters": {"max_new_tokens": 8}})
+    processor, model = handler.processor, handler.model
+    messages = [{"role": "user", "content": [{"type": "video", "url": clip}, {"type": "text", "text": question}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert inputs["num_patches"].tolist() == [1] * 8  # a video file gives 8 frames by default
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    assert result == [{"generated_text": processor.decode(ids, skip_special_tokens=True).strip()}]
+    short = handler({"inputs": {"video": digits_clip(tmp_path, count=4), "text": question}})  # all of its 4 frames
+    assert isinstance(short[0]["generated_text"], str)
+
+
 @pytest.mark.parametrize(
     "payload,message",
     [
@@ -296,6 +313,7 @@ def test_endpoint_handler_answers_like_make_demo(handler):
         ({"inputs": {"image": encoded(EXAMPLES[0]["image"])}}, "needs a non-empty `text`"),
         ({"inputs": 42}, "`inputs` must be"),
         ({"inputs": {"text": "Hi", "image": 7}}, "must be a string"),
+        ({"inputs": {"text": "Hi", "video": ["frames"]}}, "`inputs.video` must be a string"),
         (
             {"inputs": {"text": "Hi"}, "parameters": {"max_tokens": 5}},
             r"unknown or unaccepted generation parameters \['max_tokens'\]",

@@ -86,16 +86,16 @@ def prefill_flops(classes, config, frames: int) -> dict:
 def video_suite(args) -> dict:
     """Visual tokens, prefill FLOPs (real widths) and prefill time per video, every variant side by side."""
     classes = bundle_classes()
-    layers = 4 if args.quick else 24
+    layers = 4 if args.quick else 24  # of the timed models
     dtype = getattr(torch, args.dtype)
     names = list(variants(layers))
     rows, flops, times, tokens = [], {}, {}, {}
     for frames in FRAME_COUNTS:
         models, inputs = {}, {}
         for name, overrides in variants(layers).items():
-            flops[name, frames] = prefill_flops(
-                classes, classes.Config(**geometry("cuda", args.quick, **overrides)), frames
-            )
+            # counted on the meta device, so always the whole 2B (24 + 24 layers, real widths)
+            full = classes.Config(**geometry("cuda", **variants(24)[name]))
+            flops[name, frames] = prefill_flops(classes, full, frames)
             config = classes.Config(**geometry(args.device, args.quick, **overrides))
             config.text_config.max_position_embeddings = CONTEXT
             torch.manual_seed(0)
@@ -146,7 +146,7 @@ def video_suite(args) -> dict:
         "question_tokens": QUESTION_TOKENS,
         "layers": layers,
         "max_position_embeddings": f"{CONTEXT} (the 2B's 32768 cannot hold 32 frames at 1024 tokens each)",
-        "flops_widths": "real 2B (ViT 1024, LLM 2048), eager attention",
+        "flops_widths": "real 2B (ViT 1024 × 24 layers, LLM 2048 × 24 layers), eager attention, in every run",
         "timing_widths": "real 2B" if args.device == "cuda" else "reduced (ViT 256, LLM 512)",
     }
     return {"rows": rows, "ratios": ratios, "shapes": shapes}
