@@ -277,7 +277,8 @@ class InternVLXProcessor(ProcessorMixin):
     Every image placeholder in the text, `<IMG_CONTEXT>` (Transformers' convention, as in native InternVL) or
     `<image>` (InternVL2's, which the chat template writes), becomes `<img>` + `<IMG_CONTEXT>` × (`image_seq_length` ×
     tiles of that image) + `</img>`, where `image_seq_length` is the number of visual tokens per tile that *enter*
-    the language model (`config.tokens_per_tile`: N1² when LVTC is on). Batches are left-padded and returned as
+    the language model (`config.tokens_per_tile`: N1² when LVTC is on). A `<video>` becomes one `FrameN: ` line per
+    frame taken from its video, each frame an image of one tile. Batches are left-padded and returned as
     tensors unless told otherwise. The expansion is Transformers' own (`replace_image_token`), so
     `return_mm_token_type_ids` and `return_text_replacement_offsets` work as for its VLM processors.
 
@@ -306,19 +307,26 @@ class InternVLXProcessor(ProcessorMixin):
         self,
         images: ImageInput | None = None,
         text: TextInput | PreTokenizedInput | list[TextInput] | list[PreTokenizedInput] | None = None,
+        videos=None,
         **kwargs,
     ) -> BatchFeature:
         """
         Args:
             images: images of the whole batch in order of their placeholders (a flat or per-sample list).
-            text: a string or a list of strings holding one placeholder (`<image>` or `<IMG_CONTEXT>`) per image.
+            text: a string or a list of strings holding one placeholder (`<image>` or `<IMG_CONTEXT>`) per image and
+                one `<video>` per video.
+            videos: videos of the whole batch in order of their `<video>`s: files (paths, URLs, base64) or frames
+                (`read_video`). Each becomes one `FrameN: <img>…</img>` line per frame, each frame one tile.
             kwargs: image-processor options (`max_patches`, `slicing`, ...), tokenizer options, `return_tensors`
                 (`"pt"` unless given), `return_mm_token_type_ids`, `return_text_replacement_offsets`, or the same
-                under `images_kwargs` / `text_kwargs`; `return_num_patches` (see below).
+                under `images_kwargs` / `text_kwargs`; `return_num_patches` (see below); for videos `num_frames`,
+                `fps`, `frame_sampling` (`"uniform"` or `"internvl2"`), `do_sample_frames=False` (every frame) and
+                `return_metadata` (adds `video_metadata`: each video's `frames_indices`, frame count and rate).
 
         Returns:
-            `BatchFeature` with `input_ids`, `attention_mask` and, with images, `pixel_values` (every image's tiles,
-            one row each) and `num_patches` (tiles per image). A caller that asks for
+            `BatchFeature` with `input_ids`, `attention_mask` and, with images or videos, `pixel_values` (every
+            image's tiles and every video's frames, one row each, in placeholder order) and `num_patches` (tiles per
+            image, 1 per frame). A caller that asks for
             `return_text_replacement_offsets` locates each image by its replacement and gets no `num_patches` unless
             it passes `return_num_patches=True`: vLLM's Transformers backend asks for the offsets and cuts every
             other output into images by their tile counts, which a field of one value per image does not fit.
@@ -327,7 +335,6 @@ class InternVLXProcessor(ProcessorMixin):
             raise ValueError("InternVLXProcessor needs `text` (with one `<image>` per image, one `<video>` per video).")
         if kwargs.pop("audio", None) is not None:
             raise ValueError("InternVLXProcessor reads text, images and videos; it got audio.")
-        videos = kwargs.pop("videos", None)
         video_options = {**kwargs.pop("videos_kwargs", {})}
         video_options.update({name: kwargs.pop(name) for name in VIDEO_OPTIONS if name in kwargs})
         given = [text] if isinstance(text, str) else list(text)

@@ -209,7 +209,11 @@ def answer_clip(model, processor, video, question: str, num_frames: int = 8) -> 
     """The model's greedy answer to `question` about `video` (a file, or frames), `num_frames` frames of it."""
     messages = [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": question}]}]
     inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, num_frames=num_frames
+        messages,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        processor_kwargs={"num_frames": num_frames},
     )
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=10, do_sample=False)
@@ -230,6 +234,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--save-dir", type=Path, default=None, help="with --compare: keep each checkpoint in DIR/VARIANT"
     )
+    parser.add_argument("--write-examples", type=Path, default=None, help="only pick example clips for a checkpoint")
     args = parser.parse_args(argv)
     if args.write_examples:
         return write_examples(args.write_examples)

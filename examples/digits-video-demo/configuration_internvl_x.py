@@ -1,0 +1,1 @@
+../../configuration_internvl_x.py

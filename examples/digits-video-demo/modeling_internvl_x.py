@@ -1,0 +1,1 @@
+../../modeling_internvl_x.py

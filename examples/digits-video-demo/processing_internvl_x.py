@@ -1,0 +1,1 @@
+../../processing_internvl_x.py
