@@ -262,7 +262,7 @@ def open_media(source: str, where: str, policy: MediaPolicy) -> tuple[str, str |
         return what, io.BytesIO(base64.b64decode("".join(payload.split()), validate=True))
     except ValueError:
         # the payload itself may be megabytes: not repeated in the message
-        raise ValueError(f"{where} ({what}): its base64 could not be decoded.") from None
+        raise ValueError(f"{where} ({what}) could not be decoded: its base64 is invalid.") from None
 
 
 def read_image(source: str, index: int, policy: MediaPolicy | None = None) -> PIL.Image.Image:

@@ -231,7 +231,7 @@ def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_answering(ser
         ),
         "50 images": (
             [image_part(EXAMPLES[0]["image"])] * 50 + [text],
-            "the request holds 50 images; this server takes at most 8",
+            "the request holds 50 images and videos; this server takes at most 8",
         ),
     }
     for name, (content, message) in bad.items():
