@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 
 import PIL.Image
-import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.digits_task import DigitPool, make_clip, make_sample  # noqa: E402
+from examples.train_digits_demo import greedy_answers  # noqa: E402
 from examples.train_digits_video import answer_clip  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parent / "digits-demo"
@@ -35,16 +35,7 @@ def answer(model, processor, image: PIL.Image.Image, question: str) -> str:
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
-    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    with torch.no_grad():
-        output = model.generate(
-            **inputs,
-            max_new_tokens=10,
-            do_sample=False,
-            eos_token_id=end,
-            pad_token_id=processor.tokenizer.pad_token_id,
-        )
-    return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return greedy_answers(model, processor, inputs)[0]
 
 
 def show(model, processor, image: PIL.Image.Image, name: str, question: str, expected: str) -> bool:

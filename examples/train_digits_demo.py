@@ -140,28 +140,33 @@ def schedule_metrics(model) -> dict:
     )
 
 
+def greedy_answers(model, processor, inputs) -> list[str]:
+    """The greedy answers (up to 10 tokens, ending at `<|im_end|>`) to the processor's `inputs`, one per row, stripped:
+    how the demo, its evaluations and the video demo's ask."""
+    with torch.no_grad():
+        output = model.generate(
+            **inputs.to(model.device),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+    answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [answer.strip() for answer in answers]
+
+
 def evaluate(model, processor, samples: list[dict], batch_size: int = 64) -> dict:
     """Exact-match accuracy of greedy answers, overall and per question kind."""
     model.eval()
-    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     correct = {"single": [], "grid": [], "row": []}
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
-        inputs = chat_inputs(processor, batch).to(model.device)
-        with torch.no_grad():
-            output = model.generate(
-                **inputs,
-                max_new_tokens=10,
-                do_sample=False,
-                eos_token_id=end,
-                pad_token_id=processor.tokenizer.pad_token_id,
-            )
-        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers = greedy_answers(model, processor, chat_inputs(processor, batch))
         for sample, answer in zip(batch, answers):
             kind = (
                 "row" if sample["question"].startswith("Read") else "single" if "this" in sample["question"] else "grid"
             )
-            correct[kind].append(answer.strip() == sample["answer"])
+            correct[kind].append(answer == sample["answer"])
     every = correct["single"] + correct["grid"] + correct["row"]
     return {
         "accuracy": sum(every) / len(every),

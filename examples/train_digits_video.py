@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from examples.digits_task import DigitPool, as_record, make_clip, make_sample  # noqa: E402
 from examples.finetune import ChatCollator, ChatDataset, parse_row  # noqa: E402
-from examples.train_digits_demo import evaluate  # noqa: E402
+from examples.train_digits_demo import evaluate, greedy_answers  # noqa: E402
 
 DEMO = ROOT / "examples" / "digits-demo"
 VARIANTS = {
@@ -82,7 +82,6 @@ def held_out_clips(count: int, frames: int, seed: int = 4242) -> list[dict]:
 def video_accuracy(model, processor, clips: list[dict], batch_size: int = 32) -> float:
     """Exact-match accuracy of greedy answers to held-out clips (every frame of each clip shown)."""
     model.eval()
-    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     correct = 0
     for start in range(0, len(clips), batch_size):
         batch = clips[start : start + batch_size]
@@ -97,17 +96,9 @@ def video_accuracy(model, processor, clips: list[dict], batch_size: int = 32) ->
         ]
         inputs = processor.apply_chat_template(
             conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        ).to(model.device)
-        with torch.no_grad():
-            output = model.generate(
-                **inputs,
-                max_new_tokens=10,
-                do_sample=False,
-                eos_token_id=end,
-                pad_token_id=processor.tokenizer.pad_token_id,
-            )
-        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(answer.strip() == clip["answer"] for answer, clip in zip(answers, batch))
+        )
+        answers = greedy_answers(model, processor, inputs)
+        correct += sum(answer == clip["answer"] for answer, clip in zip(answers, batch))
     return correct / len(clips)
 
 
@@ -215,9 +206,7 @@ def answer_clip(model, processor, video, question: str, num_frames: int = 8) -> 
         return_dict=True,
         processor_kwargs={"num_frames": num_frames},
     )
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=10, do_sample=False)
-    return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return greedy_answers(model, processor, inputs)[0]
 
 
 def main(argv=None) -> None:

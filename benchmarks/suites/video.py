@@ -104,7 +104,9 @@ def video_suite(args) -> dict:
             tokens[name, frames] = (schedule[0], schedule[-1])
             inputs[name] = dict(
                 input_ids=torch.tensor([video_prompt_ids(config, frames)], device=args.device),
-                pixel_values=torch.randn(frames, 3, 448, 448, device=args.device, dtype=dtype),
+                pixel_values=torch.randn(
+                    frames, 3, config.tile_size, config.tile_size, device=args.device, dtype=dtype
+                ),
             )
 
         def prefill(name, models=models, inputs=inputs):
