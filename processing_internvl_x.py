@@ -15,12 +15,10 @@ from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 
 from .configuration_internvl_x import CHAT_END_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
 from .image_processing_internvl_x import (
-    BASE64,
     DEFAULT_NUM_FRAMES,
     MediaPolicy,
     VideoClip,
-    fetch_image_bytes,
-    local_path_allowed,
+    open_media,
     open_video,
     read_image,
     read_video,
@@ -197,24 +195,15 @@ def admit_chat_media(
     for part, key, kind in parts:
         where = f"{kind} {counts[kind]} of the request"
         counts[kind] += 1
-        source = part[key] if isinstance(part[key], str) else ""
-        if source.startswith(("http://", "https://")):
-            if not policy.remote_urls:
-                raise ValueError(f"{where} is a URL; this server fetches no URLs.")
-            data = fetch_image_bytes(source, f"{where} (a URL)", policy)
-        elif source.startswith("data:") or (len(source) >= 64 and BASE64.match(source)):
-            payload = source.split(",", 1)[1] if source.startswith("data:") else source
+        what, opened = open_media(part[key] if isinstance(part[key], str) else "", where, policy)
+        if isinstance(opened, io.BytesIO):  # fetched (within the byte cap) or decoded base64
+            data = opened.getvalue()
+        else:  # a local file, where the policy allows one: read up to the byte cap
             try:
-                data = base64.b64decode("".join(payload.split()), validate=True)
-            except ValueError:
-                raise ValueError(f"{where}: its base64 could not be decoded.") from None
-        else:
-            path = local_path_allowed(source.removeprefix("file://"), where, policy)
-            try:
-                with open(path, "rb") as file:
+                with open(opened, "rb") as file:
                     data = file.read(policy.max_bytes + 1)
             except OSError:
-                raise ValueError(f"{where}: the file could not be read.") from None
+                raise ValueError(f"{where} ({what}): the file could not be read.") from None
         if len(data) > policy.max_bytes:
             raise ValueError(f"{where}: more than the {policy.max_bytes} bytes allowed.")
         if kind == "video":
