@@ -1,13 +1,11 @@
 """Transformers' common test mixins for the installed Transformers (`fetch_mixins.py`), and the bundle's classes
 loaded the way users load them (remote code from the repository folder)."""
 
-import os
 import sys
-import tempfile
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="internvl_x_modules_"))
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from devtools.test_session import isolate_test_session
+
+isolate_test_session()  # offline, quiet, a throw-away module cache: before Transformers is imported
 
 from fetch_mixins import fetch  # noqa: E402  (this folder is on sys.path: pytest puts a conftest's folder there)
 

@@ -1,13 +1,11 @@
 """Shared fixtures: the bundle loaded the way users load it (trust_remote_code from a folder), and tiny configs."""
 
 import os
-import tempfile
 from pathlib import Path
 
-# Offline, and dynamic modules copied into a throw-away cache: set before transformers is imported.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="internvl_x_modules_"))
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from devtools.test_session import isolate_test_session
+
+isolate_test_session()  # offline, quiet, a throw-away module cache: before Transformers is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
