@@ -2,7 +2,8 @@
 video frames reach the language model, at 8 and 16 frames.
 
     python examples/train_digits_video.py --variant lvtc --steps 300 --output examples/digits-video-demo
-    python examples/train_digits_video.py --compare --steps 300 --out benchmarks/results/digits-video-cpu.json
+    python examples/train_digits_video.py --compare --steps 1000 --align-steps 1000 \\
+        --out benchmarks/results/digits-video-cpu.json
 
 Each variant starts from `examples/digits-demo` (its vision tower and language model read digits in 64-pixel tiles
 already; its 1024 positions are raised to 2048 for 16 LVTC frames) and trains the same steps on clips of 8 or 16
@@ -10,8 +11,10 @@ frames (one tile each; "Read the digits in the order they appear.") mixed with t
 images:
 - `lvtc`: the demo as it is: PVTC projector, LVTC (16 → 64 tokens per frame from layer 3, HR + one extra LR projector);
 - `pvtc`: LVTC switched off: 16 PVTC tokens per frame in every layer;
-- `pixel_shuffle`: InternVL's pixel-shuffle projector (16 tokens per frame) in place of PVTC, LVTC off. Its projector
-  starts untrained (the demo has none of this kind), the others start from the demo's.
+- `pixel_shuffle`: InternVL's pixel-shuffle projector (16 tokens per frame) in place of PVTC, LVTC off. The demo has
+  no weights for it: with `--align-steps N` (as InternVL's first stage trains its MLP projector alone) the modules the
+  demo has no weights for train alone on the image task for N steps first, the rest frozen, so every variant starts
+  the shared schedule from a projector trained on the task.
 Held-out clips and images use handwriting no training sample shows (`DigitPool("test")`).
 """
 
@@ -63,15 +66,17 @@ CONTEXT = 2048  # positions: the demo's 1024 cannot hold 16 frames at LVTC's 64 
 
 
 def load(variant: str, folder: Path = DEMO):
-    """`(model, processor)` of `folder` with `variant`'s config changes (new modules initialised, unused ones left)
-    and `CONTEXT` positions."""
+    """`(model, processor, new)` of `folder` with `variant`'s config changes and `CONTEXT` positions; `new` names the
+    parameters `folder` has no weights for (freshly initialised; the unused ones of `folder` are left)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True, **VARIANTS[variant])
     config.text_config.max_position_embeddings = CONTEXT
-    model = AutoModelForImageTextToText.from_pretrained(folder, config=config, trust_remote_code=True)
-    return model, processor
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        folder, config=config, trust_remote_code=True, output_loading_info=True
+    )
+    return model, processor, set(info["missing_keys"])
 
 
 def held_out_clips(count: int, frames: int, seed: int = 4242) -> list[dict]:
@@ -102,21 +107,10 @@ def video_accuracy(model, processor, clips: list[dict], batch_size: int = 32) ->
     return correct / len(clips)
 
 
-def train(
-    variant: str,
-    steps: int,
-    seed: int = 0,
-    batch_size: int = 8,
-    lr: float = 5e-4,
-    eval_samples: int = 200,
-    output: Path | None = None,
-    example_clips: bool = True,
-) -> dict:
+def trainer_for(model, processor, records, steps: int, batch_size: int, lr: float, seed: int, work: Path):
+    """The stock `Trainer` on generated `records`: AdamW, cosine with a tenth of the steps warming up, no saving."""
     from transformers import Trainer, TrainingArguments
 
-    model, processor = load(variant)
-    torch.manual_seed(seed)
-    work = Path(output or f"/tmp/digits-video-{variant}-{seed}")
     args = TrainingArguments(
         output_dir=str(work / "trainer"),
         max_steps=steps,
@@ -133,15 +127,54 @@ def train(
         remove_unused_columns=False,
         disable_tqdm=True,
     )
-    records = MixedRecords(DigitPool("train"), steps * batch_size, seed)
     dataset = ChatDataset(records, processor, num_frames=None)  # a generated clip holds the frames to show
-    trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, data_collator=ChatCollator(processor.tokenizer.pad_token_id)
-    )
+    collator = ChatCollator(processor.tokenizer.pad_token_id)
+    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+
+
+def align_new_modules(model, processor, new: set[str], steps: int, train_options: dict) -> list[str]:
+    """Train only the parameters named in `new` on the image task for `steps` steps, everything else frozen; returns
+    their names. Afterwards every parameter trains again."""
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    aligned = [name for name in trainable if name in new]
+    if not aligned:
+        return []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in new)
+    try:
+        images = MixedRecords(DigitPool("train"), steps * train_options["batch_size"], -1 - train_options["seed"], 0.0)
+        trainer_for(model, processor, images, steps, **train_options).train()
+    finally:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trainable[name])
+    return aligned
+
+
+def train(
+    variant: str,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    lr: float = 5e-4,
+    eval_samples: int = 200,
+    output: Path | None = None,
+    example_clips: bool = True,
+    align_steps: int = 0,
+) -> dict:
+    model, processor, new = load(variant)
+    torch.manual_seed(seed)
+    options = dict(batch_size=batch_size, lr=lr, seed=seed, work=Path(output or f"/tmp/digits-video-{variant}-{seed}"))
+    start = time.perf_counter()
+    aligned = align_new_modules(model, processor, new, align_steps, options) if align_steps else []
+    align_seconds = time.perf_counter() - start
+    records = MixedRecords(DigitPool("train"), steps * batch_size, seed)
+    trainer = trainer_for(model, processor, records, steps, **options)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     metrics = {"variant": variant, "steps": steps, "batch_size": batch_size, "learning_rate": lr, "seed": seed}
+    metrics.update(align_steps=align_steps if aligned else 0, aligned_parameters=len(aligned))
+    metrics.update(align_seconds=align_seconds if aligned else 0.0)
     for frames in FRAME_COUNTS:
         metrics[f"video_accuracy_{frames}_frames"] = video_accuracy(
             model, processor, held_out_clips(eval_samples, frames)
@@ -217,6 +250,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--align-steps", type=int, default=0, help="first train modules the demo has no weights for, alone, on images"
+    )
     parser.add_argument("--eval-samples", type=int, default=200)
     parser.add_argument("--output", type=Path, default=None, help="where to save the trained checkpoint")
     parser.add_argument("--out", type=Path, default=None, help="where to write the comparison (JSON)")
@@ -228,7 +264,12 @@ def main(argv=None) -> None:
     if args.write_examples:
         return write_examples(args.write_examples)
     settings = dict(
-        steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, eval_samples=args.eval_samples
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_samples=args.eval_samples,
+        align_steps=args.align_steps,
     )
     if not args.compare:
         print(json.dumps(train(args.variant, output=args.output, **settings), indent=2))

@@ -53,10 +53,27 @@ def test_the_video_trainer_trains_and_evaluates_a_variant(variant, tmp_path):
     from examples.train_digits_video import train
 
     torch.manual_seed(0)
-    metrics = train(variant, steps=2, batch_size=2, eval_samples=2, output=tmp_path, example_clips=False)
+    metrics = train(variant, steps=2, batch_size=2, eval_samples=2, output=tmp_path, example_clips=False, align_steps=1)
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "metrics.json").is_file()
     assert metrics["variant"] == variant and metrics["visual_tokens_per_frame"] == 16
+    assert (metrics["aligned_parameters"] > 0) == (variant == "pixel_shuffle")  # the demo has PVTC's projector only
     assert metrics["visual_tokens_per_frame_last_layer"] == 16  # LVTC switched off in both
     for key in ("video_accuracy_8_frames", "video_accuracy_16_frames", "image_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0
     assert np.isfinite(metrics["final_loss"])
+
+
+def test_alignment_trains_only_the_modules_the_demo_has_no_weights_for(tmp_path):
+    """`--align-steps`: the pixel-shuffle projector (absent from the demo) trains alone first; every other parameter
+    is left exactly as loaded, and all of them train again afterwards."""
+    from examples.train_digits_video import align_new_modules, load
+
+    assert load("lvtc")[2] == set()
+    model, processor, new = load("pixel_shuffle")
+    assert new and all(name.startswith("model.multi_modal_projector.") for name in new)
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    options = dict(batch_size=2, lr=1e-3, seed=0, work=tmp_path)
+    assert sorted(align_new_modules(model, processor, new, 2, options)) == sorted(new)
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]) == (name not in new), name
+        assert parameter.requires_grad, name
