@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -248,6 +249,24 @@ def test_full_stage_2_lowers_the_loss_with_gradient_checkpointing(lvtc_dir, data
     assert history is None or history  # trainer_state.json is only written with checkpoints
 
 
+def assert_ends_where_uninterrupted_ends(resumed: Path, uninterrupted: Path, checkpoint: Path):
+    """The weights a resumed run saved equal the uninterrupted run's, to 1 % of what the resumed steps changed (norms
+    over the whole model). Not element by element to 1e-6, as this once did: that failed once in CI (lm_head.weight,
+    on 5.17), not reproducible alone. Adam divides each gradient by its own running size, so an element whose gradient
+    is rounding noise may move by up to the learning rate either way when a matrix product rounds differently (CPU
+    BLAS kernels may, e.g. by memory alignment, which differs between processes and runs). A broken resume (a fresh
+    optimizer and schedule from `checkpoint`) differs by about twice what the steps changed: 200 times the bound."""
+    end, expected, start = (load_file(folder / "model.safetensors") for folder in (resumed, uninterrupted, checkpoint))
+    assert end.keys() == expected.keys()
+
+    def norm(tensors) -> float:
+        return sum(float(t.double().square().sum()) for t in tensors) ** 0.5
+
+    changed = norm(expected[name] - start[name] for name in expected)
+    assert changed > 0  # the resumed steps did train
+    assert norm(end[name] - expected[name] for name in expected) <= 1e-2 * changed
+
+
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(lvtc_dir, data, tmp_path):
     """Also: evaluation logs a loss, and `save_total_limit` removes the oldest checkpoint."""
     first, resumed = tmp_path / "first", tmp_path / "resumed"
@@ -276,12 +295,7 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(lvtc_dir, data, tmp_p
     run(common_args(lvtc_dir, data, resumed, 6) + extra + ["--resume_from_checkpoint", first / "checkpoint-4"])
     state = json.loads((resumed / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
-    uninterrupted, continued = load_file(first / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert uninterrupted.keys() == continued.keys()
-    for name in uninterrupted:
-        torch.testing.assert_close(continued[name], uninterrupted[name], rtol=0, atol=1e-6, msg=name)
-    before = load_file(first / "checkpoint-4" / "model.safetensors")
-    assert any(not torch.equal(before[n], continued[n]) for n in before)  # the resumed steps did train
+    assert_ends_where_uninterrupted_ends(resumed, first, first / "checkpoint-4")
 
 
 # A training run that SIGKILLs itself (as `kill -9`) while the Trainer writes checkpoint-4: after the weights, before
@@ -331,9 +345,7 @@ def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(lvt
         run(common_args(lvtc_dir, data, killed, 6) + extra + ["--resume_from_checkpoint", "last"])  # checkpoint-2
     assert any("skipping" in r.message and "checkpoint-4" in r.message for r in caplog.records)
     assert json.loads((killed / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
-    uninterrupted, resumed = load_file(first / "model.safetensors"), load_file(killed / "model.safetensors")
-    for name in uninterrupted:
-        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=1e-6, msg=name)
+    assert_ends_where_uninterrupted_ends(killed, first, killed / "checkpoint-2")
 
 
 def test_lora_stage_2_trains_and_merges_into_a_reloadable_model(lvtc_dir, data, tmp_path):
