@@ -134,10 +134,10 @@ def trainer_for(model, processor, records, steps: int, batch_size: int, lr: floa
 
 def align_new_modules(model, processor, new: set[str], steps: int, train_options: dict) -> list[str]:
     """Train only the parameters named in `new` on the image task for `steps` steps, everything else frozen; returns
-    their names. Afterwards every parameter trains again."""
+    their names (none when `steps` is 0 or nothing is new). Afterwards every parameter trains as before."""
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     aligned = [name for name in trainable if name in new]
-    if not aligned:
+    if not aligned or steps <= 0:
         return []
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in new)
@@ -165,16 +165,17 @@ def train(
     torch.manual_seed(seed)
     options = dict(batch_size=batch_size, lr=lr, seed=seed, work=Path(output or f"/tmp/digits-video-{variant}-{seed}"))
     start = time.perf_counter()
-    aligned = align_new_modules(model, processor, new, align_steps, options) if align_steps else []
-    align_seconds = time.perf_counter() - start
+    aligned = align_new_modules(model, processor, new, align_steps, options)
+    align_seconds = time.perf_counter() - start if aligned else 0.0
     records = MixedRecords(DigitPool("train"), steps * batch_size, seed)
     trainer = trainer_for(model, processor, records, steps, **options)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     metrics = {"variant": variant, "steps": steps, "batch_size": batch_size, "learning_rate": lr, "seed": seed}
-    metrics.update(align_steps=align_steps if aligned else 0, aligned_parameters=len(aligned))
-    metrics.update(align_seconds=align_seconds if aligned else 0.0)
+    metrics.update(
+        align_steps=align_steps if aligned else 0, aligned_parameters=len(aligned), align_seconds=align_seconds
+    )
     for frames in FRAME_COUNTS:
         metrics[f"video_accuracy_{frames}_frames"] = video_accuracy(
             model, processor, held_out_clips(eval_samples, frames)
