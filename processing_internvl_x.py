@@ -14,7 +14,7 @@ from transformers.processing_utils import ImagesKwargs, MultiModalData, Processi
 from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 
 from .configuration_internvl_x import CHAT_END_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
-from .image_processing_internvl_x import (
+from .media_internvl_x import (
     DEFAULT_NUM_FRAMES,
     MediaPolicy,
     VideoClip,

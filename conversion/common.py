@@ -21,13 +21,6 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLE_FILES = (
-    "configuration_internvl_x.py",
-    "modeling_internvl_x.py",
-    "image_processing_internvl_x.py",
-    "processing_internvl_x.py",
-    "handler.py",  # Inference Endpoints entry point
-)
 
 Tensors = list[tuple[str, torch.Tensor]]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -540,15 +533,16 @@ def write_chat_files(dst: Path, tokenizer, config, max_patches: int, slicing: st
     ends each turn at `<|im_end|>`, also the tokenizer's EOS: what a checkpoint needs besides its weights and config."""
     from transformers import GenerationConfig
 
-    from devtools.bundle import bundle_class as bundle
+    from devtools.bundle import Bundle
 
-    GenerationConfig(**bundle("processing_internvl_x.chat_generation_defaults")(tokenizer)).save_pretrained(dst)
-    bundle("processing_internvl_x.make_turn_end_the_eos")(tokenizer)
+    bundle = Bundle()
+    GenerationConfig(**bundle.load("processing_internvl_x.chat_generation_defaults")(tokenizer)).save_pretrained(dst)
+    bundle.load("processing_internvl_x.make_turn_end_the_eos")(tokenizer)
     copy_bundle_files(dst)
-    image_processor = bundle("image_processing_internvl_x.InternVLXImageProcessor")(
+    image_processor = bundle.load("image_processing_internvl_x.InternVLXImageProcessor")(
         image_size=config.tile_size, max_patches=max_patches, slicing=slicing
     )
-    processor = bundle("processing_internvl_x.InternVLXProcessor")(
+    processor = bundle.load("processing_internvl_x.InternVLXProcessor")(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_length=config.tokens_per_tile
     )
     processor.save_pretrained(dst)
@@ -556,19 +550,18 @@ def write_chat_files(dst: Path, tokenizer, config, max_patches: int, slicing: st
 
 
 def copy_bundle_files(dst: Path) -> None:
+    from devtools.bundle import BUNDLE_FILES
+
     for name in BUNDLE_FILES:
-        if (ROOT / name).exists():
-            shutil.copy(ROOT / name, dst / name)
+        shutil.copy(ROOT / name, dst / name)
 
 
 def bundle_classes():
     """The bundle's config and model classes, loaded from this repository as `trust_remote_code` loads them."""
-    from devtools.bundle import bundle_class
+    from devtools.bundle import Bundle
 
-    return (
-        bundle_class("configuration_internvl_x.InternVLXConfig"),
-        bundle_class("modeling_internvl_x.InternVLXForConditionalGeneration"),
-    )
+    bundle = Bundle()
+    return bundle.Config, bundle.ForConditionalGeneration
 
 
 def expected_shapes(model_class, config) -> dict[str, torch.Size]:

@@ -310,9 +310,9 @@ def write_bundle(args, src: Path, dst: Path, name: str):
             "for its processor and to end chat turns at <|im_end|>."
         )
     tokenizer = build_fast_tokenizer(src)
-    from devtools.bundle import bundle_class
+    from devtools.bundle import Bundle
 
-    prepare_tokenizer = bundle_class("processing_internvl_x.prepare_tokenizer")
+    prepare_tokenizer = Bundle().load("processing_internvl_x.prepare_tokenizer")
     vocab_before = len(tokenizer)
     token_ids = prepare_tokenizer(tokenizer)
     if len(tokenizer) != vocab_before:

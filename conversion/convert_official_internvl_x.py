@@ -130,9 +130,9 @@ def write_bundle(args, src: Path, dst: Path):
             "and the converted one needs it for its processor and to end chat turns at <|im_end|>."
         )
     tokenizer = build_fast_tokenizer(src)
-    from devtools.bundle import bundle_class
+    from devtools.bundle import Bundle
 
-    token_ids = bundle_class("processing_internvl_x.prepare_tokenizer")(tokenizer)
+    token_ids = Bundle().load("processing_internvl_x.prepare_tokenizer")(tokenizer)
     config_class, model_class = bundle_classes()
     config = config_class(**target_config(src_config, keys, args.pvtc_num_heads))
     config.image_token_id = token_ids["<IMG_CONTEXT>"]

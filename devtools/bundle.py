@@ -1,17 +1,22 @@
-"""The bundle's classes, loaded from a folder the way `trust_remote_code` loads them (copied into Transformers'
-dynamic-module cache and imported from there): the one loader the tests, Transformers' common tests, the benchmarks
-and the converters share."""
+"""The bundle's files and classes: the one list of the files a checkpoint folder carries beside its weights, and the one
+loader of their names, the way `trust_remote_code` loads them (copied into Transformers' dynamic-module cache and
+imported from there), which the tests, Transformers' common tests, the benchmarks and the converters share."""
 
 from pathlib import Path
 
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def bundle_class(name: str, folder: Path | str = ROOT):
-    """Any top-level name of a bundle file in `folder`: `bundle_class("processing_internvl_x.prepare_tokenizer")`."""
-    return get_class_from_dynamic_module(name, Path(folder))
+# The bundle's modules (they import one another relatively, and nothing else of this repository) and the Inference
+# Endpoints entry point. Converters copy them into every checkpoint; the demo checkpoints link to them.
+BUNDLE_FILES = (
+    "configuration_internvl_x.py",
+    "modeling_internvl_x.py",
+    "media_internvl_x.py",
+    "image_processing_internvl_x.py",
+    "processing_internvl_x.py",
+    "handler.py",
+)
 
 
 class Bundle:
@@ -25,12 +30,4 @@ class Bundle:
 
     def load(self, name: str):
         """Any top-level name of a bundle file: `bundle.load("processing_internvl_x.prepare_tokenizer")`."""
-        return bundle_class(name, self.folder)
-
-    def function(self, module: str, name: str):
-        """`load` with the file and the name apart: `bundle.function("processing_internvl_x", "prepare_tokenizer")`."""
-        return self.load(f"{module}.{name}")
-
-    def module(self, name: str):
-        """Any top-level name of the modeling file: `bundle.module("InternVLXPVTCProjector")`."""
-        return self.load(f"modeling_internvl_x.{name}")
+        return get_class_from_dynamic_module(name, self.folder)

@@ -263,10 +263,10 @@ def internvl2_checkpoint(folder: Path, llm: str = "internlm2", seed: int = 0, sh
         internlm2_tensors(t, llm_config)
         template = "internlm2-chat"
     else:
-        from devtools.bundle import bundle_class
+        from devtools.bundle import Bundle
         from tests.utils.tokenizer import build_tokenizer
 
-        prepare = bundle_class("processing_internvl_x.prepare_tokenizer")
+        prepare = Bundle().load("processing_internvl_x.prepare_tokenizer")
         tokenizer = build_tokenizer(prepare)
         tokenizer.save_pretrained(folder)
         llm_config = dict(

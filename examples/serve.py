@@ -241,7 +241,7 @@ def media_policy(args: argparse.Namespace):
     """The bundle's `MediaPolicy.for_servers()` with this launcher's switches."""
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    policy_class = get_class_from_dynamic_module("image_processing_internvl_x.MediaPolicy", args.model_dir)
+    policy_class = get_class_from_dynamic_module("media_internvl_x.MediaPolicy", args.model_dir)
     local_root = str(args.allowed_local_media_path.resolve()) if args.allowed_local_media_path else None
     return policy_class.for_servers(
         local_files=local_root is not None,

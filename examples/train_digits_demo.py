@@ -37,9 +37,9 @@ VARIANTS = {
 
 
 def bundle(name: str):
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from devtools.bundle import Bundle
 
-    return get_class_from_dynamic_module(name, ROOT)
+    return Bundle().load(name)
 
 
 def build(variant: str, seed: int):

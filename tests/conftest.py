@@ -48,7 +48,7 @@ def make_chat_bundle(bundle: Bundle, folder: Path, seed: int = 0, max_patches: i
     """A tiny model saved with its trained tokenizer, image processor and processor, as a Hub folder holds them."""
     from tests.utils.tokenizer import build_tokenizer
 
-    prepare_tokenizer = bundle.function("processing_internvl_x", "prepare_tokenizer")
+    prepare_tokenizer = bundle.load("processing_internvl_x.prepare_tokenizer")
     tokenizer = build_tokenizer(prepare_tokenizer)
     text = dict(
         vocab_size=len(tokenizer),
@@ -61,10 +61,10 @@ def make_chat_bundle(bundle: Bundle, folder: Path, seed: int = 0, max_patches: i
     prepare_tokenizer(tokenizer, config)
     torch.manual_seed(seed)
     model = bundle.ForConditionalGeneration(config)
-    image_processor = bundle.function("image_processing_internvl_x", "InternVLXImageProcessor")(
+    image_processor = bundle.load("image_processing_internvl_x.InternVLXImageProcessor")(
         image_size=config.tile_size, max_patches=max_patches
     )
-    processor = bundle.function("processing_internvl_x", "InternVLXProcessor")(
+    processor = bundle.load("processing_internvl_x.InternVLXProcessor")(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_length=config.tokens_per_tile
     )
     processor.save_pretrained(folder)

@@ -74,7 +74,7 @@ def test_lvtc_layers_are_read_in_the_expanded_layout(bundle):
         assert int(queries.sum()) == 4  # the text after the last image, in either layout
         torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[0]))
     # the expanded visual positions are where the model's own LVTC layout puts each tile's N2² tokens
-    layout = bundle.function("modeling_internvl_x", "build_lvtc_layout")(
+    layout = bundle.load("modeling_internvl_x.build_lvtc_layout")(
         (input_ids == IMG_CONTEXT)[None], None, torch.arange(len(ids))[None], short, long
     )
     visual, _ = layer_masks(model, input_ids, len(ids) + 3 * (long - short))

@@ -40,7 +40,7 @@ def parameters(function) -> set[str]:
 
 
 def test_the_cache_goes_by_the_installed_release_s_name(bundle):
-    name = bundle.function("modeling_internvl_x", "CACHE_NAME")
+    name = bundle.load("modeling_internvl_x.CACHE_NAME")
     assert name == CACHE, changed("the cache's name (`past_key_values` up to 5.23, `cache` from 5.24)", name)
     fields = set(transformers.modeling_outputs.BaseModelOutputWithPast.__dataclass_fields__)
     assert CACHE in fields, changed("BaseModelOutputWithPast's cache field", f"fields are {sorted(fields)}")
@@ -107,14 +107,14 @@ def test_fastv_rotary_equals_the_language_model_s_own(bundle):
     positions = torch.arange(5)[None].expand(2, -1)
     cos, sin = model.model.language_model.rotary_emb(query, positions)
     expected_query, expected_key = apply_rotary_pos_emb(query, key, cos, sin)
-    apply_rotary = bundle.function("modeling_internvl_x", "apply_rotary")
+    apply_rotary = bundle.load("modeling_internvl_x.apply_rotary")
     torch.testing.assert_close(apply_rotary(query, cos, sin), expected_query, rtol=0, atol=1e-6)
     torch.testing.assert_close(apply_rotary(key, cos, sin), expected_key, rtol=0, atol=1e-6)
 
 
 def test_static_layer_internals_the_static_cache_path_uses(bundle):
     """`static_capacity` / `set_static_capacity`: a static layer resized after allocation allocates again."""
-    set_static_capacity = bundle.function("modeling_internvl_x", "set_static_capacity")
+    set_static_capacity = bundle.load("modeling_internvl_x.set_static_capacity")
     layer = StaticLayer(max_cache_len=4)
     states = torch.randn(1, 2, 3, 8)
     layer.update(states, states)
@@ -256,8 +256,8 @@ def collate_one(samples: list[dict]) -> dict:
 
 
 def test_an_untested_transformers_gets_one_warning_at_import(bundle, chat_dir, tmp_path):
-    message = bundle.function("configuration_internvl_x", "untested_transformers_message")
-    oldest, newest = bundle.function("configuration_internvl_x", "TESTED_TRANSFORMERS")
+    message = bundle.load("configuration_internvl_x.untested_transformers_message")
+    oldest, newest = bundle.load("configuration_internvl_x.TESTED_TRANSFORMERS")
     assert message(oldest) is None and message(newest) is None
     for installed in ("5.16.1", "5.99.0", f"{newest}.post1", "6.0.0.dev0"):
         text = message(installed)
@@ -285,7 +285,7 @@ def test_the_tested_range_is_what_the_requirements_install(bundle):
     `requirements.txt` and the model card's front matter. The lock file (`make test`) installs a release in that range:
     the newest one whose dependencies the package index has, which `requirements.txt` names (5.25 needs `kernels`
     0.19, which the index here lacks)."""
-    oldest, newest = bundle.function("configuration_internvl_x", "TESTED_TRANSFORMERS")
+    oldest, newest = bundle.load("configuration_internvl_x.TESTED_TRANSFORMERS")
     requirements = (ROOT / "requirements.txt").read_text()
     assert re.search(rf"^transformers=={re.escape(oldest)}$", (ROOT / "requirements-min.txt").read_text(), re.M)
     assert re.search(rf"^transformers>=[\d.]+,<={re.escape(newest)}\b", requirements, re.M)

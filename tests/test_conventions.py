@@ -115,7 +115,7 @@ def test_output_attentions_under_the_phased_decoder_gives_each_layer_its_own_len
 
 
 def test_the_image_processor_takes_input_data_format(bundle):
-    processor = bundle.function("image_processing_internvl_x", "InternVLXImageProcessor")(image_size=28)
+    processor = bundle.load("image_processing_internvl_x.InternVLXImageProcessor")(image_size=28)
     rng = np.random.default_rng(0)
     hwc = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
     reference = processor(hwc)["pixel_values"]

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from conversion import convert_internvl2_to_internvl_x as convert_script
+from devtools.bundle import BUNDLE_FILES, ROOT
 from devtools.checkpoints import INTERNLM2, SAMPLE_TEXT, VISION, internvl2_checkpoint
-from tests.conftest import ROOT
 from tests.utils.tiny import native_reference
 
 
@@ -50,10 +50,7 @@ def test_outputs_of_a_conversion(internlm2):
         "preprocessor_config.json",
         "processor_config.json",
         "README.md",
-        "modeling_internvl_x.py",
-        "configuration_internvl_x.py",
-        "processing_internvl_x.py",
-        "image_processing_internvl_x.py",
+        *BUNDLE_FILES,
     } <= files
     processor = AutoProcessor.from_pretrained(folder / "plain", trust_remote_code=True)
     assert processor.image_seq_length == model.config.tokens_per_tile

@@ -5,17 +5,10 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT
+from devtools.bundle import BUNDLE_FILES, ROOT
 
 DEMO = ROOT / "examples" / "digits-demo"
 VIDEO_DEMO = ROOT / "examples" / "digits-video-demo"
-BUNDLE_FILES = (
-    "configuration_internvl_x.py",
-    "modeling_internvl_x.py",
-    "processing_internvl_x.py",
-    "image_processing_internvl_x.py",
-    "handler.py",
-)
 
 
 @pytest.mark.parametrize("folder", [DEMO, VIDEO_DEMO], ids=lambda folder: folder.name)

@@ -134,8 +134,8 @@ def test_lvtc_and_fastv_are_refused_under_vllm_attention_when_the_model_is_built
     config.text_config._attn_implementation = "vllm"
     with pytest.raises(ValueError, match=rf"uses {schedule}, whose decoder layers hold different numbers of tokens"):
         bundle.Model(config)
-    refuse = bundle.function("modeling_internvl_x", "refuse_paged_engines")
-    build = bundle.function("modeling_internvl_x", "build_token_schedule")
+    refuse = bundle.load("modeling_internvl_x.refuse_paged_engines")
+    build = bundle.load("modeling_internvl_x.build_token_schedule")
     plain = bundle.config(**{**overrides, "lvtc_enabled": False, "fastv_layer": None})
     plain.text_config._attn_implementation = "vllm"
     assert build(plain) is None and refuse(plain, build(plain)) is None  # PVTC, pixel shuffle: tests/test_vllm.py

@@ -102,7 +102,7 @@ def test_fastv_switched_on_a_built_model_runs_from_the_next_call(bundle):
 
 
 def test_ties_go_to_the_earlier_token(bundle):
-    keep = bundle.function("modeling_internvl_x", "keep_top_visual_tokens")
+    keep = bundle.load("modeling_internvl_x.keep_top_visual_tokens")
     scores = torch.tensor([[0.9, 0.2, 0.2, 0.2, 0.5, 0.1]])
     image_mask = torch.tensor([[False, True, True, True, True, False]])
     # 4 visual tokens, ratio 0.5: keep 2 — the 0.5 and the first of the three tied 0.2s
@@ -130,7 +130,7 @@ def test_ranking_uses_the_last_prompt_token_s_attention_in_layer_k_minus_1(bundl
 def test_logits_equal_a_hand_built_pruned_run(bundle):
     """Layers ≥ K see exactly the text tokens and the kept visual tokens, at their original positions."""
     model = fastv(bundle, seed=3, layer=2, ratio=0.5)
-    keep = bundle.function("modeling_internvl_x", "keep_top_visual_tokens")
+    keep = bundle.load("modeling_internvl_x.keep_top_visual_tokens")
     schedule = model.model.token_schedule
     ids = torch.tensor([prompt(3, image_span(2, N1SQ), 4, seed=5)])
     pixel_values = tiles(2, seed=6)

@@ -146,7 +146,7 @@ def test_the_chat_format_is_written_in_one_place(bundle):
     ]
     outside = processing.replace(template, "").replace('CHAT_START_TOKEN = "<|im_start|>"', "")
     assert "<|im_start|>" not in outside
-    expected = bundle.function("processing_internvl_x", "CHAT_TEMPLATE")
+    expected = bundle.load("processing_internvl_x.CHAT_TEMPLATE")
     for saved in ROOT.glob("examples/**/chat_template.jinja"):
         assert saved.read_text() == expected, saved
 

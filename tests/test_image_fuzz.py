@@ -10,10 +10,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
-from tests.conftest import ROOT
+from devtools.bundle import Bundle
 
 TILE = 28  # small tiles keep every resize cheap; the tiling rule does not depend on the tile size
 PIXELS = 400_000  # most pixels of one drawn image (a 20,000 px side comes with a short other side)
@@ -22,7 +21,7 @@ PIL_MODES = ["RGB", "RGBA", "L", "LA", "P", "1", "CMYK", "I;16", "I", "F"]
 
 @pytest.fixture(scope="module")
 def processor_class():
-    return get_class_from_dynamic_module("image_processing_internvl_x.InternVLXImageProcessor", ROOT)
+    return Bundle().load("image_processing_internvl_x.InternVLXImageProcessor")
 
 
 @st.composite

@@ -9,21 +9,20 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from tests.conftest import ROOT
+from devtools.bundle import Bundle
 
 SIZE = 448
 
 
 @pytest.fixture(scope="module")
 def processor_class():
-    return get_class_from_dynamic_module("image_processing_internvl_x.InternVLXImageProcessor", ROOT)
+    return Bundle().load("image_processing_internvl_x.InternVLXImageProcessor")
 
 
 @pytest.fixture(scope="module")
 def tile_grid():
-    return get_class_from_dynamic_module("image_processing_internvl_x.tile_grid", ROOT)
+    return Bundle().load("image_processing_internvl_x.tile_grid")
 
 
 def tiles_of(grid) -> int:

@@ -1,10 +1,17 @@
 """Processor, chat template, the image-text-to-text pipeline and InternVL2's chat API, end to end."""
 
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+from devtools.bundle import BUNDLE_FILES
 
 SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 GREEDY = dict(max_new_tokens=6, do_sample=False)
@@ -21,13 +28,38 @@ def image(width=120, height=60, seed=0):
     return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def test_processor_files_and_classes(chat_dir, loaded):
+def test_processor_classes(loaded):
     processor, model = loaded
     assert type(processor).__name__ == "InternVLXProcessor"
     assert type(processor.image_processor).__name__ == "InternVLXImageProcessor"
     assert processor.image_seq_length == model.config.tokens_per_tile
-    for name in ("processing_internvl_x.py", "image_processing_internvl_x.py", "modeling_internvl_x.py"):
-        assert (chat_dir / name).exists()
+
+
+def test_a_saved_folder_ships_every_module_the_bundle_imports_and_answers_on_its_own(chat_dir, tmp_path):
+    """`save_pretrained` copies each bundle file the saved classes import relatively (Transformers' loader follows
+    relative imports, so `media_internvl_x.py` travels with the processors), and the folder alone, copied where no
+    repository is, loads through the Auto classes and answers in a fresh process."""
+    imported = {"configuration_internvl_x.py", "modeling_internvl_x.py", "media_internvl_x.py"}
+    imported |= {"image_processing_internvl_x.py", "processing_internvl_x.py"}
+    assert imported <= set(BUNDLE_FILES)
+    hub = shutil.copytree(chat_dir, tmp_path / "hub")
+    assert imported <= {path.name for path in hub.iterdir()}
+    code = (
+        "import sys, numpy, PIL.Image\n"
+        "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        "processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "image = PIL.Image.fromarray(numpy.zeros((40, 90, 3), numpy.uint8))\n"
+        "inputs = processor(images=[image], text=['<image>\\nhi'])\n"
+        "print(model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] - inputs['input_ids'].shape[1])\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(hub)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "2"
 
 
 @pytest.mark.compat
@@ -114,7 +146,7 @@ def test_chat_and_batch_chat_equal_the_processor_and_generate_path(loaded):
 
 def test_chat_refuses_a_processor_built_for_another_token_count(loaded, bundle):
     processor, model = loaded
-    other = bundle.function("processing_internvl_x", "InternVLXProcessor")(
+    other = bundle.load("processing_internvl_x.InternVLXProcessor")(
         image_processor=processor.image_processor, tokenizer=processor.tokenizer, image_seq_length=16
     )
     with pytest.raises(ValueError, match="16 tokens but this model takes 4 per tile"):

@@ -23,7 +23,7 @@ def pvtc_config(bundle, side: int, factor: int, **overrides):
 
 def projector(bundle, side=8, factor=2, seed=0, **overrides):
     torch.manual_seed(seed)
-    module = bundle.module("InternVLXPVTCProjector")(pvtc_config(bundle, side, factor, **overrides))
+    module = bundle.load("modeling_internvl_x.InternVLXPVTCProjector")(pvtc_config(bundle, side, factor, **overrides))
     for parameter in module.parameters():  # random norms and scales, so no weight is a silent identity
         torch.nn.init.normal_(parameter, mean=1.0 if parameter.dim() == 1 else 0.0, std=0.2)
     return module.eval()
@@ -131,7 +131,7 @@ def test_local_only_with_zeroed_outputs_is_local_mlp_of_pixel_shuffle(bundle):
     for block in module.local_blocks:
         torch.nn.init.zeros_(block.attention.o_proj.weight)
         torch.nn.init.zeros_(block.mlp.down_proj.weight)
-    pixel_shuffle = bundle.module("pixel_shuffle")
+    pixel_shuffle = bundle.load("modeling_internvl_x.pixel_shuffle")
     x = features(3, side, seed=5)
     with torch.no_grad():
         expected = module.local_mlp(pixel_shuffle(x[:, 1:].reshape(3, side, side, C), factor)).reshape(3, -1, D)
@@ -185,7 +185,7 @@ def test_pvtc_model_generates_and_round_trips(bundle, tmp_path):
 
 
 def test_pixel_shuffle_puts_each_window_in_row_major_order(bundle):
-    pixel_shuffle = bundle.module("pixel_shuffle")
+    pixel_shuffle = bundle.load("modeling_internvl_x.pixel_shuffle")
     grid = torch.arange(16.0).reshape(1, 4, 4, 1)
     expected = torch.tensor([[[0.0, 1, 4, 5], [2, 3, 6, 7]], [[8, 9, 12, 13], [10, 11, 14, 15]]])
     assert torch.equal(pixel_shuffle(grid, 2)[0], expected)

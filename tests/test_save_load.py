@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from tests.conftest import ROOT
 from tests.utils.tiny import image_span, prompt, tiles
 
-BUNDLE_FILES = ("configuration_internvl_x.py", "modeling_internvl_x.py")
+MODEL_FILES = ("configuration_internvl_x.py", "modeling_internvl_x.py")  # what a model's save_pretrained copies
 
 
 def test_repo_root_config_loads_with_auto_config():
@@ -35,7 +35,7 @@ def test_save_and_reload_through_auto_classes(bundle, tmp_path):
     model = bundle.model(seed=8)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    for name in BUNDLE_FILES:
+    for name in MODEL_FILES:
         assert (tmp_path / name).exists(), f"{name} not copied next to the weights"
 
     inputs = dict(input_ids=torch.tensor([prompt(2, image_span(2, 4), 5)]), pixel_values=tiles(2))
@@ -56,7 +56,7 @@ def test_resave_of_loaded_model_keeps_the_bundle(bundle, tmp_path):
     bundle.model(seed=9).save_pretrained(tmp_path / "a")
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "a", trust_remote_code=True)
     loaded.save_pretrained(tmp_path / "b")
-    for name in BUNDLE_FILES:
+    for name in MODEL_FILES:
         assert (tmp_path / "b" / name).exists()
     config = AutoConfig.from_pretrained(tmp_path / "b", trust_remote_code=True)
     assert config.auto_map["AutoModel"] == "modeling_internvl_x.InternVLXChatModel"

@@ -239,7 +239,7 @@ def test_the_images_tokens_are_checked_against_the_context_from_their_headers():
     """`admit_chat_media` refuses by the tiles the images' header sizes give, before decoding: a PNG whose pixel data
     is cut off is admitted (nothing decoded) while the budget holds, and refused by the budget when it does not."""
     admit = get_class_from_dynamic_module("processing_internvl_x.admit_chat_media", DEMO)
-    policy = get_class_from_dynamic_module("image_processing_internvl_x.MediaPolicy", DEMO).for_servers()
+    policy = get_class_from_dynamic_module("media_internvl_x.MediaPolicy", DEMO).for_servers()
     image_processor = AutoImageProcessor.from_pretrained(DEMO, trust_remote_code=True)
     cut = base64.b64encode((DEMO / EXAMPLES[2]["image"]).read_bytes()[:120]).decode()  # header intact, data cut
     messages = [{"role": "user", "content": [url_part(f"data:image/png;base64,{cut}"), TEXT]}]
@@ -252,13 +252,13 @@ def test_the_images_tokens_are_checked_against_the_context_from_their_headers():
 
 def test_the_processor_of_a_server_process_reads_no_local_files(monkeypatch):
     """Defence in depth: the launcher puts the same policy in the environment of the processes that read images."""
-    media_policy = get_class_from_dynamic_module("image_processing_internvl_x.MediaPolicy", DEMO)
-    read_image = get_class_from_dynamic_module("image_processing_internvl_x.read_image", DEMO)
+    media_policy = get_class_from_dynamic_module("media_internvl_x.MediaPolicy", DEMO)
+    read_image = get_class_from_dynamic_module("media_internvl_x.read_image", DEMO)
     monkeypatch.setenv(*media_policy.for_servers().to_environment().popitem())
     with pytest.raises(ValueError, match="reads no local files"):
         read_image(str(DEMO / EXAMPLES[0]["image"]), 0)
     assert read_image(f"data:image/png;base64,{encoded(EXAMPLES[0]['image'])}", 0).size  # data URIs still read
-    monkeypatch.delenv(get_class_from_dynamic_module("image_processing_internvl_x.MEDIA_POLICY_VARIABLE", DEMO))
+    monkeypatch.delenv(get_class_from_dynamic_module("media_internvl_x.MEDIA_POLICY_VARIABLE", DEMO))
     assert read_image(str(DEMO / EXAMPLES[0]["image"]), 0).size  # a library user's own files, by default
 
 

@@ -64,7 +64,9 @@ def test_batches_are_refused_by_name(bundle):
 
 
 def static_cache(bundle, model, length: int):
-    return bundle.module("InternVLXStaticCache")(config=model.config.text_config, max_cache_len=length)
+    return bundle.load("modeling_internvl_x.InternVLXStaticCache")(
+        config=model.config.text_config, max_cache_len=length
+    )
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

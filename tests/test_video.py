@@ -58,7 +58,7 @@ def test_frame_indices_are_transformers_internvl_s(bundle):
     from transformers import InternVLVideoProcessor
     from transformers.video_utils import VideoMetadata
 
-    sample = bundle.function("image_processing_internvl_x", "sample_frame_indices")
+    sample = bundle.load("media_internvl_x.sample_frame_indices")
     native = InternVLVideoProcessor()
     for total in (1, 7, 12, 30, 97, 301):
         metadata = VideoMetadata(total_num_frames=total, fps=25.0)
@@ -70,7 +70,7 @@ def test_frame_indices_are_transformers_internvl_s(bundle):
 
 
 def test_internvl2_rule_takes_the_middle_of_segments_from_first_to_last_frame(bundle):
-    sample = bundle.function("image_processing_internvl_x", "sample_frame_indices")
+    sample = bundle.load("media_internvl_x.sample_frame_indices")
     for total, count in [(30, 8), (100, 8), (301, 32), (8, 8), (5, 1)]:
         # InternVL2's `get_index` with no time bound, as its README describes it (whole clip, frames 0..total-1).
         segment = (total - 1) / count
@@ -108,7 +108,7 @@ def test_processor_video_equals_native_internvl_s_and_so_do_the_logits(loaded, t
 
 
 def test_a_lossless_file_gives_the_frames_it_holds(bundle, clip_file):
-    read_video = bundle.function("image_processing_internvl_x", "read_video")
+    read_video = bundle.load("media_internvl_x.read_video")
     path, frames = clip_file
     clip = read_video(str(path), num_frames=5)
     assert clip.total_frames == 30 and clip.fps == 10.0
@@ -123,7 +123,7 @@ def test_a_lossless_file_gives_the_frames_it_holds(bundle, clip_file):
 
 
 def test_an_mp4_that_records_its_frame_count_reads_too(bundle, tmp_path):
-    read_video = bundle.function("image_processing_internvl_x", "read_video")
+    read_video = bundle.load("media_internvl_x.read_video")
     path = write_video(tmp_path / "clip.mp4", random_frames(12, seed=5), fps=4, lossless=False)
     clip = read_video(str(path), num_frames=3)
     assert (clip.total_frames, clip.fps, clip.frames_indices, clip.frames.shape) == (

@@ -3,7 +3,7 @@
 import os
 
 from benchmarks.harness import interleaved_medians, suite
-from devtools.bundle import ROOT
+from devtools.bundle import Bundle
 
 PHOTOS = (
     "astronaut.png",
@@ -46,10 +46,9 @@ def photographs() -> dict[str, list]:
 def rvtc_suite(args) -> dict:
     """Tiles per image for ratio / area / edge matching, and preprocessing throughput vs Transformers' InternVL
     image processor (`GotOcr2ImageProcessor` with `crop_to_patches`) in ratio mode."""
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
 
-    ours_class = get_class_from_dynamic_module("image_processing_internvl_x.InternVLXImageProcessor", ROOT)
+    ours_class = Bundle().load("image_processing_internvl_x.InternVLXImageProcessor")
     sets = photographs()
     max_patches, size = 6, 448
     rows = []

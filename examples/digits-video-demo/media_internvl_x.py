@@ -1,0 +1,1 @@
+../../media_internvl_x.py

@@ -1,0 +1,542 @@
+# Copyright 2026 The InternVL-X for Transformers authors.
+# Licensed under the Apache License, Version 2.0.
+"""InternVL-X media: images and videos read from paths, URLs, base64 and arrays, under a media policy that says how far
+a read may reach (local files, which hosts, how many bytes, pixels and frames). The processors read every image and
+video through this file; servers take a stranger's media in under `MediaPolicy.for_servers()`."""
+
+import base64
+import dataclasses
+import io
+import ipaddress
+import json
+import os
+import re
+import socket
+import time
+import urllib.parse
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+from transformers.image_utils import ChannelDimension, infer_channel_dimension_format
+
+CHANNEL_COUNTS = (1, 3, 4)  # grayscale, RGB, RGBA
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # PIL modes of more than 8 bits per pixel
+FLOAT_ROUNDING = 1e-5  # how far past [0, 1] a floating-point image may stray by rounding alone
+BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]+$")
+
+
+# ---- where images may come from -------------------------------------------------------------------------------------
+MEDIA_POLICY_VARIABLE = "INTERNVL_X_MEDIA_POLICY"  # JSON of `MediaPolicy` fields; servers set it for their processes
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaPolicy:
+    """Which image and video sources `read_image` and `read_video` read, and how far they reach for them.
+
+    The default is a user's own machine: any local path or `file://` URL, any `http(s)` URL. A server or handler that
+    strangers can reach runs with `MediaPolicy.for_servers()` (in its processes through the `INTERNVL_X_MEDIA_POLICY`
+    variable, which `examples/serve.py` and `handler.py` set): no local file unless under `local_root`, URLs to public
+    addresses only, and an image's size read from its header and checked before it is decoded. Every fetch is bounded
+    in time (in total, not per read), bytes and redirects.
+    """
+
+    local_files: bool = True  # read local paths and file:// URLs at all
+    local_root: str | None = None  # if set, only under this folder (links resolved)
+    remote_urls: bool = True  # fetch http(s) URLs at all
+    internal_urls: bool = True  # fetch URLs whose host resolves to a loopback, private, link-local, ... address
+    fetch_timeout: float = 60.0  # seconds for a whole fetch, redirects included
+    max_bytes: int = 512 * 2**20  # of one fetched image
+    max_redirects: int = 5
+    max_pixels: int | None = None  # of one image or video frame, from its header; None: Pillow's bomb limit only
+    max_video_frames: int | None = None  # frames of one video decoded at most (decoding is sequential); None: any
+
+    @classmethod
+    def for_servers(cls, **overrides) -> "MediaPolicy":
+        """What a network service accepts by default: base64 and data URIs, public http(s) URLs (20 s, 20 MB, 3
+        redirects), images and video frames of at most 40 megapixels, videos decoded up to 18,000 frames (10 minutes at
+        30 fps), no local files."""
+        settings = dict(
+            local_files=False,
+            internal_urls=False,
+            fetch_timeout=20.0,
+            max_bytes=20 * 2**20,
+            max_redirects=3,
+            max_pixels=40_000_000,
+            max_video_frames=18_000,
+        )
+        return cls(**{**settings, **overrides})
+
+    @classmethod
+    def current(cls) -> "MediaPolicy":
+        """The policy of this process: `INTERNVL_X_MEDIA_POLICY` (JSON of fields) if set, else the default."""
+        text = os.environ.get(MEDIA_POLICY_VARIABLE)
+        return cls(**json.loads(text)) if text else cls()
+
+    def to_environment(self) -> dict[str, str]:
+        """`{INTERNVL_X_MEDIA_POLICY: json}`, for the environment of the processes that read images."""
+        return {MEDIA_POLICY_VARIABLE: json.dumps(dataclasses.asdict(self))}
+
+
+def host_is_public(host: str, port: int) -> bool:
+    """Whether every address `host` resolves to is a public (global unicast) one."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError):
+        return False
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        ip = ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+        if not ip.is_global or ip.is_multicast:
+            return False
+    return bool(addresses)
+
+
+def fetch_image_bytes(url: str, where: str, policy: MediaPolicy) -> bytes:
+    """The bytes at `url` under `policy`: each hop's host checked, redirects followed by hand up to the limit, the body
+    read in chunks against the byte cap and one deadline for the whole fetch. Failures are `ValueError`s naming the
+    image (`where`, e.g. "image 1 of the batch (a URL)") and the rule, without the network's details (a refused
+    address and a closed port read the same)."""
+    from huggingface_hub.utils import httpx  # the HTTP client Transformers' `load_image` uses
+
+    deadline = time.monotonic() + policy.fetch_timeout
+    for _ in range(policy.max_redirects + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{where}: only http(s) URLs are fetched, got a {parts.scheme or 'schemeless'} URL.")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if not policy.internal_urls and not host_is_public(parts.hostname, port):
+            raise ValueError(
+                f"{where}: its host is not a public address; this server fetches images from public hosts only."
+            )
+        remaining = deadline - time.monotonic()
+        try:
+            with httpx.stream("GET", url, follow_redirects=False, timeout=max(remaining, 0.001)) as response:
+                if response.is_redirect:
+                    url = urllib.parse.urljoin(url, response.headers.get("location", ""))
+                    continue
+                if response.status_code != 200:
+                    raise ValueError(f"{where}: the server answered HTTP {response.status_code}.")
+                declared = int(response.headers.get("content-length") or 0)
+                if declared > policy.max_bytes:
+                    raise ValueError(f"{where}: {declared} bytes, more than the {policy.max_bytes} allowed.")
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > policy.max_bytes:
+                        raise ValueError(f"{where}: more than the {policy.max_bytes} bytes allowed.")
+                    if time.monotonic() > deadline:
+                        raise ValueError(f"{where}: not fetched within {policy.fetch_timeout:g} s.")
+                return bytes(body)
+        except ValueError:
+            raise
+        except httpx.TimeoutException:
+            raise ValueError(f"{where}: not fetched within {policy.fetch_timeout:g} s.") from None
+        except Exception:  # noqa: BLE001 (connection refused, reset, TLS, malformed answer: one message for all)
+            raise ValueError(f"{where}: could not be fetched.") from None
+    raise ValueError(f"{where}: more than {policy.max_redirects} redirects.")
+
+
+def local_path_allowed(path: str, where: str, policy: MediaPolicy) -> str:
+    """`path` if `policy` lets it be read (resolved, under `local_root` when one is set); else a `ValueError` naming
+    the item (`where`, e.g. "image 0 of the batch") and the rule, not whether the file exists."""
+    if not policy.local_files:
+        raise ValueError(
+            f"{where} is a local path or file:// URL; this server reads no local files (send it as base64, a data "
+            "URI or an http(s) URL)."
+        )
+    if policy.local_root is not None:
+        resolved, root = os.path.realpath(path), os.path.realpath(policy.local_root)
+        if os.path.commonpath([resolved, root]) != root:
+            raise ValueError(f"{where} is a local path outside the folder this server reads from.")
+        return resolved
+    return path
+
+
+def open_media(source: str, where: str, policy: MediaPolicy) -> tuple[str, str | io.BytesIO]:
+    """`(what, data)` of an image or video given as text, under `policy`: a local path or `file://` URL (`data` is the
+    path), an `http(s)` URL (fetched), or base64 (a data URI or the bare payload). `what` describes the source for
+    messages ("the file x.mp4", "a URL", ...); refusals are `ValueError`s naming `where` and the rule."""
+    path = source.removeprefix("file://") if source.startswith("file://") else source
+    if source.startswith("data:"):
+        what = f"a data URI of {len(source)} characters"
+    elif source.startswith(("http://", "https://")):
+        if not policy.remote_urls:
+            raise ValueError(f"{where} is a URL; this service fetches no URLs.")
+        what = "a URL" if not policy.internal_urls else f"the URL {source}"
+        return what, io.BytesIO(fetch_image_bytes(source, f"{where} ({what})", policy))
+    elif (
+        source.startswith("file://")
+        or not BASE64.match(source)
+        or len(source) < 64
+        or (policy.local_files and os.path.isfile(path))  # without local files, no look at the disk at all
+    ):
+        path = local_path_allowed(path, where, policy)
+        if not os.path.isfile(path):
+            raise ValueError(f"{where}: no such file {path!r} (nor a URL or base64 data).")
+        return f"the file {path}", path
+    else:
+        what = f"a base64 string of {len(source)} characters"
+    payload = source.split(",", 1)[1] if source.startswith("data:") else source
+    try:
+        return what, io.BytesIO(base64.b64decode("".join(payload.split()), validate=True))
+    except ValueError:
+        # the payload itself may be megabytes: not repeated in the message
+        raise ValueError(f"{where} ({what}) could not be decoded: its base64 is invalid.") from None
+
+
+def read_image(source: str, index: int, policy: MediaPolicy | None = None) -> PIL.Image.Image:
+    """An image given as text → PIL image as stored (its mode kept: 16-bit and float images are scaled later, not
+    clipped to 8 bits): a local path, a `file://` URL, an `http(s)` URL (fetched only then, with the HTTP client
+    Transformers uses), or base64 (a `data:image/...;base64,` URI or the bare payload). Training (`finetune.py`) and
+    inference read images through this one function, under `policy` (default: this process's, `MediaPolicy.current`).
+
+    Any failure is a `ValueError` naming the image's index in the batch and why. The image's size is checked from its
+    header before it is decoded (`policy.max_pixels`, and Pillow's decompression-bomb limit, as for every image Pillow
+    opens).
+    """
+    policy = policy or MediaPolicy.current()
+    where = f"image {index} of the batch"
+    what, data = open_media(source, where, policy)
+    try:
+        image = PIL.Image.open(data)
+        width, height = image.size  # from the header: nothing is decoded yet
+        if policy.max_pixels is not None and width * height > policy.max_pixels:
+            raise ValueError(
+                f"image {index} of the batch ({what}) is {width}×{height} = {width * height} pixels, more than the "
+                f"{policy.max_pixels} allowed; send a smaller image."
+            )
+        image.load()  # decode now: a truncated or corrupt file fails here, by name
+        return image
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(
+            f"image {index} of the batch ({what}) exceeds Pillow's decompression-bomb limit: {error}"
+        ) from error
+    except ValueError as error:
+        if str(error).startswith(f"image {index} of the batch"):
+            raise
+        raise ValueError(f"image {index} of the batch ({what}) could not be decoded: {str(error)[:300]}") from None
+    except Exception as error:  # noqa: BLE001 (bad base64, not an image, truncated file, ...)
+        # `from None`: the original message may hold the whole payload, which can be megabytes of base64
+        raise ValueError(
+            f"image {index} of the batch ({what}) could not be decoded: {type(error).__name__}: {str(error)[:300]}"
+        ) from None
+
+
+FRAME_SAMPLING = ("uniform", "internvl2")
+DEFAULT_NUM_FRAMES = 8  # frames taken from a video file when neither `num_frames` nor `fps` is given
+
+
+def sample_frame_indices(
+    total_frames: int,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    video_fps: float | None = None,
+    sampling: str = "uniform",
+    where: str = "the video",
+) -> list[int]:
+    """Which of a clip's `total_frames` frames to take: `num_frames` of them, or `fps` per second of a clip recorded
+    at `video_fps`, or (neither given) all of them.
+
+    The clip is cut into `num_frames` equal segments and the frame in the middle of each is taken. `"uniform"` is
+    Transformers' InternVL rule (segments over all `total_frames`, the middle rounded down); `"internvl2"` is
+    InternVL2's `load_video` (segments spanning the first to the last frame, each middle offset rounded half to even).
+    Refusals name `where` and the numbers.
+    """
+    if sampling not in FRAME_SAMPLING:
+        raise ValueError(f"frame_sampling must be one of {FRAME_SAMPLING}, got {sampling!r}.")
+    if total_frames < 1:
+        raise ValueError(f"{where} has no frames.")
+    if num_frames is not None and fps is not None:
+        raise ValueError(f"{where}: give num_frames or fps, not both (got num_frames={num_frames}, fps={fps}).")
+    if fps is not None:
+        if not video_fps:
+            raise ValueError(
+                f"{where}: fps={fps} needs the clip's frame rate, which it does not record; give num_frames."
+            )
+        if fps <= 0:
+            raise ValueError(f"{where}: fps must be positive, got {fps}.")
+        num_frames = max(1, int(total_frames / video_fps * fps))
+    if num_frames is None:
+        return list(range(total_frames))
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"{where}: num_frames must be a positive integer, got {num_frames!r}.")
+    if num_frames > total_frames:
+        asked = f"num_frames={num_frames}" if fps is None else f"fps={fps} ({num_frames} frames)"
+        raise ValueError(f"{where} has {total_frames} frames, fewer than the {asked} asked for.")
+    if sampling == "uniform":
+        step = total_frames / num_frames
+        return torch.arange(step / 2, total_frames, step).int().tolist()
+    segment = (total_frames - 1) / num_frames
+    return [int(segment / 2 + round(segment * index)) for index in range(num_frames)]
+
+
+@dataclasses.dataclass
+class VideoClip:
+    """The frames taken from one video: `frames` `(T, H, W, 3)` uint8 RGB, which of the clip's `total_frames` they
+    are (`frames_indices`) and the clip's frame rate, if it records one."""
+
+    frames: np.ndarray
+    frames_indices: list[int]
+    total_frames: int
+    fps: float | None = None
+
+    def metadata(self) -> dict:
+        """As Transformers' `VideoMetadata` names it."""
+        return {"total_num_frames": self.total_frames, "fps": self.fps, "frames_indices": self.frames_indices}
+
+
+def frames_as_array(video, where: str) -> np.ndarray:
+    """A video given as frames → `(T, H, W, 3)` uint8: a `(T, H, W, C)` or `(T, C, H, W)` array or tensor (C of 1, 3
+    or 4; uint8, or float in [0, 1]), or a list of PIL images / `(H, W, C)` arrays of one size."""
+    if isinstance(video, (list, tuple)):
+        if not video:
+            raise ValueError(f"{where} has no frames.")
+        frames = [to_image_tensor(frame, number) for number, frame in enumerate(video)]
+        sizes = sorted({tuple(frame.shape[1:]) for frame in frames})
+        if len(sizes) > 1:
+            raise ValueError(f"the frames of {where} differ in size (height, width): {sizes[:4]}.")
+        stacked = torch.stack(frames)
+    else:
+        stacked = torch.as_tensor(video.copy() if isinstance(video, np.ndarray) else video.detach().cpu())
+        if stacked.dim() != 4:
+            raise ValueError(
+                f"{where} is an array of shape {tuple(stacked.shape)}; a video is (frames, height, width, channels)."
+            )
+        if stacked.shape[0] == 0:
+            raise ValueError(f"{where} has no frames.")
+        channels_last = stacked.shape[-1] in CHANNEL_COUNTS
+        stacked = torch.stack(
+            [
+                to_image_tensor(frame, number, "channels_last" if channels_last else "channels_first")
+                for number, frame in enumerate(stacked)
+            ]
+        )
+    if stacked.is_floating_point():
+        stacked = (stacked * 255).round().to(torch.uint8)
+    return stacked.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def open_video(data, where: str, what: str, policy: MediaPolicy):
+    """Open a video file (a path or file object) with PyAV, the backend Transformers' `load_video` uses by default,
+    and check it under `policy` before any frame is decoded: a video stream, its frame size, its frame count (from
+    the container or, where it records none, counted from its packets, up to `policy.max_video_frames`). Returns
+    `(container, stream, total_frames, fps)`; the caller closes the container."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError(f"reading {where} needs PyAV: `pip install av`.") from None
+    try:
+        container = av.open(data)
+    except Exception as error:  # noqa: BLE001 (not a container FFmpeg knows, truncated, ...)
+        raise ValueError(f"{where} ({what}) could not be read as a video: {type(error).__name__}.") from None
+    try:
+        if not container.streams.video:
+            raise ValueError(f"{where} ({what}) holds no video stream.")
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if policy.max_pixels is not None and width * height > policy.max_pixels:
+            raise ValueError(
+                f"{where} ({what}) has frames of {width}×{height} = {width * height} pixels, more than the "
+                f"{policy.max_pixels} allowed."
+            )
+        rate = stream.average_rate or stream.guessed_rate
+        cap = policy.max_video_frames
+        total = stream.frames
+        if not total:  # containers such as Matroska do not record a count
+            for packet in container.demux(stream):
+                total += bool(packet.size)
+                if cap is not None and total > cap:
+                    break
+            container.seek(0, stream=stream)
+        if cap is not None and total > cap:
+            raise ValueError(f"{where} ({what}) has more than the {cap} frames this service decodes.")
+        return container, stream, total, float(rate) if rate else None
+    except ValueError:
+        container.close()
+        raise
+    except Exception as error:  # noqa: BLE001 (a corrupt stream)
+        container.close()
+        raise ValueError(f"{where} ({what}) could not be read as a video: {type(error).__name__}.") from None
+
+
+def decode_video(data, where: str, what: str, policy: MediaPolicy, pick) -> VideoClip:
+    """Decode the frames `pick(total_frames, video_fps)` chooses from a video file (`open_video`), in order up to the
+    last one taken."""
+    container, stream, total, fps = open_video(data, where, what, policy)
+    number, frames = -1, {}
+    with container:
+        indices = pick(total, fps)
+        wanted, last = set(indices), max(indices)
+        try:
+            for number, frame in enumerate(container.decode(stream)):
+                if number in wanted:
+                    frames[number] = frame.to_ndarray(format="rgb24")
+                if number >= last:
+                    break
+        except Exception as error:  # noqa: BLE001 (a corrupt stream)
+            raise ValueError(f"{where} ({what}) could not be decoded: {type(error).__name__}.") from None
+    if len(frames) < len(wanted):
+        raise ValueError(
+            f"{where} ({what}) records {total} frames but only {number + 1} could be decoded; frames "
+            f"{sorted(wanted - set(frames))[:8]} are missing."
+        )
+    return VideoClip(np.stack([frames[i] for i in indices]), indices, total, fps)
+
+
+def read_video(
+    video,
+    index: int = 0,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    sampling: str = "uniform",
+    policy: MediaPolicy | None = None,
+) -> VideoClip:
+    """One video → the frames to show the model. `video` is a file (a path, `file://` or `http(s)` URL, base64 or a
+    data URI, read under `policy` as images are), frames already decoded (a `(T, H, W, C)` array or tensor, or a list
+    of PIL images or arrays), or a `VideoClip`.
+
+    A file gives `num_frames` frames (`DEFAULT_NUM_FRAMES` if neither it nor `fps` is given, or all of a shorter
+    clip); frames already decoded are all kept unless `num_frames` or `fps` is given. See `sample_frame_indices` for
+    the `sampling` rules. Refusals are `ValueError`s naming the video (`index` in the batch) and the numbers.
+    """
+    where = f"video {index} of the batch"
+    if isinstance(video, VideoClip):
+        return video
+    if isinstance(video, str):
+        policy = policy or MediaPolicy.current()
+        what, data = open_media(video, where, policy)
+
+        def pick(total: int, video_fps: float | None) -> list[int]:
+            count = num_frames if num_frames is not None or fps is not None else min(DEFAULT_NUM_FRAMES, total)
+            return sample_frame_indices(total, count, fps, video_fps, sampling, f"{where} ({what})")
+
+        return decode_video(data, where, what, policy, pick)
+    if not isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
+        raise ValueError(
+            f"{where} has unsupported type {type(video).__name__}: pass a path, URL or base64 string of a video file, "
+            "a (frames, height, width, channels) array or tensor, or a list of frames."
+        )
+    frames = frames_as_array(video, where)
+    indices = sample_frame_indices(len(frames), num_frames, fps, None, sampling, where)
+    return VideoClip(frames[indices], indices, len(frames))
+
+
+def scaled_to_unit(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """A high-bit-depth PIL image's values → float32 in [0, 1], scaled by its bit depth rather than clipped: 16-bit
+    modes (and 32-bit "I" holding 16-bit data, as Pillow opens some 16-bit PNGs) over 65535, other "I" images over
+    their maximum; "F" images in [0, 1] as they are, up to 255 over 255, beyond that over their maximum."""
+    pixels = np.clip(pixels, 0, None)
+    high = float(pixels.max()) if pixels.size else 0.0
+    if mode.startswith("I;16") or (mode == "I" and high <= 65535):
+        scale = 65535.0
+    elif mode == "F" and high <= 1.0:
+        scale = 1.0
+    elif mode == "F" and high <= 255.0:
+        scale = 255.0
+    else:
+        scale = max(high, 1.0)
+    return (pixels / scale).astype(np.float32)
+
+
+def has_alpha(image: PIL.Image.Image) -> bool:
+    """Whether a PIL image carries transparency (an alpha band, or a palette or grey level marked transparent)."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def on_white(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A transparent image composited onto white, as RGB: what it shows, not the colour hidden under its alpha."""
+    rgba = image.convert("RGBA")
+    white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def to_image_tensor(
+    image, index: int = 0, input_data_format: str | ChannelDimension | None = None, convert_rgb: bool = True
+) -> torch.Tensor:
+    """Any supported image → `(3, H, W)` tensor: uint8 (0..255) for 8-bit images, float32 in [0, 1] for floating-point
+    and 16-bit ones; with `convert_rgb=False` the image keeps its own channels, `(C, H, W)` (C = 1 for grayscale, 4
+    with alpha).
+
+    PIL images of any mode are converted to RGB (transparent ones composited onto white, as Transformers' image
+    processors do; 16-bit scaled to 8-bit); strings are read with
+    `read_image`; arrays and tensors may be HW, HWC or CHW with 1, 3 or 4 channels, uint8, uint16 or floating point in
+    [0, 1]. The channel axis is `input_data_format` (`"channels_first"` / `"channels_last"`) or, when not given, found
+    by Transformers' rule (`infer_channel_dimension_format`: an axis of 1, 3 or 4 first, then last; when both could be,
+    first, with Transformers' warning). Floating-point values outside [0, 1] (e.g. 0..255 stored as float) or not
+    finite are refused, naming `index`, the image's place in the batch.
+    """
+    if isinstance(image, str):
+        image = read_image(image, index)
+    if isinstance(image, PIL.Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"image {index} of the batch has zero size {image.width}×{image.height}.")
+        image = PIL.ImageOps.exif_transpose(image)  # upright, as Transformers' `load_image` gives every image
+        if image.mode in HIGH_BIT_MODES:
+            image = scaled_to_unit(np.asarray(image, dtype=np.float64), image.mode)  # read on as a float array
+        else:
+            if convert_rgb or image.mode not in ("L", "LA", "RGB", "RGBA"):
+                image = on_white(image) if has_alpha(image) else image.convert("RGB")
+            pixels = torch.from_numpy(np.array(image))
+            return (pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)).contiguous()
+    if isinstance(image, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(image.astype(np.float32) if image.dtype == np.uint16 else image))
+        if image.dtype == np.uint16:
+            tensor = tensor / 65535.0
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        if tensor.dtype == torch.uint16:
+            tensor = tensor.float() / 65535.0
+    else:
+        raise ValueError(
+            f"image {index} of the batch has unsupported type {type(image).__name__}: pass PIL images, numpy arrays, "
+            "tensors, or paths, URLs or base64 strings."
+        )
+
+    if tensor.dim() == 2:
+        tensor, input_data_format = tensor[None], ChannelDimension.FIRST  # grayscale: the channel axis is added
+    if tensor.dim() != 3:
+        raise ValueError(
+            f"image {index} of the batch: arrays must be (H, W), (H, W, C) or (C, H, W); got shape "
+            f"{tuple(tensor.shape)}."
+        )
+    if input_data_format is None:
+        if tensor.shape[0] not in CHANNEL_COUNTS and tensor.shape[-1] not in CHANNEL_COUNTS:
+            raise ValueError(
+                f"image {index} of the batch: no channel axis of size 1, 3 or 4 in shape {tuple(tensor.shape)}."
+            )
+        input_data_format = infer_channel_dimension_format(tensor, num_channels=CHANNEL_COUNTS)
+    if ChannelDimension(input_data_format) == ChannelDimension.LAST:
+        tensor = tensor.permute(2, 0, 1)
+    if tensor.shape[0] not in CHANNEL_COUNTS:
+        raise ValueError(
+            f"image {index} of the batch has {tensor.shape[0]} channels in shape {tuple(image.shape)} read as "
+            f"{ChannelDimension(input_data_format).value}; images need 1, 3 or 4."
+        )
+    if tensor.shape[1] == 0 or tensor.shape[2] == 0:
+        raise ValueError(f"image {index} of the batch has zero size {tensor.shape[2]}×{tensor.shape[1]}.")
+    if tensor.dtype == torch.uint8:
+        pass
+    elif tensor.is_floating_point():
+        tensor = tensor.float()
+        finite = torch.isfinite(tensor)
+        if not finite.all():
+            raise ValueError(
+                f"image {index} of the batch has {int((~finite).sum())} pixel values that are NaN or infinite."
+            )
+        low, high = float(tensor.min()), float(tensor.max())
+        if low < -FLOAT_ROUNDING or high > 1.0 + FLOAT_ROUNDING:
+            raise ValueError(
+                f"image {index} of the batch is floating point with values in [{low:.4g}, {high:.4g}], but "
+                "floating-point images are read as [0, 1]; divide 0..255 values by 255, or pass uint8."
+            )
+        tensor = tensor.clamp(0.0, 1.0)  # rounding's overshoot (1.0000001) only
+    else:
+        raise ValueError(
+            f"image {index} of the batch has dtype {tensor.dtype}: use uint8, uint16 or floating point in [0, 1]."
+        )
+    if not convert_rgb:
+        return tensor.contiguous()
+    tensor = tensor[:3] if tensor.shape[0] == 4 else tensor
+    return (tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor).contiguous()
