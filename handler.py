@@ -11,36 +11,25 @@ Request bodies (JSON):
 
 `inputs` is one question about one image (or none), or a chat conversation in Transformers' message format (images
 as `{"type": "image", "url" | "base64" | "image": ...}`, or OpenAI's `image_url` parts). `parameters` are the
-`generate` arguments of `PARAMETERS`, within their bounds (greedy by default, the checkpoint's generation config
-otherwise). The answer is `[{"generated_text": "..."}]`. A request the model cannot take raises `ValueError` with the
-reason, which the toolkit returns to the caller.
+`generate` arguments of the bundle's `GENERATION_BOUNDS`, within their bounds (greedy by default, the checkpoint's
+generation config otherwise). The answer is `[{"generated_text": "..."}]`. A request the model cannot take raises
+`ValueError` with the reason, which the toolkit returns to the caller.
 
-What a caller can reach (docs/serving.md, Security): images as base64, data URIs and http(s) URLs to public hosts,
-fetched within 20 s and 20 MB, at most 40 megapixels and 8 images, their tokens within the model's context; no local
-files. The deployer changes that with the `INTERNVL_X_MEDIA_POLICY` variable (JSON of the bundle's `MediaPolicy`
-fields, e.g. `{"local_files": true, "local_root": "/data/images"}`).
+What a caller can reach is what the OpenAI-compatible server allows (docs/serving.md, Security; the bundle's
+`serving_internvl_x.py` holds the intake and bounds both use): images and videos as base64, data URIs and http(s) URLs
+to public hosts, no local files, every request's work bounded before it starts. The deployer changes that with the
+`INTERNVL_X_MEDIA_POLICY` variable (JSON of the bundle's `MediaPolicy` fields, e.g. `{"local_files": true,
+"local_root": "/data/images"}`).
 """
 
-import importlib
 import os
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 DEFAULT_MAX_NEW_TOKENS = 256
-MAX_IMAGES = 8
-# The `generate` arguments a caller may set: (type, lowest, highest); `None` for the model's context.
-PARAMETERS = {
-    "max_new_tokens": (int, 1, None),
-    "min_new_tokens": (int, 0, None),
-    "do_sample": (bool, None, None),
-    "temperature": (float, 0.0, 2.0),
-    "top_p": (float, 0.0, 1.0),
-    "top_k": (int, 0, 1000),
-    "repetition_penalty": (float, 0.5, 2.0),
-    "no_repeat_ngram_size": (int, 0, 16),
-    "num_beams": (int, 1, 4),
-}
+SERVING_NAMES = ("Intake", "ServingLimits", "message_parts", "check_generation_arguments")
 
 
 class EndpointHandler:
@@ -50,11 +39,17 @@ class EndpointHandler:
         self.model = AutoModelForImageTextToText.from_pretrained(
             path, trust_remote_code=True, dtype="auto", device_map=device_map
         ).eval()
-        image_module = importlib.import_module(type(self.processor.image_processor).__module__)
-        self.admit_chat_media = importlib.import_module(type(self.processor).__module__).admit_chat_media
-        # Every image is taken in (and turned into a data URI) under this policy before the processor sees it.
-        policy = image_module.MediaPolicy
-        self.policy = policy.current() if image_module.MEDIA_POLICY_VARIABLE in os.environ else policy.for_servers()
+        serving = {name: get_class_from_dynamic_module(f"serving_internvl_x.{name}", path) for name in SERVING_NAMES}
+        policy_class = get_class_from_dynamic_module("media_internvl_x.MediaPolicy", path)
+        variable = get_class_from_dynamic_module("media_internvl_x.MEDIA_POLICY_VARIABLE", path)
+        policy = policy_class.current() if variable in os.environ else policy_class.for_servers()
+        # The processor reads every image under the same policy (it reads this process's variable), whatever a request
+        # hands it: defence in depth behind the intake.
+        os.environ.update(policy.to_environment())
+        limits = serving["ServingLimits"]()
+        self.intake = serving["Intake"](self.model.config, self.processor.image_processor, policy, limits)
+        self.message_parts = serving["message_parts"]
+        self.check_generation_arguments = serving["check_generation_arguments"]
         self.context = self.model.config.text_config.max_position_embeddings
 
     def __call__(self, data: dict) -> list[dict]:
@@ -66,15 +61,8 @@ class EndpointHandler:
             raise ValueError(
                 f"`parameters` must be a JSON object of generate arguments, got {type(parameters).__name__}."
             )
-        self.check_parameters(parameters)
-        self.admit_chat_media(
-            messages,
-            self.processor.image_processor,
-            self.processor.image_seq_length,
-            self.policy,
-            MAX_IMAGES,
-            self.context,
-        )
+        self.check_generation_arguments(parameters, self.context)
+        self.intake.admit(self.message_parts(messages))
         settings = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "do_sample": False, **parameters}
         inputs = self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
@@ -86,22 +74,6 @@ class EndpointHandler:
         prompt_length = inputs["input_ids"].shape[1]
         answer = self.processor.decode(output[0, prompt_length:], skip_special_tokens=True)
         return [{"generated_text": answer.strip()}]
-
-    def check_parameters(self, parameters: dict) -> None:
-        """Refuse, by name, a parameter outside `PARAMETERS` or outside its bounds."""
-        unknown = sorted(set(parameters) - set(PARAMETERS))
-        if unknown:
-            raise ValueError(f"unknown or unaccepted generation parameters {unknown}; accepted: {sorted(PARAMETERS)}.")
-        for name, value in parameters.items():
-            kind, low, high = PARAMETERS[name]
-            high = self.context if high is None and kind is int else high
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if kind is bool and not isinstance(value, bool):
-                raise ValueError(f"`{name}` must be true or false, got {value!r}.")
-            if kind is not bool and (not number or (kind is int and not isinstance(value, int))):
-                raise ValueError(f"`{name}` must be {'an integer' if kind is int else 'a number'}, got {value!r}.")
-            if kind is not bool and not low <= value <= high:
-                raise ValueError(f"`{name}` must be from {low} to {high}, got {value!r}.")
 
     @staticmethod
     def messages(inputs) -> list[dict]:

@@ -6,12 +6,16 @@ video through this file; servers take a stranger's media in under `MediaPolicy.f
 
 import base64
 import dataclasses
+import http.client
 import io
 import ipaddress
 import json
+import math
 import os
 import re
 import socket
+import ssl
+import threading
 import time
 import urllib.parse
 
@@ -33,30 +37,33 @@ MEDIA_POLICY_VARIABLE = "INTERNVL_X_MEDIA_POLICY"  # JSON of `MediaPolicy` field
 
 @dataclasses.dataclass(frozen=True)
 class MediaPolicy:
-    """Which image and video sources `read_image` and `read_video` read, and how far they reach for them.
+    """Which image and video sources `read_image` and `read_video` read, and how much work a read may take.
 
     The default is a user's own machine: any local path or `file://` URL, any `http(s)` URL. A server or handler that
     strangers can reach runs with `MediaPolicy.for_servers()` (in its processes through the `INTERNVL_X_MEDIA_POLICY`
     variable, which `examples/serve.py` and `handler.py` set): no local file unless under `local_root`, URLs to public
-    addresses only, and an image's size read from its header and checked before it is decoded. Every fetch is bounded
-    in time (in total, not per read), bytes and redirects.
+    addresses only, every fetch within one deadline (name lookup, connection, headers and body), an image's size read
+    from its header before it is decoded, and a video's decoding bounded by the pixels of the frames it decodes.
     """
 
     local_files: bool = True  # read local paths and file:// URLs at all
     local_root: str | None = None  # if set, only under this folder (links resolved)
     remote_urls: bool = True  # fetch http(s) URLs at all
     internal_urls: bool = True  # fetch URLs whose host resolves to a loopback, private, link-local, ... address
-    fetch_timeout: float = 60.0  # seconds for a whole fetch, redirects included
-    max_bytes: int = 512 * 2**20  # of one fetched image
+    fetch_timeout: float = 60.0  # seconds for all the fetches of one read (or one request), redirects included
+    max_bytes: int = 512 * 2**20  # of one image or video
     max_redirects: int = 5
-    max_pixels: int | None = None  # of one image or video frame, from its header; None: Pillow's bomb limit only
+    max_pixels: int | None = None  # of one image, from its header; None: Pillow's bomb limit only
+    max_frame_pixels: int | None = None  # of one video frame, as decoded; None: `max_pixels`
     max_video_frames: int | None = None  # frames of one video decoded at most (decoding is sequential); None: any
+    max_decoded_pixels: int | None = None  # width × height summed over every video frame one read decodes
 
     @classmethod
     def for_servers(cls, **overrides) -> "MediaPolicy":
-        """What a network service accepts by default: base64 and data URIs, public http(s) URLs (20 s, 20 MB, 3
-        redirects), images and video frames of at most 40 megapixels, videos decoded up to 18,000 frames (10 minutes at
-        30 fps), no local files."""
+        """What a network service accepts by default: base64 and data URIs, public http(s) URLs (20 s for all of a
+        request's fetches, 20 MB each, 3 redirects), images of at most 40 megapixels, video frames of at most 3840×2160,
+        videos of at most 18,000 frames (10 minutes at 30 fps) of which at most 10⁹ pixels (about 480 frames of
+        1920×1080) are decoded, no local files."""
         settings = dict(
             local_files=False,
             internal_urls=False,
@@ -64,7 +71,9 @@ class MediaPolicy:
             max_bytes=20 * 2**20,
             max_redirects=3,
             max_pixels=40_000_000,
+            max_frame_pixels=3840 * 2160,
             max_video_frames=18_000,
+            max_decoded_pixels=1_000_000_000,
         )
         return cls(**{**settings, **overrides})
 
@@ -78,63 +87,177 @@ class MediaPolicy:
         """`{INTERNVL_X_MEDIA_POLICY: json}`, for the environment of the processes that read images."""
         return {MEDIA_POLICY_VARIABLE: json.dumps(dataclasses.asdict(self))}
 
+    @property
+    def frame_pixel_limit(self) -> int | None:
+        """Pixels of one video frame at most."""
+        return self.max_frame_pixels if self.max_frame_pixels is not None else self.max_pixels
 
-def host_is_public(host: str, port: int) -> bool:
-    """Whether every address `host` resolves to is a public (global unicast) one."""
+
+# ---- fetching: every step under one deadline -------------------------------------------------------------------------
+def seconds_left(deadline: float, where: str, timeout: float) -> float:
+    """Seconds until `deadline` (a `time.monotonic()` value), or the refusal once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ValueError(f"{where}: not fetched within {timeout:g} s.")
+    return left
+
+
+def host_addresses(host: str, port: int, deadline: float, where: str, timeout: float) -> list[str]:
+    """The addresses `host` resolves to, looked up in a thread of its own so that a slow name server cannot hold the
+    caller past `deadline` (the lookup itself ends when the system resolver gives up)."""
+    found: dict = {}
+
+    def look_up() -> None:
+        try:
+            found["infos"] = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            found["infos"] = []
+
+    lookup = threading.Thread(target=look_up, daemon=True)
+    lookup.start()
+    lookup.join(seconds_left(deadline, where, timeout))
+    if lookup.is_alive():
+        raise ValueError(f"{where}: not fetched within {timeout:g} s.")
+    return list(dict.fromkeys(info[4][0] for info in found["infos"]))
+
+
+def is_public_address(address: str) -> bool:
+    """Whether `address` is a public (global unicast) one; an IPv4 address mapped into IPv6 counts as itself."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    ip = ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+    return ip.is_global and not ip.is_multicast
+
+
+class DeadlineReader(io.RawIOBase):
+    """A socket read as a file whose every read ends by `deadline`: a peer that trickles its headers or body a byte
+    at a time is cut off there, not a read timeout later."""
+
+    def __init__(self, sock: socket.socket, deadline: float, where: str, timeout: float):
+        self.sock, self.deadline, self.where, self.timeout = sock, deadline, where, timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self.sock.settimeout(seconds_left(self.deadline, self.where, self.timeout))
+        return self.sock.recv_into(buffer)
+
+
+class DeadlineSocket:
+    """What `http.client.HTTPResponse` reads a response from: the socket, through a `DeadlineReader`."""
+
+    def __init__(self, reader: DeadlineReader):
+        self.reader = reader
+
+    def makefile(self, mode: str):
+        return io.BufferedReader(self.reader)
+
+
+def tls_context() -> ssl.SSLContext:
+    """Certificates checked against certifi's authorities where installed (as Transformers' HTTP client does), else
+    the system's."""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
-    except (OSError, UnicodeError):
-        return False
+        import certifi
+    except ImportError:
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def connect(parts: urllib.parse.SplitResult, addresses: list[str], port: int, deadline: float, where: str, timeout):
+    """A connection to the first of `addresses` (already checked against the policy) that answers, TLS-wrapped for
+    https, within `deadline`. The checked address is the one connected to: no second name lookup happens."""
+    sock = None
     for address in addresses:
-        ip = ipaddress.ip_address(address.split("%")[0])
-        ip = ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
-        if not ip.is_global or ip.is_multicast:
-            return False
-    return bool(addresses)
+        try:
+            sock = socket.create_connection((address, port), timeout=seconds_left(deadline, where, timeout))
+            break
+        except ValueError:
+            raise
+        except OSError:
+            continue
+    if sock is None:
+        raise ValueError(f"{where}: could not be fetched.")
+    if parts.scheme == "https":
+        sock = tls_context().wrap_socket(sock, server_hostname=parts.hostname, do_handshake_on_connect=False)
+        while True:  # the handshake, one socket wait at a time, each bounded by what is left of the deadline
+            sock.settimeout(seconds_left(deadline, where, timeout))
+            try:
+                sock.do_handshake()
+                break
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue
+    return sock
 
 
-def fetch_image_bytes(url: str, where: str, policy: MediaPolicy) -> bytes:
-    """The bytes at `url` under `policy`: each hop's host checked, redirects followed by hand up to the limit, the body
-    read in chunks against the byte cap and one deadline for the whole fetch. Failures are `ValueError`s naming the
-    image (`where`, e.g. "image 1 of the batch (a URL)") and the rule, without the network's details (a refused
-    address and a closed port read the same)."""
-    from huggingface_hub.utils import httpx  # the HTTP client Transformers' `load_image` uses
+def http_get(url: str, addresses: list[str], deadline: float, where: str, policy: "MediaPolicy"):
+    """`(status, location, body)` of one GET of `url` from one of `addresses`, the body read up to the byte cap; a
+    redirect's body is not read."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    timeout = policy.fetch_timeout
+    sock = connect(parts, addresses, port, deadline, where, timeout)
+    try:
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        host += f":{parts.port}" if parts.port else ""
+        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        request = (
+            f"GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: internvl-x\r\nAccept: */*\r\n"
+            "Accept-Encoding: identity\r\nConnection: close\r\n\r\n"
+        )
+        sock.settimeout(seconds_left(deadline, where, timeout))
+        sock.sendall(request.encode("ascii"))
+        response = http.client.HTTPResponse(DeadlineSocket(DeadlineReader(sock, deadline, where, timeout)))
+        response.begin()
+        if response.status in (301, 302, 303, 307, 308):
+            return response.status, response.getheader("location", ""), b""
+        if response.status != 200:
+            raise ValueError(f"{where}: the server answered HTTP {response.status}.")
+        declared = response.length or 0  # the Content-Length header, when it holds a number
+        if declared > policy.max_bytes:
+            raise ValueError(f"{where}: {declared} bytes, more than the {policy.max_bytes} allowed.")
+        body = bytearray()
+        while chunk := response.read(65536):
+            body += chunk
+            if len(body) > policy.max_bytes:
+                raise ValueError(f"{where}: more than the {policy.max_bytes} bytes allowed.")
+        return response.status, None, bytes(body)
+    finally:
+        sock.close()
 
-    deadline = time.monotonic() + policy.fetch_timeout
+
+def fetch_bytes(url: str, where: str, policy: MediaPolicy, deadline: float | None = None) -> bytes:
+    """The bytes at `url` under `policy`: each hop's host looked up and checked (every address public unless
+    `internal_urls`), the checked address connected to, redirects followed by hand up to the limit, the body read
+    against the byte cap, and all of it (name lookups, connections, TLS, headers, body, every hop) done by `deadline`
+    (default: `policy.fetch_timeout` from now; a server passes one deadline for all of a request's fetches). Failures
+    are `ValueError`s naming the item (`where`, e.g. "image 1 of the request (a URL)") and the rule, without the
+    network's details (a refused address and a closed port read the same)."""
+    deadline = deadline if deadline is not None else time.monotonic() + policy.fetch_timeout
+    timeout = policy.fetch_timeout
     for _ in range(policy.max_redirects + 1):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{where}: only http(s) URLs are fetched, got a {parts.scheme or 'schemeless'} URL.")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        if not policy.internal_urls and not host_is_public(parts.hostname, port):
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise ValueError(f"{where}: the URL's port is not a number from 0 to 65535.") from None
+        addresses = host_addresses(parts.hostname, port, deadline, where, timeout)
+        if not policy.internal_urls and not (addresses and all(map(is_public_address, addresses))):
             raise ValueError(
                 f"{where}: its host is not a public address; this server fetches images from public hosts only."
             )
-        remaining = deadline - time.monotonic()
         try:
-            with httpx.stream("GET", url, follow_redirects=False, timeout=max(remaining, 0.001)) as response:
-                if response.is_redirect:
-                    url = urllib.parse.urljoin(url, response.headers.get("location", ""))
-                    continue
-                if response.status_code != 200:
-                    raise ValueError(f"{where}: the server answered HTTP {response.status_code}.")
-                declared = int(response.headers.get("content-length") or 0)
-                if declared > policy.max_bytes:
-                    raise ValueError(f"{where}: {declared} bytes, more than the {policy.max_bytes} allowed.")
-                body = bytearray()
-                for chunk in response.iter_bytes():
-                    body += chunk
-                    if len(body) > policy.max_bytes:
-                        raise ValueError(f"{where}: more than the {policy.max_bytes} bytes allowed.")
-                    if time.monotonic() > deadline:
-                        raise ValueError(f"{where}: not fetched within {policy.fetch_timeout:g} s.")
-                return bytes(body)
+            status, location, body = http_get(url, addresses, deadline, where, policy)
         except ValueError:
             raise
-        except httpx.TimeoutException:
-            raise ValueError(f"{where}: not fetched within {policy.fetch_timeout:g} s.") from None
-        except Exception:  # noqa: BLE001 (connection refused, reset, TLS, malformed answer: one message for all)
+        except TimeoutError:
+            raise ValueError(f"{where}: not fetched within {timeout:g} s.") from None
+        except Exception:  # noqa: BLE001 (refused, reset, TLS, a malformed answer: one message for all)
             raise ValueError(f"{where}: could not be fetched.") from None
+        if location is None:
+            return body
+        url = urllib.parse.urljoin(url, location)
     raise ValueError(f"{where}: more than {policy.max_redirects} redirects.")
 
 
@@ -154,18 +277,23 @@ def local_path_allowed(path: str, where: str, policy: MediaPolicy) -> str:
     return path
 
 
-def open_media(source: str, where: str, policy: MediaPolicy) -> tuple[str, str | io.BytesIO]:
+def open_media(
+    source: str, where: str, policy: MediaPolicy, deadline: float | None = None
+) -> tuple[str, str | io.BytesIO]:
     """`(what, data)` of an image or video given as text, under `policy`: a local path or `file://` URL (`data` is the
-    path), an `http(s)` URL (fetched), or base64 (a data URI or the bare payload). `what` describes the source for
-    messages ("the file x.mp4", "a URL", ...); refusals are `ValueError`s naming `where` and the rule."""
+    path), an `http(s)` URL (fetched by `deadline`, see `fetch_bytes`), or base64 (a data URI or the bare payload).
+    `what` describes the source for messages ("the file x.mp4", "a URL", ...); refusals are `ValueError`s naming
+    `where` and the rule."""
     path = source.removeprefix("file://") if source.startswith("file://") else source
     if source.startswith("data:"):
         what = f"a data URI of {len(source)} characters"
+        if "," not in source:
+            raise ValueError(f"{where} ({what}) has no comma before its data: write data:image/png;base64,DATA.")
     elif source.startswith(("http://", "https://")):
         if not policy.remote_urls:
             raise ValueError(f"{where} is a URL; this service fetches no URLs.")
         what = "a URL" if not policy.internal_urls else f"the URL {source}"
-        return what, io.BytesIO(fetch_image_bytes(source, f"{where} ({what})", policy))
+        return what, io.BytesIO(fetch_bytes(source, f"{where} ({what})", policy, deadline))
     elif (
         source.startswith("file://")
         or not BASE64.match(source)
@@ -251,12 +379,12 @@ def sample_frame_indices(
     if num_frames is not None and fps is not None:
         raise ValueError(f"{where}: give num_frames or fps, not both (got num_frames={num_frames}, fps={fps}).")
     if fps is not None:
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+            raise ValueError(f"{where}: fps must be a positive finite number, got {fps!r}.")
         if not video_fps:
             raise ValueError(
                 f"{where}: fps={fps} needs the clip's frame rate, which it does not record; give num_frames."
             )
-        if fps <= 0:
-            raise ValueError(f"{where}: fps must be positive, got {fps}.")
         num_frames = max(1, int(total_frames / video_fps * fps))
     if num_frames is None:
         return list(range(total_frames))
@@ -281,6 +409,7 @@ class VideoClip:
     frames_indices: list[int]
     total_frames: int
     fps: float | None = None
+    container_format: str | None = None  # of a file: FFmpeg's short name ("matroska", "mov", ...)
 
     def metadata(self) -> dict:
         """As Transformers' `VideoMetadata` names it."""
@@ -318,10 +447,30 @@ def frames_as_array(video, where: str) -> np.ndarray:
     return stacked.permute(0, 2, 3, 1).contiguous().numpy()
 
 
+class DecodeBudget:
+    """The pixels (width × height, summed over every frame decoded, kept or not) that the videos of one read, or one
+    request, may still decode: what decoding costs is the frames it runs through, whatever a file's header claims or
+    how few bytes hold them. None: no bound."""
+
+    def __init__(self, pixels: int | None):
+        self.total = self.left = pixels
+
+    def spend(self, pixels: int, where: str) -> None:
+        if self.left is None:
+            return
+        self.left -= pixels
+        if self.left < 0:
+            raise ValueError(
+                f"{where}: decoding it takes more than the {self.total} pixels (width × height × frames decoded, up to "
+                "the last frame taken) this service decodes per request; send a shorter or smaller clip."
+            )
+
+
 def open_video(data, where: str, what: str, policy: MediaPolicy):
     """Open a video file (a path or file object) with PyAV, the backend Transformers' `load_video` uses by default,
     and check it under `policy` before any frame is decoded: a video stream, its frame size, its frame count (from
-    the container or, where it records none, counted from its packets, up to `policy.max_video_frames`). Returns
+    the container or, where it records none, counted from its packets, up to `policy.max_video_frames`). The decoder
+    is told the frame size allowed, so a frame larger than its header said fails before it is allocated. Returns
     `(container, stream, total_frames, fps)`; the caller closes the container."""
     try:
         import av
@@ -336,11 +485,14 @@ def open_video(data, where: str, what: str, policy: MediaPolicy):
             raise ValueError(f"{where} ({what}) holds no video stream.")
         stream = container.streams.video[0]
         width, height = stream.codec_context.width, stream.codec_context.height
-        if policy.max_pixels is not None and width * height > policy.max_pixels:
-            raise ValueError(
-                f"{where} ({what}) has frames of {width}×{height} = {width * height} pixels, more than the "
-                f"{policy.max_pixels} allowed."
-            )
+        limit = policy.frame_pixel_limit
+        if limit is not None:
+            if width * height > limit:
+                raise ValueError(
+                    f"{where} ({what}) has frames of {width}×{height} = {width * height} pixels, more than the "
+                    f"{limit} allowed."
+                )
+            stream.codec_context.options = {"max_pixels": str(limit)}  # FFmpeg refuses to allocate larger frames
         rate = stream.average_rate or stream.guessed_rate
         cap = policy.max_video_frames
         total = stream.frames
@@ -361,28 +513,49 @@ def open_video(data, where: str, what: str, policy: MediaPolicy):
         raise ValueError(f"{where} ({what}) could not be read as a video: {type(error).__name__}.") from None
 
 
-def decode_video(data, where: str, what: str, policy: MediaPolicy, pick) -> VideoClip:
+def decode_video(
+    data, where: str, what: str, policy: MediaPolicy, pick, budget: DecodeBudget, keep: bool = True
+) -> VideoClip:
     """Decode the frames `pick(total_frames, video_fps)` chooses from a video file (`open_video`), in order up to the
-    last one taken."""
+    last one taken, each decoded frame's pixels spent from `budget` (refused as soon as it runs out) and its size
+    checked as decoded. `keep=False` checks the clip without converting the frames taken (`frames` is then empty)."""
     container, stream, total, fps = open_video(data, where, what, policy)
     number, frames = -1, {}
+    name = f"{where} ({what})"
+    limit = policy.frame_pixel_limit
     with container:
         indices = pick(total, fps)
         wanted, last = set(indices), max(indices)
+        declared = stream.codec_context.width * stream.codec_context.height
+        if budget.left is not None and declared * (last + 1) > budget.left:  # by the header: refused before any work
+            budget.spend(declared * (last + 1), name)
         try:
             for number, frame in enumerate(container.decode(stream)):
+                pixels = frame.width * frame.height
+                if limit is not None and pixels > limit:
+                    raise ValueError(
+                        f"{name}: frame {number} is {frame.width}×{frame.height} = {pixels} pixels, more than the "
+                        f"{limit} allowed."
+                    )
+                budget.spend(pixels, name)
                 if number in wanted:
-                    frames[number] = frame.to_ndarray(format="rgb24")
+                    frames[number] = frame.to_ndarray(format="rgb24") if keep else None
                 if number >= last:
                     break
-        except Exception as error:  # noqa: BLE001 (a corrupt stream)
-            raise ValueError(f"{where} ({what}) could not be decoded: {type(error).__name__}.") from None
+        except ValueError:
+            raise
+        except Exception as error:  # noqa: BLE001 (a corrupt stream, or a frame FFmpeg refused to allocate)
+            larger = f", or a frame is larger than the {limit} pixels allowed" if limit is not None else ""
+            raise ValueError(
+                f"{name} could not be decoded (a corrupt stream{larger}): {type(error).__name__}."
+            ) from None
     if len(frames) < len(wanted):
         raise ValueError(
             f"{where} ({what}) records {total} frames but only {number + 1} could be decoded; frames "
             f"{sorted(wanted - set(frames))[:8]} are missing."
         )
-    return VideoClip(np.stack([frames[i] for i in indices]), indices, total, fps)
+    taken = np.stack([frames[i] for i in indices]) if keep else np.zeros((0, 0, 0, 3), np.uint8)
+    return VideoClip(taken, indices, total, fps, container.format.name.split(",")[0])
 
 
 def read_video(
@@ -392,16 +565,22 @@ def read_video(
     fps: float | None = None,
     sampling: str = "uniform",
     policy: MediaPolicy | None = None,
+    every_frame: bool = False,
+    budget: DecodeBudget | None = None,
 ) -> VideoClip:
     """One video → the frames to show the model. `video` is a file (a path, `file://` or `http(s)` URL, base64 or a
     data URI, read under `policy` as images are), frames already decoded (a `(T, H, W, C)` array or tensor, or a list
     of PIL images or arrays), or a `VideoClip`.
 
     A file gives `num_frames` frames (`DEFAULT_NUM_FRAMES` if neither it nor `fps` is given, or all of a shorter
-    clip); frames already decoded are all kept unless `num_frames` or `fps` is given. See `sample_frame_indices` for
-    the `sampling` rules. Refusals are `ValueError`s naming the video (`index` in the batch) and the numbers.
+    clip); frames already decoded are all kept unless `num_frames` or `fps` is given; `every_frame=True` keeps every
+    frame of either (Transformers' `do_sample_frames=False`). See `sample_frame_indices` for the `sampling` rules. A
+    file's decoding spends `budget` (default: `policy.max_decoded_pixels` for this video alone). Refusals are
+    `ValueError`s naming the video (`index` in the batch) and the numbers.
     """
     where = f"video {index} of the batch"
+    if every_frame and (num_frames is not None or fps is not None):
+        raise ValueError(f"{where}: every frame was asked for (do_sample_frames=False) and also num_frames or fps.")
     if isinstance(video, VideoClip):
         return video
     if isinstance(video, str):
@@ -409,10 +588,12 @@ def read_video(
         what, data = open_media(video, where, policy)
 
         def pick(total: int, video_fps: float | None) -> list[int]:
-            count = num_frames if num_frames is not None or fps is not None else min(DEFAULT_NUM_FRAMES, total)
+            default = None if every_frame else min(DEFAULT_NUM_FRAMES, total)
+            count = num_frames if num_frames is not None or fps is not None else default
             return sample_frame_indices(total, count, fps, video_fps, sampling, f"{where} ({what})")
 
-        return decode_video(data, where, what, policy, pick)
+        budget = budget if budget is not None else DecodeBudget(policy.max_decoded_pixels)
+        return decode_video(data, where, what, policy, pick, budget)
     if not isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
         raise ValueError(
             f"{where} has unsupported type {type(video).__name__}: pass a path, URL or base64 string of a video file, "

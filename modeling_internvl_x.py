@@ -606,7 +606,6 @@ class PhasedDecoder:
     name = "this token schedule"
     off_switch = ""  # the config setting that turns the schedule off
     positions_note = ""  # what error messages about positions add
-    layer_change = ""  # how the schedule changes the tokens the decoder layers hold, in words
 
     def __init__(self, config: InternVLXConfig, switch_layer: int):
         self.config = config
@@ -617,6 +616,11 @@ class PhasedDecoder:
         self.growth_by_capacity: dict[int, int] = {}
 
     # ---- what the schedule changes for the rest of the model -------------------------------------------------------
+    @property
+    def layer_change(self) -> str:
+        """How the schedule changes the tokens the decoder layers hold, in words."""
+        return f"other tokens from layer {self.switch_layer} on"
+
     @property
     def switches(self) -> bool:
         """Whether any layer runs the second phase (a switch layer equal to the depth means never)."""
@@ -643,16 +647,14 @@ class PhasedDecoder:
     def check_generation_mode(self, generation_mode: str) -> None:
         """Refuse, by name, a generation mode this schedule cannot run under."""
 
-    def refuse_paged_engine(self, implementation: str) -> None:
-        """Serving engines that run the decoder layers on their own paged KV cache (vLLM) give every layer of a
-        request the same number of tokens (vLLM's `KVCacheSpec`, `KVCacheManager.allocate_slots`,
-        `CommonAttentionMetadata`), so they cannot run a schedule: refused when the model is built."""
+    def refuse_paged_engine(self, engine: str) -> None:
+        """Refuse `engine`, which keeps one paged KV cache with the same token count in every decoder layer of a
+        request (vLLM's Transformers backend, Transformers' continuous batching; docs/serving.md says where)."""
         raise ValueError(
             f"this checkpoint uses {self.name}, whose decoder layers hold different numbers of tokens "
-            f"({self.layer_change}), but {implementation!r} attention keeps one paged KV cache with the same token "
-            "count in every layer (vLLM's KVCacheSpec, KVCacheManager.allocate_slots, CommonAttentionMetadata), so it "
-            f"cannot run it. Serve a PVTC or pixel-shuffle checkpoint ({self.off_switch}, or a conversion with "
-            "--no-lvtc) with it, or this one with `transformers serve` (examples/serve.py)."
+            f"({self.layer_change}), but {engine} keeps one paged KV cache with the same token count in every layer, "
+            f"so it cannot run it. Serve a PVTC or pixel-shuffle checkpoint ({self.off_switch}, or a conversion with "
+            "--no-lvtc) with it, or this one without it (`transformers serve` runs it one request at a time)."
         )
 
     # ---- what a schedule defines ---------------------------------------------------------------------------------
@@ -986,13 +988,17 @@ class LVTCSchedule(PhasedDecoder):
     name = "LVTC"
     off_switch = "lvtc_enabled=False"
     positions_note = " (LVTC's expanded tiles included)"
-    layer_change = "each tile N2² tokens from layer k on instead of N1²"
 
     def __init__(self, config: InternVLXConfig):
         super().__init__(config, config.lvtc_expand_layer)
         grid = config.patch_grid_size
         self.short_side = grid // config.downsample_factor
         self.long_side = grid // config.lvtc_hr_downsample_factor
+
+    @property
+    def layer_change(self) -> str:
+        short, long = self.short_side**2, self.long_side**2
+        return f"each tile {long} tokens from layer {self.switch_layer} on instead of {short}"
 
     def second_phase_tokens(self, visual_tokens: int) -> int:
         return visual_tokens // self.short_side**2 * self.long_side**2
@@ -1131,11 +1137,14 @@ class FastVSchedule(PhasedDecoder):
 
     name = "FastV"
     off_switch = "fastv_layer=None"
-    layer_change = "fewer visual tokens from layer K on"
 
     def __init__(self, config: InternVLXConfig):
         super().__init__(config, config.fastv_layer)
         self.ratio = config.fastv_ratio
+
+    @property
+    def layer_change(self) -> str:
+        return f"{self.ratio:g} of the visual tokens pruned from layer {self.switch_layer} on"
 
     def second_phase_tokens(self, visual_tokens: int) -> int:
         """n − floor(R · n) of a row's n visual tokens."""
@@ -1379,7 +1388,7 @@ def refuse_paged_engines(config: InternVLXConfig, schedule: PhasedDecoder | None
     request (`PhasedDecoder.refuse_paged_engine` says why)."""
     implementation = attention_implementation(config.text_config)
     if schedule is not None and implementation in PAGED_ENGINE_ATTENTION:
-        schedule.refuse_paged_engine(implementation)
+        schedule.refuse_paged_engine(f"{implementation!r} attention")
 
 
 class InternVLXModel(InternVLXPreTrainedModel):

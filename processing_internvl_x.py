@@ -2,8 +2,6 @@
 # Licensed under the Apache License, Version 2.0.
 """InternVL-X processor: tokenizer + tiling image processor + the InternLM2 (ChatML) chat template."""
 
-import base64
-import io
 import re
 
 import PIL.Image
@@ -15,11 +13,9 @@ from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 
 from .configuration_internvl_x import CHAT_END_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
 from .media_internvl_x import (
-    DEFAULT_NUM_FRAMES,
+    DecodeBudget,
     MediaPolicy,
     VideoClip,
-    open_media,
-    open_video,
     read_image,
     read_video,
 )
@@ -152,95 +148,6 @@ def expand_image_placeholders(text: list[str], num_patches: list[int], tokens_pe
         return IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * (tokens_per_tile * next(tiles)) + IMAGE_END_TOKEN
 
     return [re.sub(re.escape(IMAGE_PLACEHOLDER), span, sample) for sample in text]
-
-
-def media_parts(messages) -> list[tuple[dict, str, str]]:
-    """`(part, key, kind)` of every image or video given as a string in chat `messages` (Transformers' `{"type":
-    "image" | "video", "url" | "path" | ...: ...}` parts and OpenAI's `image_url` / `video_url` parts), in order;
-    `kind` is "image" or "video"."""
-    found = []
-    for message in messages if isinstance(messages, list) else []:
-        content = message.get("content") if isinstance(message, dict) else None
-        for part in content if isinstance(content, list) else []:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind in ("image_url", "video_url"):
-                holder = part[kind] if isinstance(part.get(kind), dict) else part
-                found.append((holder, "url" if holder is not part else kind, kind.removesuffix("_url")))
-            elif kind in ("image", "video"):
-                keys = ("url", "path", "base64", kind)
-                found += [(part, key, kind) for key in keys if isinstance(part.get(key), str)]
-    return found
-
-
-def admit_chat_media(
-    messages,
-    image_processor,
-    image_seq_length: int,
-    policy: MediaPolicy,
-    max_items: int,
-    max_tokens: int,
-    num_frames: int | None = None,
-) -> None:
-    """Take a stranger's chat `messages` in, in place: every image and video (a URL, base64, a data URI, a local path)
-    becomes a data URI of its bytes, read under `policy` (URLs fetched with its limits, local files only where it
-    allows). Before anything is decoded, each image's size is read from its header, and each video's frame size and
-    frame count from its container, against `policy` and against the tokens they take: the request's images' tiles
-    and videos' frames (`num_frames` each, as the processor will take them: a file's default when None) may take at
-    most `max_tokens` (the model's context). At most `max_items` images and videos. A refusal is a `ValueError` naming
-    the image or video and the rule. Blocking (fetches): a server calls it off its event loop."""
-    parts = media_parts(messages)
-    if len(parts) > max_items:
-        raise ValueError(f"the request holds {len(parts)} images and videos; this server takes at most {max_items}.")
-    tokens, counts = 0, {"image": 0, "video": 0}
-    for part, key, kind in parts:
-        where = f"{kind} {counts[kind]} of the request"
-        counts[kind] += 1
-        what, opened = open_media(part[key] if isinstance(part[key], str) else "", where, policy)
-        if isinstance(opened, io.BytesIO):  # fetched (within the byte cap) or decoded base64
-            data = opened.getvalue()
-        else:  # a local file, where the policy allows one: read up to the byte cap
-            try:
-                with open(opened, "rb") as file:
-                    data = file.read(policy.max_bytes + 1)
-            except OSError:
-                raise ValueError(f"{where} ({what}): the file could not be read.") from None
-        if len(data) > policy.max_bytes:
-            raise ValueError(f"{where}: more than the {policy.max_bytes} bytes allowed.")
-        if kind == "video":
-            container, _, total, _ = open_video(io.BytesIO(data), where, "as sent", policy)
-            container_format = container.format.name.split(",")[0]
-            container.close()
-            frames = num_frames if num_frames is not None else min(DEFAULT_NUM_FRAMES, total)
-            if frames > total:
-                raise ValueError(f"{where} has {total} frames, fewer than the {frames} this server takes per video.")
-            tokens += frames * (2 + image_seq_length)
-            part[key] = f"data:video/{container_format};base64," + base64.b64encode(data).decode()
-            if tokens > max_tokens:
-                raise ValueError(
-                    f"the request's images and videos take {tokens} tokens or more ({where}: {frames} frames of "
-                    f"{image_seq_length} tokens), more than the model's {max_tokens} positions; send fewer or shorter "
-                    "videos, or ask for fewer frames (num_frames)."
-                )
-            continue
-        try:
-            header = PIL.Image.open(io.BytesIO(data))  # reads the header only
-            width, height, image_format = *header.size, (header.format or "png").lower()
-        except Exception:  # noqa: BLE001 (not an image Pillow knows)
-            raise ValueError(f"{where} is not an image Pillow can read.") from None
-        if policy.max_pixels is not None and width * height > policy.max_pixels:
-            raise ValueError(
-                f"{where} is {width}×{height} = {width * height} pixels, more than the "
-                f"{policy.max_pixels} allowed; send a smaller image."
-            )
-        tiles = image_processor.get_number_of_image_patches(height, width)
-        tokens += 2 + tiles * image_seq_length
-        if tokens > max_tokens:
-            raise ValueError(
-                f"the request's images take {tokens} tokens or more by their sizes ({where}: {width}×{height}, "
-                f"{tiles} tiles of {image_seq_length}), more than the model's {max_tokens} positions; send fewer or "
-                "smaller images."
-            )
-        part[key] = f"data:image/{image_format};base64," + base64.b64encode(data).decode()
 
 
 class InternVLXImagesKwargs(ImagesKwargs, total=False):
@@ -388,7 +295,8 @@ class InternVLXProcessor(ProcessorMixin):
         do_sample_frames: bool | None = None,
     ) -> list[VideoClip]:
         """Each video of the batch read and its frames taken (`read_video`), after checking that the text holds one
-        `<video>` per video. `do_sample_frames=False` keeps every frame."""
+        `<video>` per video. `do_sample_frames=False` keeps every frame (of files too). The videos of one call share
+        one decoding budget (`MediaPolicy.max_decoded_pixels`)."""
         videos = _flatten_videos(videos) if videos is not None else []
         counts = [sample.count(VIDEO_PLACEHOLDER) for sample in text]
         if sum(counts) != len(videos):
@@ -396,9 +304,15 @@ class InternVLXProcessor(ProcessorMixin):
                 f"the text has {sum(counts)} `<video>` placeholders (per sample: {counts}) but {len(videos)} videos "
                 "were given; put one `<video>` where each video belongs."
             )
-        if do_sample_frames is False:
+        every_frame = do_sample_frames is False
+        if every_frame:
             num_frames = fps = None
-        return [read_video(video, index, num_frames, fps, frame_sampling) for index, video in enumerate(videos)]
+        policy = MediaPolicy.current()
+        budget = DecodeBudget(policy.max_decoded_pixels)
+        return [
+            read_video(video, index, num_frames, fps, frame_sampling, policy, every_frame, budget)
+            for index, video in enumerate(videos)
+        ]
 
     def expand_videos(
         self, text: list[str], images: list, clips: list[VideoClip], image_placeholder: str = IMAGE_CONTEXT_TOKEN

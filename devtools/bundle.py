@@ -15,6 +15,7 @@ BUNDLE_FILES = (
     "media_internvl_x.py",
     "image_processing_internvl_x.py",
     "processing_internvl_x.py",
+    "serving_internvl_x.py",
     "handler.py",
 )
 

@@ -26,9 +26,7 @@ it falls back to one request at a time.)
 """
 
 import argparse
-import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -58,192 +56,17 @@ def register(model_dir: Path) -> str:
     return model_type
 
 
-# ---- what a client may ask ----------------------------------------------------------------------------------------
-# Body fields of a chat completion whose values the gate bounds, by name: (lowest, highest). Tokens are bounded by the
-# model's context separately.
-BOUNDED_FIELDS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "frequency_penalty": (-2.0, 2.0)}
-TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
-# Fields refused unless the deployer opts in: `generation_config` sets any `generate` argument (a static cache of a
-# million positions, a thousand beams); `stop` needs a tokenizer Transformers' server does not hand `generate`.
-GUARDED_FIELDS = {
-    "generation_config": "--allow-generation-config",
-    "stop": None,
-}
-# What a request may set through `chat_template_kwargs` (which Transformers' server hands the processor): the frames
-# taken per video, up to `--max-video-frames`. Anything else there (tiling, template switches) is refused.
-CHAT_TEMPLATE_OPTIONS = ("num_frames",)
-SERVER_NUM_FRAMES = 32  # frames per video when a request names none: Transformers' server's default
-CHAT_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/completions")
-MANAGEMENT_PATHS = ("/load_model", "/reset")
-
-
-class RequestGate:
-    """An ASGI middleware in front of Transformers' server: what strangers may ask of this machine.
-
-    `POST /load_model` and `/reset` (load any folder or Hub repo with remote code; unload the model) are refused. A
-    chat request's body is read up to `max_body_bytes`; its generation fields are checked against bounds (and
-    `generation_config` refused unless allowed; `chat_template_kwargs` may set the frames per video only); its images
-    and videos are taken in by the bundle's `admit_chat_media` in a worker
-    thread (fetches never block the event loop, `/health` keeps answering), so the model sees data URIs whose sizes
-    were checked from their headers. Every refusal is a 4xx with the field or image and the rule.
-    """
-
-    def __init__(
-        self,
-        app,
-        *,
-        admit,
-        max_body_bytes: int,
-        max_new_tokens: int,
-        allow_generation_config: bool,
-        max_video_frames: int = SERVER_NUM_FRAMES,
-    ):
-        self.app, self.admit = app, admit
-        self.max_body_bytes, self.max_new_tokens = max_body_bytes, max_new_tokens
-        self.allow_generation_config = allow_generation_config
-        self.max_video_frames = max_video_frames
-
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        if scope["type"] != "http" or scope.get("method") != "POST":
-            return await self.app(scope, receive, send)
-        if path in MANAGEMENT_PATHS:
-            return await self.refuse(send, 403, f"{path} is disabled: this server serves one checkpoint only.")
-        if path not in CHAT_PATHS:
-            return await self.app(scope, receive, send)
-        body = bytearray()
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                return await self.refuse(send, 413, f"the request body exceeds {self.max_body_bytes} bytes.")
-            if not message.get("more_body"):
-                break
-        try:
-            request = json.loads(body or b"{}")
-            if not isinstance(request, dict):
-                raise ValueError("the request body must be a JSON object.")
-            self.check_fields(request)
-            if path == "/v1/chat/completions":
-                self.check_messages(request.get("messages"))
-            num_frames = (request.get("chat_template_kwargs") or {}).get("num_frames", SERVER_NUM_FRAMES)
-            await asyncio.to_thread(self.admit, request.get("messages") or request.get("input"), num_frames)
-        except ValueError as error:
-            return await self.refuse(send, 400, str(error))
-        replayed = json.dumps(request).encode()
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-        scope = {**scope, "headers": [*headers, (b"content-length", str(len(replayed)).encode())]}
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": replayed, "more_body": False}
-
-        return await self.app(scope, replay, send)
-
-    @staticmethod
-    def check_messages(messages) -> None:
-        """The chat's shape, as the OpenAI API defines it: a non-empty list of messages with a string `role` and
-        content that is a string or a list of typed parts (text with string `text`, `image_url` or `video_url` with a
-        string URL)."""
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("`messages` must be a non-empty list of {'role': ..., 'content': ...} messages.")
-        for index, message in enumerate(messages):
-            where = f"message {index}"
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
-                raise ValueError(f"{where} must be an object with a string `role`.")
-            content = message.get("content")
-            if content is None or isinstance(content, str):
-                continue
-            if not isinstance(content, list):
-                raise ValueError(
-                    f"{where}: `content` must be a string or a list of parts, got {type(content).__name__}."
-                )
-            for number, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, dict) else None
-                media = part.get(kind) if kind in ("image_url", "video_url") else None
-                url = media.get("url") if isinstance(media, dict) else media
-                if kind == "text" and isinstance(part.get("text"), str):
-                    continue
-                if kind in ("image_url", "video_url") and isinstance(url, str):
-                    continue
-                raise ValueError(
-                    f"part {number} of {where} must be {{'type': 'text', 'text': str}} or {{'type': 'image_url' | "
-                    f"'video_url', 'image_url' | 'video_url': {{'url': str}}}}, got {str(part)[:120]}."
-                )
-
-    def check_fields(self, request: dict) -> None:
-        for name, switch in GUARDED_FIELDS.items():
-            if request.get(name) is None or (name == "generation_config" and self.allow_generation_config):
-                continue
-            how = f"; the deployer may allow it with {switch}" if switch else ""
-            raise ValueError(f"`{name}` is not accepted by this server{how}.")
-        for name, (low, high) in BOUNDED_FIELDS.items():
-            value = request.get(name)
-            if value is not None and (not isinstance(value, (int, float)) or not low <= value <= high):
-                raise ValueError(f"`{name}` must be a number from {low} to {high}, got {value!r}.")
-        for name in TOKEN_FIELDS:
-            value = request.get(name)
-            if value is not None and (not isinstance(value, int) or not 1 <= value <= self.max_new_tokens):
-                raise ValueError(f"`{name}` must be an integer from 1 to {self.max_new_tokens}, got {value!r}.")
-        options = request.get("chat_template_kwargs")
-        if options is not None:
-            if not isinstance(options, dict) or set(options) - set(CHAT_TEMPLATE_OPTIONS):
-                raise ValueError(
-                    f"`chat_template_kwargs` may set only {list(CHAT_TEMPLATE_OPTIONS)} on this server, got "
-                    f"{str(options)[:120]}."
-                )
-            frames = options.get("num_frames", SERVER_NUM_FRAMES)
-            if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= self.max_video_frames:
-                raise ValueError(f"`num_frames` must be an integer from 1 to {self.max_video_frames}, got {frames!r}.")
-        bias = request.get("logit_bias")
-        if bias is not None and (not isinstance(bias, dict) or len(bias) > 300):
-            raise ValueError("`logit_bias` must be an object of at most 300 token ids.")
-
-    @staticmethod
-    async def refuse(send, status: int, message: str) -> None:
-        body = json.dumps({"error": {"message": message, "type": "invalid_request"}}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-def request_gate(args: argparse.Namespace):
-    """The `RequestGate` settings for the served checkpoint: the bundle's image intake under `media_policy(args)`, the
-    model's context as the bound on images' tokens and on new tokens."""
-    from transformers import AutoConfig, AutoImageProcessor
+def bundle_name(model_dir: Path, name: str):
+    """A top-level name of one of the checkpoint's own bundle files (`FILE.NAME`), loaded as Transformers loads them."""
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    config = AutoConfig.from_pretrained(args.model_dir, trust_remote_code=True)
-    context = config.text_config.max_position_embeddings
-    image_processor = AutoImageProcessor.from_pretrained(args.model_dir, trust_remote_code=True)
-    admit_chat_media = get_class_from_dynamic_module("processing_internvl_x.admit_chat_media", args.model_dir)
-    policy = media_policy(args)
-
-    def admit(messages, num_frames: int) -> None:
-        admit_chat_media(
-            messages, image_processor, config.tokens_per_tile, policy, args.max_images, context, num_frames
-        )
-
-    return dict(
-        admit=admit,
-        max_body_bytes=args.max_request_mb * 2**20,
-        max_new_tokens=context,
-        allow_generation_config=args.allow_generation_config,
-        max_video_frames=args.max_video_frames,
-    )
+    return get_class_from_dynamic_module(name, model_dir)
 
 
 def media_policy(args: argparse.Namespace):
     """The bundle's `MediaPolicy.for_servers()` with this launcher's switches."""
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-    policy_class = get_class_from_dynamic_module("media_internvl_x.MediaPolicy", args.model_dir)
     local_root = str(args.allowed_local_media_path.resolve()) if args.allowed_local_media_path else None
-    return policy_class.for_servers(
+    return bundle_name(args.model_dir, "media_internvl_x.MediaPolicy").for_servers(
         local_files=local_root is not None,
         local_root=local_root,
         internal_urls=args.allow_internal_urls,
@@ -251,11 +74,28 @@ def media_policy(args: argparse.Namespace):
         fetch_timeout=args.fetch_timeout,
         max_bytes=args.max_image_mb * 2**20,
         max_pixels=args.max_image_pixels,
+        max_frame_pixels=args.max_frame_pixels,
         max_video_frames=args.max_decoded_frames,
+        max_decoded_pixels=args.max_decoded_pixels,
     )
 
 
-GATE: dict | None = None  # the `RequestGate` settings `main` builds for the served checkpoint
+def request_gate(args: argparse.Namespace) -> dict:
+    """The bundle's `RequestGate` settings for the served checkpoint: its `Intake` under `media_policy(args)` and the
+    launcher's `ServingLimits`."""
+    limits = bundle_name(args.model_dir, "serving_internvl_x.ServingLimits")(
+        max_body_bytes=args.max_request_mb * 2**20,
+        max_media=args.max_images,
+        max_video_frames=args.max_video_frames,
+        allow_generation_config=args.allow_generation_config,
+    )
+    intake = bundle_name(args.model_dir, "serving_internvl_x.Intake").from_pretrained(
+        args.model_dir, media_policy(args), limits
+    )
+    return dict(intake=intake, limits=limits)
+
+
+GATE: tuple | None = None  # the bundle's `RequestGate` class and its settings, which `main` builds
 
 
 def report_input_errors_as_bad_requests() -> None:
@@ -270,7 +110,8 @@ def report_input_errors_as_bad_requests() -> None:
     def build_server_reporting_input_errors(*args, **kwargs):
         app = build_server(*args, **kwargs)
         if GATE is not None:
-            app.add_middleware(RequestGate, **GATE)
+            gate_class, settings = GATE
+            app.add_middleware(gate_class, **settings)
 
         async def bad_request(request, error: ValueError) -> JSONResponse:
             return JSONResponse(status_code=400, content={"error": {"message": str(error), "type": "invalid_request"}})
@@ -333,18 +174,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="accept a request's `generation_config` (any generate argument)",
     )
-    safety.add_argument("--fetch-timeout", type=float, default=20.0, help="seconds for a whole image fetch")
+    safety.add_argument("--fetch-timeout", type=float, default=20.0, help="seconds for all of a request's fetches")
     safety.add_argument("--max-image-mb", type=int, default=20, help="bytes of one image or video, in MiB")
     safety.add_argument("--max-image-pixels", type=int, default=40_000_000, help="pixels of one image (header)")
     safety.add_argument("--max-images", type=int, default=8, help="images and videos in one request")
     safety.add_argument(
         "--max-video-frames",
         type=int,
-        default=SERVER_NUM_FRAMES,
+        default=32,
         help="frames a request may ask for per video (chat_template_kwargs num_frames; 32 when not asked)",
     )
     safety.add_argument(
-        "--max-decoded-frames", type=int, default=18_000, help="frames of one video decoded at most (its length)"
+        "--max-frame-pixels", type=int, default=3840 * 2160, help="pixels of one video frame (as decoded)"
+    )
+    safety.add_argument(
+        "--max-decoded-frames", type=int, default=18_000, help="frames of one video (its length) at most"
+    )
+    safety.add_argument(
+        "--max-decoded-pixels",
+        type=int,
+        default=1_000_000_000,
+        help="width × height summed over the video frames one request decodes (up to each video's last frame taken)",
     )
     safety.add_argument("--max-request-mb", type=int, default=64, help="bytes of one request body, in MiB")
     return parser.parse_args(argv)
@@ -355,13 +205,16 @@ def serve_arguments(args: argparse.Namespace) -> list[str]:
     config_file = args.model_dir / "config.json"
     if not config_file.is_file():
         raise SystemExit(f"error: {args.model_dir} holds no config.json: not a checkpoint folder.")
-    config = json.loads(config_file.read_text())
-    if args.continuous_batching and config.get("lvtc_enabled"):
-        raise SystemExit(
-            "error: --continuous-batching cannot serve an LVTC model: Transformers' continuous batching keeps one "
-            f"paged cache whose sequence length is the same in every layer, but this model's layers from "
-            f"{config.get('lvtc_expand_layer')} on hold each tile's expanded tokens. Serve it without the flag."
-        )
+    if args.continuous_batching:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(args.model_dir, trust_remote_code=True)
+        schedule = bundle_name(args.model_dir, "modeling_internvl_x.build_token_schedule")(config)
+        if schedule is not None:
+            try:
+                schedule.refuse_paged_engine("--continuous-batching (Transformers' continuous batching)")
+            except ValueError as error:
+                raise SystemExit(f"error: {error} Serve it without the flag.") from None
     command = [
         "serve",
         str(args.model_dir.resolve()),
@@ -438,7 +291,7 @@ def main(argv=None) -> None:
     os.environ[SERVED_MODEL] = str(args.model_dir.resolve())
     register(args.model_dir)
     global GATE
-    GATE = request_gate(args)
+    GATE = (bundle_name(args.model_dir, "serving_internvl_x.RequestGate"), request_gate(args))
     # The processes that read images (this one, and the one 5.25's server spawns) read them under the same policy.
     os.environ.update(media_policy(args).to_environment())
     report_input_errors_as_bad_requests()

@@ -17,9 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import PIL.Image
 import pytest
 from transformers import AutoImageProcessor
-from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from tests.conftest import ROOT
+from devtools.bundle import ROOT, Bundle
 from tests.test_serving import DEMO, EXAMPLES, chat, client, encoded, image_part
 
 TEXT = {"type": "text", "text": EXAMPLES[0]["question"]}
@@ -236,29 +235,35 @@ def test_what_each_switch_opens(opened, image_host, tmp_path):
 
 
 def test_the_images_tokens_are_checked_against_the_context_from_their_headers():
-    """`admit_chat_media` refuses by the tiles the images' header sizes give, before decoding: a PNG whose pixel data
-    is cut off is admitted (nothing decoded) while the budget holds, and refused by the budget when it does not."""
-    admit = get_class_from_dynamic_module("processing_internvl_x.admit_chat_media", DEMO)
-    policy = get_class_from_dynamic_module("media_internvl_x.MediaPolicy", DEMO).for_servers()
+    """The intake refuses by the tiles the images' header sizes give, before decoding: a PNG whose pixel data is cut
+    off is admitted (nothing decoded) while the context holds, and refused by the context when it does not."""
+    bundle = Bundle(DEMO)
+    intake_class, limits = bundle.load("serving_internvl_x.Intake"), bundle.load("serving_internvl_x.ServingLimits")()
+    parts = bundle.load("serving_internvl_x.message_parts")
+    policy = bundle.load("media_internvl_x.MediaPolicy").for_servers()
     image_processor = AutoImageProcessor.from_pretrained(DEMO, trust_remote_code=True)
+    plain = bundle.Config.from_pretrained(DEMO, lvtc_enabled=False)
+    intake = intake_class(plain, image_processor, policy, limits)
     cut = base64.b64encode((DEMO / EXAMPLES[2]["image"]).read_bytes()[:120]).decode()  # header intact, data cut
     messages = [{"role": "user", "content": [url_part(f"data:image/png;base64,{cut}"), TEXT]}]
-    admit(messages, image_processor, 16, policy, 8, 1024)
+    intake.admit(parts(messages))
     assert messages[0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
     tiles = image_processor.get_number_of_image_patches(*PIL.Image.open(DEMO / EXAMPLES[2]["image"]).size[::-1])
-    with pytest.raises(ValueError, match=rf"take {2 + 16 * tiles} tokens or more .* {tiles} tiles of 16\), more than "):
-        admit(messages, image_processor, 16, policy, 8, 2 + 16 * tiles - 1)
+    plain.text_config.max_position_embeddings = 2 + 16 * tiles - 1
+    intake = intake_class(plain, image_processor, policy, limits)
+    with pytest.raises(ValueError, match=rf"take {2 + 16 * tiles} positions or more .* {tiles} tiles of 16\), more "):
+        intake.admit(parts(messages))
 
 
 def test_the_processor_of_a_server_process_reads_no_local_files(monkeypatch):
     """Defence in depth: the launcher puts the same policy in the environment of the processes that read images."""
-    media_policy = get_class_from_dynamic_module("media_internvl_x.MediaPolicy", DEMO)
-    read_image = get_class_from_dynamic_module("media_internvl_x.read_image", DEMO)
+    media_policy = Bundle(DEMO).load("media_internvl_x.MediaPolicy")
+    read_image = Bundle(DEMO).load("media_internvl_x.read_image")
     monkeypatch.setenv(*media_policy.for_servers().to_environment().popitem())
     with pytest.raises(ValueError, match="reads no local files"):
         read_image(str(DEMO / EXAMPLES[0]["image"]), 0)
     assert read_image(f"data:image/png;base64,{encoded(EXAMPLES[0]['image'])}", 0).size  # data URIs still read
-    monkeypatch.delenv(get_class_from_dynamic_module("media_internvl_x.MEDIA_POLICY_VARIABLE", DEMO))
+    monkeypatch.delenv(Bundle(DEMO).load("media_internvl_x.MEDIA_POLICY_VARIABLE"))
     assert read_image(str(DEMO / EXAMPLES[0]["image"]), 0).size  # a library user's own files, by default
 
 

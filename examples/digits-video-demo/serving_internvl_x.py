@@ -1,0 +1,1 @@
+../../serving_internvl_x.py
