@@ -520,7 +520,7 @@ def decode_video(
     last one taken, each decoded frame's pixels spent from `budget` (refused as soon as it runs out) and its size
     checked as decoded. `keep=False` checks the clip without converting the frames taken (`frames` is then empty)."""
     container, stream, total, fps = open_video(data, where, what, policy)
-    number, frames = -1, {}
+    count, frames = 0, {}
     name = f"{where} ({what})"
     limit = policy.frame_pixel_limit
     with container:
@@ -529,33 +529,34 @@ def decode_video(
         declared = stream.codec_context.width * stream.codec_context.height
         if budget.left is not None and declared * (last + 1) > budget.left:  # by the header: refused before any work
             budget.spend(declared * (last + 1), name)
-        try:
-            for number, frame in enumerate(container.decode(stream)):
-                pixels = frame.width * frame.height
-                if limit is not None and pixels > limit:
-                    raise ValueError(
-                        f"{name}: frame {number} is {frame.width}×{frame.height} = {pixels} pixels, more than the "
-                        f"{limit} allowed."
-                    )
-                budget.spend(pixels, name)
-                if number in wanted:
-                    frames[number] = frame.to_ndarray(format="rgb24") if keep else None
-                if number >= last:
-                    break
-        except ValueError:
-            raise
-        except Exception as error:  # noqa: BLE001 (a corrupt stream, or a frame FFmpeg refused to allocate)
-            larger = f", or a frame is larger than the {limit} pixels allowed" if limit is not None else ""
-            raise ValueError(
-                f"{name} could not be decoded (a corrupt stream{larger}): {type(error).__name__}."
-            ) from None
+        decoded = container.decode(stream)
+        for number in range(last + 1):
+            try:
+                frame = next(decoded, None)
+            except Exception as error:  # noqa: BLE001 (a corrupt stream, or a frame FFmpeg refused to allocate)
+                larger = f", or a frame is larger than the {limit} pixels allowed" if limit is not None else ""
+                reason = f"a corrupt stream{larger}: {type(error).__name__}"
+                raise ValueError(f"{name} could not be decoded ({reason}).") from None
+            if frame is None:
+                break
+            count += 1
+            pixels = frame.width * frame.height
+            if limit is not None and pixels > limit:
+                raise ValueError(
+                    f"{name}: frame {number} is {frame.width}×{frame.height} = {pixels} pixels, more than the "
+                    f"{limit} allowed."
+                )
+            budget.spend(pixels, name)
+            if number in wanted:
+                frames[number] = frame.to_ndarray(format="rgb24") if keep else None
+        container_format = container.format.name.split(",")[0]
     if len(frames) < len(wanted):
         raise ValueError(
-            f"{where} ({what}) records {total} frames but only {number + 1} could be decoded; frames "
+            f"{where} ({what}) records {total} frames but only {count} could be decoded; frames "
             f"{sorted(wanted - set(frames))[:8]} are missing."
         )
     taken = np.stack([frames[i] for i in indices]) if keep else np.zeros((0, 0, 0, 3), np.uint8)
-    return VideoClip(taken, indices, total, fps, container.format.name.split(",")[0])
+    return VideoClip(taken, indices, total, fps, container_format)
 
 
 def read_video(

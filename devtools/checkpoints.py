@@ -264,7 +264,7 @@ def internvl2_checkpoint(folder: Path, llm: str = "internlm2", seed: int = 0, sh
         template = "internlm2-chat"
     else:
         from devtools.bundle import Bundle
-        from tests.utils.tokenizer import build_tokenizer
+        from devtools.tokenizer import build_tokenizer
 
         prepare = Bundle().load("processing_internvl_x.prepare_tokenizer")
         tokenizer = build_tokenizer(prepare)

@@ -6,7 +6,7 @@ import unittest
 from bundle import BUNDLE, InternVLXImageProcessor, InternVLXProcessor, skip
 from transformers_tests.test_processing_common import ProcessorTesterMixin
 
-from tests.utils.tokenizer import build_tokenizer
+from devtools.tokenizer import build_tokenizer
 
 IMAGE_SEQ_LENGTH = 4  # visual tokens per 56-pixel tile at patch 14 and pixel shuffle 0.5
 

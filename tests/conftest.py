@@ -46,7 +46,7 @@ def bundle() -> TinyBundle:
 
 def make_chat_bundle(bundle: Bundle, folder: Path, seed: int = 0, max_patches: int = 4, **overrides) -> Path:
     """A tiny model saved with its trained tokenizer, image processor and processor, as a Hub folder holds them."""
-    from tests.utils.tokenizer import build_tokenizer
+    from devtools.tokenizer import build_tokenizer
 
     prepare_tokenizer = bundle.load("processing_internvl_x.prepare_tokenizer")
     tokenizer = build_tokenizer(prepare_tokenizer)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from jinja2.exceptions import TemplateError
 from transformers import AutoProcessor
 
-from tests.test_processor import SYSTEM
+from tests.utils.tiny import SYSTEM
 
 IMAGE_TOKENS = ("<image>", "<IMG_CONTEXT>")
 

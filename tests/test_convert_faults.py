@@ -2,7 +2,6 @@
 foreign or missing shard. Afterwards the destination never looks like a finished checkpoint, a rerun gives the same
 files as an uninterrupted run, and the source is byte-identical."""
 
-import hashlib
 import json
 import re
 import resource
@@ -18,6 +17,7 @@ from transformers import AutoModelForImageTextToText
 from conversion import convert_internvl2_to_internvl_x as converter
 from devtools.checkpoints import internvl2_checkpoint
 from tests.conftest import ROOT
+from tests.utils.files import digest
 
 SCRIPT = ROOT / "conversion" / "convert_internvl2_to_internvl_x.py"
 SHARD_GB = 0.0004  # ~430 kB: the tiny model writes several output shards
@@ -54,15 +54,6 @@ elif point == "while saving the processor":
     ProcessorMixin.save_pretrained = lambda self, *args, **kwargs: die()
 script.main({argv!r})
 """
-
-
-def digest(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file under `folder`, by relative path."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from conversion import convert_internvl2_to_internvl_x as internvl2
 from conversion import convert_official_internvl_x as official
 from devtools.checkpoints import internvl2_checkpoint
-from tests.test_convert_faults import digest
+from tests.utils.files import digest
 
 CONVERTERS = {"internvl2": internvl2, "official": official}
 # option: (kind, least value), in the order the converters check them

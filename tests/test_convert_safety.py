@@ -8,7 +8,7 @@ import pytest
 from conversion import convert_internvl2_to_internvl_x as internvl2
 from conversion import convert_official_internvl_x as official
 from devtools.checkpoints import internvl2_checkpoint
-from tests.test_convert_faults import digest
+from tests.utils.files import digest
 
 SENTINELS = ("notes.txt", "photos/cat.png", "config.json")
 

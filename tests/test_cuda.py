@@ -14,8 +14,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationC
 
 from examples import finetune
 from tests.conftest import make_chat_bundle
-from tests.test_finetune import common_args, write_dataset
 from tests.utils.decoding import assert_greedy_matches_recomputation, assert_same_greedy
+from tests.utils.finetune import common_args, write_dataset
 from tests.utils.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD, image_span, left_pad, native_reference, prompt, tiles
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

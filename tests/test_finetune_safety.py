@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from examples import finetune
-from tests.test_finetune import common_args, run, write_dataset
+from tests.utils.finetune import common_args, run, write_dataset
 
 
 @pytest.fixture(scope="module")

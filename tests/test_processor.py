@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from devtools.bundle import BUNDLE_FILES
+from tests.utils.tiny import SYSTEM
 
-SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 GREEDY = dict(max_new_tokens=6, do_sample=False)
 
 

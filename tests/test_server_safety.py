@@ -19,37 +19,20 @@ import pytest
 from transformers import AutoImageProcessor
 
 from devtools.bundle import ROOT, Bundle
-from tests.test_serving import DEMO, EXAMPLES, chat, client, encoded, image_part
-
-TEXT = {"type": "text", "text": EXAMPLES[0]["question"]}
-MODEL = str(DEMO.resolve())
-
-
-def url_part(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def refused(base_url: str, content: list[dict], **fields) -> tuple[int, str]:
-    """Status and message of a chat request the server is expected to refuse."""
-    from openai import APIStatusError
-
-    request = dict(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0)
-    with pytest.raises(APIStatusError) as error:
-        client(base_url).chat.completions.create(**{**request, **fields})
-    body = error.value.response.json()
-    return error.value.status_code, body["error"]["message"] if "error" in body else json.dumps(body)
-
-
-def post(base_url: str, path: str, body: dict) -> tuple[int, str]:
-    root = base_url.removesuffix("/v1")
-    request = urllib.request.Request(
-        root + path, data=json.dumps(body).encode(), method="POST", headers={"content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+from tests.utils.serving import (
+    DEMO,
+    EXAMPLES,
+    MODEL,
+    TEXT,
+    chat,
+    client,
+    digits_clip,
+    encoded,
+    image_part,
+    post,
+    refused,
+    url_part,
+)
 
 
 class ImageHost(BaseHTTPRequestHandler):
@@ -340,17 +323,6 @@ def test_drawn_requests_get_an_answer_or_a_4xx_never_a_crash(guarded):
     one()
     assert any(status == 200 for status in seen) and any(status >= 400 for status in seen)
     assert chat(guarded, [image_part(EXAMPLES[0]["image"]), TEXT]).strip() == EXAMPLES[0]["answer"]
-
-
-def digits_clip(tmp_path, count: int = 4) -> str:
-    """A data URI of a lossless video whose frames are the demo's example images (64×64)."""
-    import numpy as np
-
-    from tests.utils.video import write_video
-
-    frames = np.stack([np.asarray(PIL.Image.open(DEMO / e["image"]).convert("RGB").resize((64, 64))) for e in EXAMPLES])
-    path = write_video(tmp_path / "clip.mkv", frames[np.arange(count) % len(frames)])
-    return "data:video/x-matroska;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def test_videos_come_as_video_url_parts_within_bounds(guarded, image_host, tmp_path):

@@ -18,15 +18,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-from tests.conftest import ROOT
+from devtools.bundle import ROOT
 from tests.utils.docs import blocks
-
-DEMO = ROOT / "examples" / "digits-demo"
-EXAMPLES = json.loads((DEMO / "examples.json").read_text())
-
-
-def encoded(name: str) -> str:
-    return base64.b64encode((DEMO / name).read_bytes()).decode()
+from tests.utils.serving import DEMO, EXAMPLES, ask, chat, client, digits_clip, encoded, image_part
 
 
 def question(example: dict, image: dict) -> list[dict]:
@@ -151,33 +145,6 @@ def server(tmp_path_factory):
         yield base_url
 
 
-def client(base_url: str):
-    from openai import OpenAI
-
-    return OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
-
-
-def chat(base_url: str, content: list[dict], stream: bool = False, model: str | None = None) -> str:
-    request = dict(
-        model=model or str(DEMO.resolve()),
-        messages=[{"role": "user", "content": content}],
-        max_tokens=20,
-        temperature=0,
-    )
-    if not stream:
-        return client(base_url).chat.completions.create(**request).choices[0].message.content
-    chunks = client(base_url).chat.completions.create(**request, stream=True)
-    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
-
-
-def image_part(name: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encoded(name)}"}}
-
-
-def ask(base_url: str, example: dict, stream: bool = False) -> str:
-    return chat(base_url, [image_part(example["image"]), {"type": "text", "text": example["question"]}], stream)
-
-
 def test_the_server_lists_the_served_model_on_a_fresh_machine(server):
     """The OpenAI client's first call; Transformers ≤ 5.23 answered it with a 500 when no Hub cache folder exists."""
     listed = [model.id for model in client(server).models.list()]
@@ -292,7 +259,6 @@ def test_endpoint_handler_answers_like_make_demo(handler):
 
 
 def test_endpoint_handler_takes_a_video_as_the_processor_does(handler, tmp_path):
-    from tests.test_server_safety import digits_clip
 
     clip = digits_clip(tmp_path, count=10)
     question = "What digit is this?"
@@ -326,7 +292,10 @@ def test_endpoint_handler_takes_a_video_as_the_processor_does(handler, tmp_path)
         ({"inputs": {"text": "What?", "image": "file:///etc/hostname"}}, "reads no local files"),
         ({"inputs": {"text": "What?", "image": "http://127.0.0.1:9/x.png"}}, "not a public address"),
         ({"inputs": {"text": "What?", "image": "http://169.254.169.254/latest"}}, "not a public address"),
-        ({"inputs": {"text": "Hi"}, "parameters": {"max_new_tokens": 10**6}}, r"`max_new_tokens` must be an integer from 1 to 1024"),
+        (
+            {"inputs": {"text": "Hi"}, "parameters": {"max_new_tokens": 10**6}},
+            r"`max_new_tokens` must be an integer from 1 to 1024",
+        ),
         ({"inputs": {"text": "Hi"}, "parameters": {"num_beams": 64}}, r"`num_beams` must be an integer from 1 to 4"),
         ({"inputs": {"text": "Hi"}, "parameters": {"cache_implementation": "static"}}, "unaccepted generation"),
         ({"inputs": {"text": "Hi"}, "parameters": {"do_sample": "yes"}}, "must be true or false"),

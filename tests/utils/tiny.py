@@ -97,3 +97,7 @@ def native_reference(model) -> InternVLForConditionalGeneration:
     result = native.load_state_dict(model.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     return native
+
+
+# InternVL2's default system message, written out: the oracle the chat template is compared with.
+SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"

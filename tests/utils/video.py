@@ -51,3 +51,27 @@ def native_processor(tokenizer, folder: Path, image_seq_length: int, size: int =
         video_processor=InternVLVideoProcessor(size=side, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD),
         image_seq_length=image_seq_length,
     )
+
+
+def write_resizing_clip(path: Path, sides: list[int], fps: int = 10) -> Path:
+    """A Motion-JPEG clip in Matroska whose frame i is `sides[i]` pixels square, while the container's header records
+    only the first frame's size (as a crafted file may): what the header says is not what decoding costs."""
+    from fractions import Fraction
+
+    import av
+
+    packets = []
+    for number, side in enumerate(sides):
+        encoder = av.CodecContext.create("mjpeg", "w")
+        encoder.width = encoder.height = side
+        encoder.pix_fmt, encoder.time_base = "yuvj420p", Fraction(1, fps)
+        frame = av.VideoFrame.from_ndarray(np.full((side, side, 3), 40 * number % 256, np.uint8), format="rgb24")
+        packets += [*encoder.encode(frame.reformat(format="yuvj420p")), *encoder.encode()]
+    with av.open(str(path), "w", format="matroska") as container:
+        stream = container.add_stream("mjpeg", rate=fps)
+        stream.width = stream.height = sides[0]
+        stream.pix_fmt, stream.time_base = "yuvj420p", Fraction(1, fps)
+        for number, packet in enumerate(packets):
+            packet.stream, packet.pts, packet.dts = stream, number, number
+            container.mux(packet)
+    return path
