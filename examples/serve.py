@@ -243,11 +243,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+class ServerURL(str):
+    """The base URL of a server `running` started (`http://127.0.0.1:PORT/v1`), with the `pid` of its process."""
+
+    pid: int
+
+
 @contextlib.contextmanager
 def running(model_dir: Path, *options: str, log: Path | None = None, env: dict | None = None, timeout: float = 300):
     """Run this launcher in a child process on a free port of 127.0.0.1 until the block ends; yields the API's base
-    URL (`http://127.0.0.1:PORT/v1`) once the server answers `/health`. `env` is added to this process's
-    environment. The child is stopped by its PID."""
+    URL (a `ServerURL`) once the server answers `/health`. `env` is added to this process's environment. The child is
+    stopped by its PID."""
     port = free_port()
     output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (open for the server's lifetime)
     command = [sys.executable, str(Path(__file__).resolve()), str(model_dir), "--port", str(port), *options]
@@ -267,7 +273,9 @@ def running(model_dir: Path, *options: str, log: Path | None = None, env: dict |
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the server did not answer /health within {timeout:.0f} s")
             time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1"
+        url = ServerURL(f"http://127.0.0.1:{port}/v1")
+        url.pid = process.pid
+        yield url
     finally:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGTERM)

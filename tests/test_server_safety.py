@@ -36,13 +36,30 @@ from tests.utils.serving import (
 
 
 class ImageHost(BaseHTTPRequestHandler):
-    """`/demo/NAME`: a demo image; `/slow`: headers, then a byte every 0.2 s for a minute; `/hop/N`: a redirect to
+    """`/demo/NAME`: a demo image; `/slow`: headers, then a byte every 0.2 s for a minute; `/slow-headers`: the status
+    line, then a header byte every 0.2 s for a minute (`stalling` counts those in progress); `/hop/N`: a redirect to
     `/hop/N+1`, forever; `/big`: 3 MB."""
 
     trickling = threading.Event()
+    stalling = 0
+    lock = threading.Lock()
 
     def do_GET(self):  # noqa: N802 (http.server's name)
-        if self.path.startswith("/demo/"):
+        if self.path == "/slow-headers":
+            with ImageHost.lock:
+                ImageHost.stalling += 1
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(300):
+                    self.wfile.write(b"X")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+            finally:
+                with ImageHost.lock:
+                    ImageHost.stalling -= 1
+        elif self.path.startswith("/demo/"):
             data = (DEMO / self.path.removeprefix("/demo/")).read_bytes()
             self.answer(data)
         elif self.path == "/slow":
@@ -108,6 +125,8 @@ def opened(tmp_path_factory):
         str(DEMO),
         "--fetch-timeout",
         "3",
+        "--max-decoded-pixels",
+        "2000000",
         "--max-image-mb",
         "1",
     )
@@ -366,3 +385,283 @@ def test_videos_come_as_video_url_parts_within_bounds(guarded, image_host, tmp_p
     assert status == 400 and "video 0 of the request (a URL): its host is not a public address" in text
     status, text = refused(guarded, [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}])
     assert status == 400 and "video 0 of the request (as sent) could not be read as a video" in text
+
+
+# ---- round 4: routes, every route's media, the work a request may cost -----------------------------------------------
+def test_only_the_listed_routes_are_answered(guarded, tmp_path):
+    """An allow-list: a route Transformers' server has but the gate does not list (5.24's `/v1/systemone`, which reads
+    local files and fetches URLs through Transformers' `load_image`; transcriptions; legacy completions) is refused
+    before the server sees it, as are other methods on listed paths; the listed routes answer."""
+    secret = tmp_path / "secret.png"
+    secret.write_bytes((DEMO / EXAMPLES[0]["image"]).read_bytes())
+    systemone = {
+        "model": MODEL,
+        "state": "look at <img>",
+        "questions": {"q": {"type": "choice", "options": ["a", "b"]}},
+        "assets": {"img": {"data_base64": str(secret)}},
+    }
+    for path, body in (
+        ("/v1/systemone", systemone),
+        ("/v1/audio/transcriptions", {}),
+        ("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 2}),
+        ("/v1/something-new", {}),
+    ):
+        status, text = post(guarded, path, body)
+        assert status == 404 and f"POST {path} is not served here" in text, (path, status, text[:300])
+    status, text = post(guarded, "/v1/chat/completions", b"", method="GET")
+    assert status == 404 and "GET /v1/chat/completions is not served here" in text
+    assert post(guarded, "/v1/models", b"", method="OPTIONS")[0] == 404
+    assert post(guarded, "/v1/models", b"", method="GET")[0] == 200
+    assert chat(guarded, [image_part(EXAMPLES[0]["image"]), TEXT]).strip() == EXAMPLES[0]["answer"]
+
+
+def test_responses_api_images_are_taken_in_like_chat_images(guarded):
+    """`/v1/responses` `input_image` parts go through the same intake: a local path is refused, a 100-megapixel PNG
+    is refused by its header, an unknown part type is refused by name (the server would drop it), and a good image is
+    answered as chat completions answer it."""
+    huge = PIL.Image.new("1", (10_000, 10_000))
+    buffer = io.BytesIO()
+    huge.save(buffer, format="PNG")
+    cases = (
+        (str(DEMO / EXAMPLES[0]["image"]), "reads no local files"),
+        ("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(), "more than the 40000000 allowed"),
+    )
+    for url, message in cases:
+        content = [{"type": "input_image", "image_url": url}, {"type": "input_text", "text": "Hi"}]
+        body = {"model": MODEL, "input": [{"role": "user", "content": content}], "stream": False}
+        status, text = post(guarded, "/v1/responses", body)
+        assert status == 400 and message in text, text[:300]
+    file_part = {"model": MODEL, "input": [{"type": "input_file", "file_id": "x"}], "stream": False}
+    status, text = post(guarded, "/v1/responses", file_part)
+    assert status == 400 and "part 0 of the input has type 'input_file'" in text
+    example = EXAMPLES[0]
+    content = [
+        {"type": "input_image", "image_url": f"data:image/png;base64,{encoded(example['image'])}"},
+        {"type": "input_text", "text": example["question"]},
+    ]
+    body = {"model": MODEL, "input": content, "stream": False, "max_output_tokens": 20, "temperature": 0}
+    status, text = post(guarded, "/v1/responses", body)
+    assert status == 200, text[:500]
+    assert example["answer"] in json.dumps(json.loads(text)["output"])
+    body["max_output_tokens"] = 10**6
+    status, text = post(guarded, "/v1/responses", body)
+    assert status == 400 and "`max_output_tokens` must be an integer from 1 to 1024" in text
+
+
+def test_a_data_uri_without_a_comma_is_a_400(guarded):
+    for part in (url_part("data:image/png;base64"), {"type": "video_url", "video_url": {"url": "data:video/mp4"}}):
+        status, message = refused(guarded, [part, TEXT], extra_body={"chat_template_kwargs": {"num_frames": 1}})
+        assert status == 400 and "has no comma before its data" in message
+
+
+def test_hosts_that_stall_their_headers_hold_neither_the_server_nor_other_requests(opened, image_host):
+    """Six requests whose images come from a host that sends its headers a byte at a time (each byte well within any
+    read timeout): while all six are stalled, a text-only request and `/health` are answered; each of the six is
+    refused at the request's fetch deadline (3 s here) with the rule."""
+    outcomes = []
+
+    def stalled_request():
+        outcomes.append(refused(opened, [url_part(f"{image_host}/slow-headers"), TEXT]))
+
+    workers = [threading.Thread(target=stalled_request) for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    while ImageHost.stalling < 6 and any(worker.is_alive() for worker in workers):
+        time.sleep(0.05)
+    assert ImageHost.stalling == 6
+    answer = chat(opened, [{"type": "text", "text": "Say something."}])
+    with urllib.request.urlopen(opened.removesuffix("/v1") + "/health", timeout=60) as response:
+        assert response.status == 200
+    answered_while_stalled = ImageHost.stalling == 6
+    for worker in workers:
+        worker.join(120)
+    assert isinstance(answer, str) and answered_while_stalled
+    assert len(outcomes) == 6
+    assert all(status == 400 and "not fetched within 3 s" in message for status, message in outcomes), outcomes
+
+
+def hostile_clip(tmp_path, name: str) -> str:
+    """Data URIs of videos of at most a few hundred kilobytes whose decoding costs far more than the `opened` server's budget of
+    2,000,000 decoded pixels: 40 flat frames of 256×256 (2.6 million pixels), or a header of 64×64 frames that holds
+    2000×2000 ones."""
+    from tests.utils.video import write_resizing_clip, write_video
+
+    if name == "many":
+        import numpy as np
+
+        path = write_video(tmp_path / "many.mkv", np.zeros((40, 256, 256, 3), np.uint8))
+    else:
+        path = write_resizing_clip(tmp_path / "lying.mkv", [64, 2000, 2000, 2000])
+    return "data:video/x-matroska;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.mark.parametrize("name", ["many", "lying"])
+def test_video_decoding_is_bounded_by_what_is_decoded_at_the_gate(opened, tmp_path, name):
+    clip = hostile_clip(tmp_path, name)
+    assert len(clip) < 400_000  # a few hundred kilobytes
+    content = [{"type": "video_url", "video_url": {"url": clip}}, TEXT]
+    status, message = refused(opened, content, extra_body={"chat_template_kwargs": {"num_frames": 4}})
+    assert status == 400 and "takes more than the 2000000 pixels" in message, message
+
+
+def test_the_gate_counts_positions_as_the_model_s_token_schedule_does():
+    """The demo is LVTC (16 tokens per tile enter, 64 from layer 3 on): the intake counts an image of T tiles as
+    2 + 64·T positions, what the model's own context check counts, not 2 + 16·T; with LVTC off, 2 + 16·T."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
+
+    bundle = Bundle(DEMO)
+    intake_class, limits = bundle.load("serving_internvl_x.Intake"), bundle.load("serving_internvl_x.ServingLimits")()
+    policy = bundle.load("media_internvl_x.MediaPolicy").for_servers()
+    image_processor = AutoImageProcessor.from_pretrained(DEMO, trust_remote_code=True)
+    lvtc = intake_class(bundle.Config.from_pretrained(DEMO), image_processor, policy, limits)
+    plain = intake_class(bundle.Config.from_pretrained(DEMO, lvtc_enabled=False), image_processor, policy, limits)
+    assert [lvtc.positions(tiles) for tiles in (1, 3, 5)] == [2 + 64 * tiles for tiles in (1, 3, 5)]
+    assert [plain.positions(tiles) for tiles in (1, 3, 5)] == [2 + 16 * tiles for tiles in (1, 3, 5)]
+    processor = AutoProcessor.from_pretrained(DEMO, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(DEMO, trust_remote_code=True)
+    image = PIL.Image.open(DEMO / EXAMPLES[2]["image"])
+    inputs = processor(images=[image], text=["<image>"], add_special_tokens=False)
+    tiles = int(inputs["num_patches"][0])
+    assert model.model.positions_needed(inputs["input_ids"], inputs["attention_mask"]) == lvtc.positions(tiles)
+
+
+def test_requests_waiting_for_the_intake_beyond_its_bound_get_503(image_host):
+    """The gate takes at most `intake_workers` requests' media in at once and lets `max_waiting` more wait; beyond
+    that a request with media is answered 503 at once, while text-only requests pass. Driven in-process through the
+    gate's ASGI interface (the app behind it answers every request it is handed with 200)."""
+    import asyncio
+
+    bundle = Bundle(DEMO)
+    policy = bundle.load("media_internvl_x.MediaPolicy").for_servers(internal_urls=True, fetch_timeout=3.0)
+    limits = bundle.load("serving_internvl_x.ServingLimits")(intake_workers=1, max_waiting=1)
+    intake = bundle.load("serving_internvl_x.Intake").from_pretrained(DEMO, policy, limits)
+
+    async def answered(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    gate = bundle.load("serving_internvl_x.RequestGate")(answered, intake=intake, limits=limits)
+
+    async def call(content: list[dict]) -> int:
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": content}]}).encode()
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+        statuses = []
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await gate(scope, receive, send)
+        return statuses[0]
+
+    async def scenario():
+        stalled = [asyncio.create_task(call([url_part(f"{image_host}/slow-headers"), TEXT])) for _ in range(2)]
+        while gate.pending < 2:
+            await asyncio.sleep(0.01)
+        third = await call([url_part(f"{image_host}/slow-headers"), TEXT])
+        text_only = await call([TEXT])
+        return third, text_only, await asyncio.gather(*stalled)
+
+    third, text_only, stalled = asyncio.run(scenario())
+    assert (third, text_only) == (503, 200) and stalled == [400, 400]
+
+
+def process_tree_rss(pid: int) -> int:
+    """Resident memory in bytes of process `pid` and its descendants (Linux /proc)."""
+    from pathlib import Path
+
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue
+    return total
+
+
+def test_a_mixed_load_of_good_bad_and_hostile_requests(opened, image_host, tmp_path):
+    """Six clients, two rounds each of a mix of good, bad and hostile requests (stalling hosts, decoding bombs,
+    headers that lie, huge images by header, unknown routes, list-shaped sources), with `/health` polled throughout:
+    every good request gets its answer, every other one a 4xx, nothing a 5xx, `/health` answers every poll, and the
+    server's memory after the second round is within 200 MB of after the first (each hostile payload alone would cost
+    gigabytes if decoded)."""
+    huge = io.BytesIO()
+    PIL.Image.new("1", (10_000, 10_000)).save(huge, format="PNG")
+    many, lying = hostile_clip(tmp_path, "many"), hostile_clip(tmp_path, "lying")
+    frames = {"chat_template_kwargs": {"num_frames": 4}}
+
+    def video(url):
+        return [{"type": "video_url", "video_url": {"url": url}}, TEXT]
+
+    hostile = [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [url_part(f"{image_host}/slow-headers")]}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": video(many)}], **frames}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": video(lying)}], **frames}),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [url_part("data:image/png;base64," + base64.b64encode(huge.getvalue()).decode())],
+                    }
+                ]
+            },
+        ),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image", "url": [str(DEMO)]}]}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [url_part("data:image/png;base64,!!")]}]}),
+        ("/v1/systemone", {"assets": {"a": {"data_base64": "/etc/hostname"}}}),
+        ("/v1/responses", {"input": [{"type": "input_image", "image_url": f"{image_host}/slow-headers"}]}),
+    ]
+    good = [
+        (example, [image_part(example["image"]), {"type": "text", "text": example["question"]}]) for example in EXAMPLES
+    ]
+    failures, health = [], []
+    done = threading.Event()
+
+    def poll_health():
+        while not done.is_set():
+            try:
+                with urllib.request.urlopen(opened.removesuffix("/v1") + "/health", timeout=60) as response:
+                    health.append(response.status)
+            except OSError as error:
+                health.append(repr(error))
+            time.sleep(0.2)
+
+    def client_round(number: int):
+        for index in range(len(hostile) + len(good)):
+            pick = (index + number) % (len(hostile) + len(good))
+            if pick < len(hostile):
+                path, body = hostile[pick]
+                status, text = post(opened, path, {"model": MODEL, "max_tokens": 4, "stream": False, **body})
+                if not 400 <= status < 500:
+                    failures.append((path, status, text[:300]))
+            else:
+                example, content = good[pick - len(hostile)]
+                if chat(opened, content).strip() != example["answer"]:
+                    failures.append(("answer", example))
+
+    poller = threading.Thread(target=poll_health)
+    poller.start()
+    memory = []
+    try:
+        for _ in range(2):
+            clients = [threading.Thread(target=client_round, args=(number,)) for number in range(6)]
+            for worker in clients:
+                worker.start()
+            for worker in clients:
+                worker.join(600)
+            memory.append(process_tree_rss(opened.pid))
+    finally:
+        done.set()
+        poller.join(120)
+    assert not failures, failures[:5]
+    assert health and all(status == 200 for status in health), [s for s in health if s != 200][:5]
+    assert memory[1] - memory[0] < 200 * 2**20, memory

@@ -243,7 +243,9 @@ def handler():
     spec = importlib.util.spec_from_file_location("handler", DEMO / "handler.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.EndpointHandler(str(DEMO))
+    with pytest.MonkeyPatch.context() as patch:  # the handler sets its process's media policy: this process is shared
+        patch.delenv("INTERNVL_X_MEDIA_POLICY", raising=False)
+        yield module.EndpointHandler(str(DEMO))
 
 
 def test_endpoint_handler_answers_like_make_demo(handler):
@@ -307,6 +309,29 @@ def test_endpoint_handler_refuses_bad_payloads_by_name(handler, payload, message
 
 
 # ---- model card ----------------------------------------------------------------------------------------------------
+def test_endpoint_handler_takes_no_source_but_one_string(handler, tmp_path):
+    """A media source given as a list (or any other non-string) is refused by the intake, in every key a part may use:
+    Transformers would hand the list to the processor, which would read what it names. Behind the intake, the handler's
+    own process reads media under the server policy too, so even a processor call the intake never saw reads no
+    local file."""
+    private = tmp_path / "private.png"
+    private.write_bytes((DEMO / EXAMPLES[0]["image"]).read_bytes())
+    parts = [
+        {"type": "image", "image": [str(private)]},
+        {"type": "image", "url": [str(private)]},
+        {"type": "image", "path": [str(private)]},
+        {"type": "image", "url": [f"file://{private}"]},
+        {"type": "video", "video": [str(private)]},
+        {"type": "image_url", "image_url": {"url": [str(private)]}},
+    ]
+    for part in parts:
+        messages = [{"role": "user", "content": [part, {"type": "text", "text": "What digit is this?"}]}]
+        with pytest.raises(ValueError, match=r"must give its (image|video) as one string .* got list"):
+            handler({"inputs": messages})
+    with pytest.raises(ValueError, match="reads no local files"):
+        handler.processor(text=["<image>"], images=[str(private)])
+
+
 def test_the_model_card_parses_and_its_widget_asks_about_shipped_images():
     from huggingface_hub import ModelCard
 
