@@ -1,5 +1,5 @@
-"""The tokenizer of the tiny test and benchmark checkpoints: `examples/tiny_tokenizer.py` trained on a small multilingual
-corpus."""
+"""The tokenizer of the tiny test and benchmark checkpoints: `examples/tiny_tokenizer.py` trained on a small
+multilingual corpus."""
 
 from examples.tiny_tokenizer import train_tokenizer
 

@@ -481,9 +481,9 @@ def test_hosts_that_stall_their_headers_hold_neither_the_server_nor_other_reques
 
 
 def hostile_clip(tmp_path, name: str) -> str:
-    """Data URIs of videos of at most a few hundred kilobytes whose decoding costs far more than the `opened` server's budget of
-    2,000,000 decoded pixels: 40 flat frames of 256×256 (2.6 million pixels), or a header of 64×64 frames that holds
-    2000×2000 ones."""
+    """Data URIs of videos of a few hundred kilobytes at most whose decoding costs more than the `opened` server's
+    budget of 2,000,000 decoded pixels: 40 flat frames of 256×256 (2.6 million pixels), or a header of 64×64 frames
+    that holds 2000×2000 ones."""
     from tests.utils.video import write_resizing_clip, write_video
 
     if name == "many":
