@@ -45,6 +45,7 @@ CHAT_END_TOKEN = "<|im_end|>"
 PROJECTOR_TYPES = ("pixel_shuffle", "pvtc")
 # FastV's config fields under the names they had until 2026-12 (checkpoints saved before hold these).
 FASTV_FORMER_NAMES = {"visual_token_pruning_layer": "fastv_layer", "visual_token_pruning_ratio": "fastv_ratio"}
+FASTV_DEFAULTS = {"fastv_layer": None, "fastv_ratio": 0.0}
 VISION_MODEL_TYPE = "internvl_vision"
 # The types InternVL-X's own fields must have (`bool` is no integer here, a string no boolean).
 FIELD_TYPES = {
@@ -233,11 +234,17 @@ class InternVLXConfig(PretrainedConfig):
         fastv_ratio: float = 0.0,
         **kwargs,
     ):
+        current = {"fastv_layer": fastv_layer, "fastv_ratio": fastv_ratio}
         for former, name in FASTV_FORMER_NAMES.items():
-            if former in kwargs:
+            if former not in kwargs:
+                continue
+            value = kwargs.pop(former)
+            if current[name] == FASTV_DEFAULTS[name]:  # only the former name is set: a config saved before 2026-12
                 logger.warning_once(f"InternVL-X's config field `{former}` is now `{name}`; the old name still works.")
-                value = kwargs.pop(former)
-                fastv_layer, fastv_ratio = (value, fastv_ratio) if name == "fastv_layer" else (fastv_layer, value)
+                current[name] = value
+            elif value != current[name]:  # both are set: the current name is the one the bundle writes
+                logger.warning(f"the config holds `{name}`={current[name]!r} and `{former}`={value!r}; using `{name}`.")
+        fastv_layer, fastv_ratio = current["fastv_layer"], current["fastv_ratio"]
         if vision_config is None:
             vision_config = dict(DEFAULT_VISION_CONFIG)
         if isinstance(vision_config, dict):

@@ -172,6 +172,14 @@ class InternVLXImageProcessor(BaseImageProcessor):
             value = options[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        for name in ("image_mean", "image_std"):
+            values = options[name]
+            numbers = isinstance(values, (list, tuple)) and values
+            if not numbers or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"{name} must be a list of numbers, one per channel, got {values!r}.")
+            if not all(math.isfinite(v) for v in values) or (name == "image_std" and min(values) <= 0):
+                kind = "positive finite numbers (tiles are divided by them)" if name == "image_std" else "finite"
+                raise ValueError(f"{name} must be {kind}, got {list(values)}.")
         if not 1 <= options["min_patches"] <= options["max_patches"]:
             raise ValueError(
                 f"need 1 ≤ min_patches ≤ max_patches, got min_patches={options['min_patches']}, "

@@ -559,6 +559,21 @@ def decode_video(
     return VideoClip(taken, indices, total, fps, container_format)
 
 
+def video_frame_count(video, index: int = 0, policy: MediaPolicy | None = None) -> int:
+    """How many frames `video` (any input `read_video` takes) holds, decoding none: a file's count from its container
+    (or its packets, `open_video`), frames' count as given."""
+    where = f"video {index} of the batch"
+    if isinstance(video, VideoClip):
+        return video.total_frames
+    if isinstance(video, str):
+        policy = policy or MediaPolicy.current()
+        what, data = open_media(video, where, policy)
+        container, _, total, _ = open_video(data, where, what, policy)
+        container.close()
+        return total
+    return len(frames_as_array(video, where))
+
+
 def read_video(
     video,
     index: int = 0,

@@ -737,10 +737,11 @@ class PhasedDecoder:
             cache = DynamicCache(config=self.text_config)
         state = self.continued_state(cache, vision_features is not None, batch, device)
         packed = None
-        if position_ids is not None and cache is None and full_attention_mask(attention_mask) is None:
+        if position_ids is not None and state is None and full_attention_mask(attention_mask) is None:
             packed = packed_sequence_ids(position_ids.expand(batch, -1))
             if packed is not None and image_mask is not None and not torch.compiler.is_compiling():
-                self.refuse_packed_images(packed, image_mask)
+                self.refuse_packed_images(packed, image_mask)  # with a cache or not: the layout is made per row
+            packed = packed if cache is None else None  # as Transformers' decoders: kept apart only without a cache
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, -1)
@@ -2077,7 +2078,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
         generation_config = dict(generation_config)
         generation_config.setdefault("eos_token_id", text_tokenizer.convert_tokens_to_ids(CHAT_END_TOKEN))
         generation_config.setdefault("pad_token_id", text_tokenizer.pad_token_id)
-        if pixel_values is not None:
+        if pixel_values is not None and pixel_values.is_floating_point():  # raw 0..255 tiles are the model's to refuse
             pixel_values = pixel_values.to(self.device, self.dtype)
         output = self.generate(**inputs, pixel_values=pixel_values, **generation_config)
         answers = text_tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

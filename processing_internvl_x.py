@@ -235,8 +235,17 @@ class InternVLXProcessor(ProcessorMixin):
         videos = kwargs.pop("videos", None)
         video_options = {**kwargs.pop("videos_kwargs", {})}
         video_options.update({name: kwargs.pop(name) for name in VIDEO_OPTIONS if name in kwargs})
-        given = [text] if isinstance(text, str) else list(text)
+        if kwargs.get("is_split_into_words") or kwargs.get("text_kwargs", {}).get("is_split_into_words"):
+            raise ValueError(
+                "is_split_into_words=True (pre-tokenized text) is not taken: image placeholders are expanded in text; "
+                "pass each sample as one string."
+            )
+        given = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if not given or not all(isinstance(sample, str) for sample in given):
+            got = f"{type(text).__name__} {text!r:.80}" if not isinstance(text, (list, tuple)) else f"{text!r:.80}"
+            raise ValueError(f"text must be a string or a non-empty list of strings (one per sample), got {got}.")
         text = [sample.replace(IMAGE_PLACEHOLDER, IMAGE_CONTEXT_TOKEN) for sample in given]
+        check_images_per_sample(images, text)
         images = [
             read_image(image, index) if isinstance(image, str) else image
             for index, image in enumerate(_flatten(images) if images is not None else [])
@@ -402,6 +411,21 @@ def offsets_in_given_text(offsets: list[dict], given: str) -> list[dict]:
     `<IMG_CONTEXT>`, put back onto the text as given: the i-th entry is the i-th placeholder's span and string."""
     placeholders = re.finditer(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(IMAGE_CONTEXT_TOKEN)}", given)
     return [{**offset, "span": match.span(), "text": match.group()} for offset, match in zip(offsets, placeholders)]
+
+
+def check_images_per_sample(images, text: list[str]) -> None:
+    """Images given per sample (a list of one list per sample) must match each sample's placeholders: flattened, an
+    image would otherwise go to another sample's placeholder."""
+    per_sample = isinstance(images, (list, tuple)) and len(images) == len(text) > 1
+    if not per_sample or not all(isinstance(item, (list, tuple)) for item in images):
+        return
+    counts = [sample.count(IMAGE_CONTEXT_TOKEN) for sample in text]
+    given = [len(_flatten(item)) if item else 0 for item in images]
+    if counts != given:
+        raise ValueError(
+            f"the images are given per sample ({given} images) but the samples hold {counts} image placeholders; "
+            "give each sample its own images, in order."
+        )
 
 
 def _flatten(images) -> list:

@@ -162,9 +162,13 @@ class KeyMapper:
         return None
 
 
-def split_rows(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+def split_rows(tensor: torch.Tensor, sizes: list[int], name: str) -> list[torch.Tensor]:
+    """`tensor` (the source's `name`) split into row blocks of `sizes`; refused by name when its rows differ."""
     if sum(sizes) != tensor.shape[0]:
-        raise ConversionError(f"cannot split {tuple(tensor.shape)} into rows {sizes}")
+        raise ConversionError(
+            f"{name} has shape {tuple(tensor.shape)}: {tensor.shape[0]} rows, but the config's sizes need "
+            f"{sum(sizes)} ({' + '.join(map(str, sizes))})"
+        )
     return [part.contiguous() for part in torch.split(tensor, sizes, dim=0)]
 
 
@@ -175,7 +179,9 @@ def internvit_rules(mapper: KeyMapper, src: str = "vision_model", dst: str = "mo
 
     def qkv(match: re.Match, tensor: torch.Tensor) -> Tensors:
         suffix = match.group(2)
-        q, k, v = split_rows(tensor, [tensor.shape[0] // 3] * 3)
+        if tensor.shape[0] % 3:
+            raise ConversionError(f"{match.group(0)} has {tensor.shape[0]} rows, not three equal blocks (q, k, v)")
+        q, k, v = split_rows(tensor, [tensor.shape[0] // 3] * 3, match.group(0))
         base = f"{dst}.encoder.layer.{match.group(1)}.attention"
         return [(f"{base}.q_proj.{suffix}", q), (f"{base}.k_proj.{suffix}", k), (f"{base}.v_proj.{suffix}", v)]
 
@@ -203,6 +209,12 @@ def internlm2_rules(mapper: KeyMapper, llm: dict, src: str = "language_model", d
 
     def wqkv(match: re.Match, tensor: torch.Tensor) -> Tensors:
         suffix = match.group(2)
+        rows = kv_heads * (groups + 2) * head_dim
+        if tensor.shape[0] != rows:
+            raise ConversionError(
+                f"{match.group(0)} has shape {tuple(tensor.shape)}: {tensor.shape[0]} rows, but {kv_heads} KV heads × "
+                f"({groups} queries + key + value) × head_dim {head_dim} = {rows}"
+            )
         blocks = tensor.reshape(kv_heads, groups + 2, head_dim, *tensor.shape[1:])
         q = blocks[:, :groups].reshape(heads * head_dim, *tensor.shape[1:]).contiguous()
         k = blocks[:, groups].reshape(kv_heads * head_dim, *tensor.shape[1:]).contiguous()

@@ -172,7 +172,9 @@ def row_messages(record: dict, where: str) -> tuple[list[dict], list, list]:
                 if not isinstance(item, dict):
                     raise ValueError(f"{where}: a content item must be an object with a `type`, got {item!r:.100}")
                 if item.get("type") == "text":
-                    parts.append(item.get("text", ""))
+                    if not isinstance(item.get("text"), str):
+                        raise ValueError(f"{where}: a text item needs a string `text`, got {item.get('text')!r:.100}")
+                    parts.append(item["text"])
                 elif item.get("type") in ("image", "image_url"):
                     parts.append("<image>\n")
                     source = item.get("image") or item.get("url") or item.get("path") or item.get("image_url")
@@ -296,10 +298,28 @@ class ChatDataset(Dataset):
     """Rows (`read_meta`) → `input_ids`, `labels` (assistant replies only), `pixel_values`, `num_patches`."""
 
     def __init__(self, rows: list[Row], processor, max_length: int = 4096, num_frames: int = 8):
+        for name, value in (("--max_length", max_length), ("--num_frames", num_frames)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
         self.rows, self.processor, self.max_length, self.num_frames = rows, processor, max_length, num_frames
         self.tokenizer = processor.tokenizer
         bundle = importlib.import_module(type(processor).__module__)  # the processor's own bundle module
         self.expand_image_placeholders = bundle.expand_image_placeholders
+        self.check_video_lengths(importlib.import_module(f"{bundle.__package__}.media_internvl_x").video_frame_count)
+
+    def check_video_lengths(self, video_frame_count) -> None:
+        """Refuse, when the data is read, a row whose video is shorter than `num_frames` (counted from each file's
+        container, nothing decoded): training would stop at it otherwise."""
+        for row in self.rows:
+            for number, video in enumerate(row.videos):
+                try:
+                    frames = video_frame_count(video, number)
+                except ValueError as error:
+                    raise ValueError(f"{row.where}: {error}") from None
+                if frames < self.num_frames:
+                    raise ValueError(
+                        f"{row.where}: video {number} has {frames} frames, fewer than --num_frames {self.num_frames}"
+                    )
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -172,17 +172,21 @@ def test_the_destination_may_not_contain_the_source(source, capsys):
     assert (source / "config.json").exists()
 
 
-def without_tensor(source: Path, folder: Path, name: str) -> Path:
-    """A copy of `source` whose shards no longer hold tensor `name` (and whose index no longer names it)."""
+def with_tensor(source: Path, folder: Path, name: str, change=None) -> Path:
+    """A copy of `source` whose tensor `name` is `change(tensor)`, or is gone (and unnamed by the index) without
+    `change`."""
     from safetensors.torch import load_file, save_file
 
     copy = folder / "src"
     shutil.copytree(source, copy)
     index_file = copy / "model.safetensors.index.json"
     index = json.loads(index_file.read_text())
-    shard = copy / index["weight_map"].pop(name)
+    shard = copy / (index["weight_map"][name] if change else index["weight_map"].pop(name))
     tensors = load_file(shard)
-    del tensors[name]
+    if change:
+        tensors[name] = change(tensors[name]).contiguous()
+    else:
+        del tensors[name]
     save_file(tensors, shard, metadata={"format": "pt"})
     index_file.write_text(json.dumps(index))
     return copy
@@ -202,11 +206,17 @@ def without_tensor(source: Path, folder: Path, name: str) -> Path:
             r"model tensors missing from the source \(1\):\n  "
             r"model\.vision_tower\.encoder\.layer\.1\.attention\.projection_layer\.bias",
         ),
+        (
+            "a wqkv one row short",
+            r"language_model\.model\.layers\.1\.attention\.wqkv\.weight has shape \(\d+, \d+\): \d+ rows, but \d+ KV "
+            r"heads × \(\d+ queries \+ key \+ value\) × head_dim \d+ = \d+",
+        ),
     ],
 )
 def test_a_faulty_source_is_refused_for_what_is_wrong(source, tmp_path, fault, message, capsys):
     """Each was misreported before: the left-out shard as 'the source projector lacks ...', the tokenizer as a slow
-    tokenizer conversion error, and a missing vision tensor was initialised at random without a word."""
+    tokenizer conversion error, a missing vision tensor was initialised at random without a word, and a fused wqkv of
+    the wrong size failed in a bare reshape naming no tensor."""
     if fault == "a shard left out of the index":
         broken = tmp_path / "src"
         shutil.copytree(source, broken)
@@ -219,8 +229,11 @@ def test_a_faulty_source_is_refused_for_what_is_wrong(source, tmp_path, fault, m
         shutil.copytree(source, broken)
         for path in [*broken.glob("tokeni*"), broken / "special_tokens_map.json"]:
             path.unlink(missing_ok=True)
+    elif fault == "a vision tensor missing":
+        broken = with_tensor(source, tmp_path, "vision_model.encoder.layers.1.attn.proj.bias")
     else:
-        broken = without_tensor(source, tmp_path, "vision_model.encoder.layers.1.attn.proj.bias")
+        name = "language_model.model.layers.1.attention.wqkv.weight"
+        broken = with_tensor(source, tmp_path, name, lambda tensor: tensor[:-1])
     with pytest.raises(SystemExit):
         converter.main(arguments(broken, tmp_path / "dst"))
     assert re.search(message, capsys.readouterr().err)

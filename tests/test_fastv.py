@@ -87,6 +87,21 @@ def test_checkpoints_saved_under_the_former_names_load_with_fastv_on(bundle, tmp
     assert loaded.config.fastv_ratio == 0.75 and loaded.model.visual_token_schedule(1) == [4, 4, 1, 1]
 
 
+def test_a_config_holding_both_names_uses_the_current_one_and_says_so(bundle, tmp_path, caplog):
+    """A config.json with a stale former name beside the current one (a tool that added the new field and kept the
+    old): the current name wins, with a warning naming both values, instead of the former silently turning FastV off."""
+    model = fastv(bundle, seed=4, layer=2, ratio=0.5)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved.update(visual_token_pruning_layer=None, visual_token_pruning_ratio=0.5)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with caplog.at_level("WARNING"):
+        loaded = bundle.ForConditionalGeneration.from_pretrained(tmp_path)
+    assert (loaded.config.fastv_layer, loaded.config.fastv_ratio) == (2, 0.5)
+    assert "holds `fastv_layer`=2 and `visual_token_pruning_layer`=None; using `fastv_layer`" in caplog.text
+    assert "visual_token_pruning_ratio" not in caplog.text  # the same value under both names: nothing to say
+
+
 def test_fastv_switched_on_a_built_model_runs_from_the_next_call(bundle):
     """FastV needs no training, so it can be switched on a model already built (examples/train_digits_demo.py
     evaluates a trained model with it): the schedule follows the config."""

@@ -98,6 +98,14 @@ def test_internvl_rows_and_messages_rows_give_the_same_sample(processor, tmp_pat
             "data.jsonl:2: 1 image items have no image",
         ),
         (["a list"], "data.jsonl:2: a row must be a JSON object"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+            "data.jsonl:2: a text item needs a string `text`, got None",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]},
+            "data.jsonl:2: a text item needs a string `text`, got 7",
+        ),
     ],
 )
 def test_a_row_the_trainer_cannot_use_is_refused_by_file_and_line(processor, tmp_path, row, message):
@@ -267,6 +275,14 @@ def test_a_video_shorter_than_num_frames_is_refused_by_line(processor, tmp_path)
     write(tmp_path, [])
     write_video(tmp_path / "images" / "clip.mkv", random_frames(4))
     row = {"video": "clip.mkv", "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "x"}]}
-    dataset = finetune.ChatDataset(finetune.read_meta(write(tmp_path, [row])), processor, num_frames=8)
-    with pytest.raises(ValueError, match=r"data.jsonl:1: video 0 of the batch .* has 4 frames, fewer than the num_f"):
-        dataset[0]
+    rows = finetune.read_meta(write(tmp_path, [INTERNVL, row]))
+    with pytest.raises(ValueError, match=r"data.jsonl:2: video 0 has 4 frames, fewer than --num_frames 8"):
+        finetune.ChatDataset(rows, processor, num_frames=8)  # when the data is read, not at the row's first step
+    assert len(finetune.ChatDataset(rows, processor, num_frames=4)[1]["pixel_values"]) == 4
+
+
+@pytest.mark.parametrize("name,value", [("max_length", -1), ("max_length", 0), ("num_frames", 0), ("max_length", 2.5)])
+def test_lengths_that_are_not_positive_whole_numbers_are_refused(processor, tmp_path, name, value):
+    rows = finetune.read_meta(write(tmp_path, [INTERNVL]))
+    with pytest.raises(ValueError, match=f"--{name} must be a positive whole number, got {value}"):
+        finetune.ChatDataset(rows, processor, **{name: value})

@@ -305,3 +305,19 @@ def test_the_grid_search_is_the_exhaustive_one_and_scales_to_huge_caps(tile_grid
             width, height = rng.randint(1, 3000), rng.randint(1, 3000)
             assert tile_grid(width, height, 448, 1, cap, "ratio") == exhaustive(width, height, 448, cap)
     assert tile_grid(560, 560, 56, 1, 20000, "ratio") == (14, 14)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(image_std=[0, 0, 0]), r"image_std must be positive finite numbers .*, got \[0, 0, 0\]"),
+        (dict(image_std=[0.2, -1, 0.2]), "image_std must be positive finite numbers"),
+        (dict(image_mean=[0.5, float("nan"), 0.5]), "image_mean must be finite"),
+        (dict(image_mean="0.5"), "image_mean must be a list of numbers, one per channel"),
+    ],
+)
+def test_normalization_that_would_give_infinities_is_refused_by_name(processor_class, options, message):
+    with pytest.raises(ValueError, match=message):
+        processor_class(**options)
+    with pytest.raises(ValueError, match=message):
+        processor_class()(PIL.Image.new("RGB", (30, 30)), **options)

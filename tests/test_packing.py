@@ -95,8 +95,12 @@ def test_packed_rows_with_images_are_refused_by_lvtc_and_fastv(bundle, path):
     model = bundle.model(seed=6, **PATHS[path])
     ids, positions = pack([SEQUENCES[0], prompt(3, image_span(2, TOKENS), 4, seed=7)])
     name = "LVTC" if path == "lvtc" else "FastV"
-    with pytest.raises(ValueError, match=rf"{name} cannot keep packed sequences apart .* \[2\] sequences .* 8 image"):
-        model(input_ids=ids, position_ids=positions, pixel_values=tiles(2), use_cache=False)
+    refusal = rf"{name} cannot keep packed sequences apart .* \[2\] sequences .* 8 image"
+    for use_cache in (False, None, True):  # None: the config's default, True in eval and in train()
+        for training in (False, True):
+            model.train(training)
+            with pytest.raises(ValueError, match=refusal):
+                model(input_ids=ids, position_ids=positions, pixel_values=tiles(2), use_cache=use_cache)
 
 
 @pytest.mark.parametrize("path", ["plain", "lvtc"])

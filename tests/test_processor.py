@@ -82,6 +82,27 @@ def test_placeholder_and_image_counts_must_match(loaded):
         processor(text="<image> alone")
 
 
+def test_text_that_is_not_strings_is_refused_by_name(loaded):
+    processor, _ = loaded
+    for text in (5, [], [5], ["ok", None], {"text": "hi"}):
+        with pytest.raises(ValueError, match="text must be a string or a non-empty list of strings"):
+            processor(text=text)
+    with pytest.raises(ValueError, match="is_split_into_words=True .* is not taken"):
+        processor(text=[["What", "is", "it"]], is_split_into_words=True)
+
+
+def test_images_given_per_sample_must_match_each_sample_s_placeholders(loaded):
+    """`images=[[a, b], [c]]` for samples holding 1 and 2 placeholders: the totals agree, but flattened, b would
+    answer the second sample's question; refused. Matching nesting is taken as it is."""
+    processor, _ = loaded
+    text = ["<image> one", "<image> two <image> three"]
+    with pytest.raises(ValueError, match=r"given per sample \(\[2, 1\] images\) .* hold \[1, 2\] image placeholders"):
+        processor(images=[[image(), image(seed=1)], [image(seed=2)]], text=text)
+    per_sample = processor(images=[[image()], [image(seed=1), image(seed=2)]], text=text)
+    flat = processor(images=[image(), image(seed=1), image(seed=2)], text=text)
+    assert torch.equal(per_sample["pixel_values"], flat["pixel_values"])
+
+
 @pytest.mark.compat
 def test_chat_template_is_internlm2_chat(loaded):
     processor, _ = loaded
