@@ -41,6 +41,10 @@ IMAGE_START_TOKEN = "<img>"
 IMAGE_END_TOKEN = "</img>"
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 CHAT_END_TOKEN = "<|im_end|>"
+# InternVL2's default system message (InternLM2 chat), which its chat template writes unless a conversation gives one.
+DEFAULT_SYSTEM_MESSAGE = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
 
 PROJECTOR_TYPES = ("pixel_shuffle", "pvtc")
 # FastV's config fields under the names they had until 2026-12 (checkpoints saved before hold these).

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin, InternVLVisionModel, PreTrainedModel
+from transformers import AutoModel, GenerationConfig, GenerationMixin, InternVLVisionModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
@@ -24,6 +24,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_internvl_x import (
     CHAT_END_TOKEN,
+    DEFAULT_SYSTEM_MESSAGE,
     IMAGE_CONTEXT_TOKEN,
     IMAGE_END_TOKEN,
     IMAGE_START_TOKEN,
@@ -32,16 +33,19 @@ from .configuration_internvl_x import (
 
 logger = logging.get_logger(__name__)
 
+
 # ---- Transformers compatibility --------------------------------------------------------------------------------------
 # The bundle runs on whatever Transformers its user has installed (tested: `TESTED_TRANSFORMERS` in the configuration
 # file). The Transformers conventions and internals it relies on that are not stable public API are reached through
 # this section: `can_return_tuple` and `deprecate_kwarg` (imported above), the cache's name, the mask and decoder-layer
 # calls, hidden-state selection and attention recording, generate's per-layer-type mask dict, the static cache's
-# internals and the two `GenerationMixin` methods it overrides. Outside it, by design, only the decoder's own modules
-# (`layers`, `rotary_emb`, `norm`, `gradient_checkpointing`, each layer's `input_layernorm` and `self_attn`
-# projections, which the two-phase loop and FastV's ranking run) and `PreTrainedModel`'s documented class attributes
-# and hooks. docs/compatibility.md lists every one of them; tests/test_compat.py checks each and names the release
-# that changed it.
+# internals, the two `GenerationMixin` methods it overrides, the reading of packed rows and sdpa's causal-kernel
+# shortcut. Outside it, by design, only the decoder's own modules (`layers`, `rotary_emb`, `norm`,
+# `gradient_checkpointing`, each layer's `input_layernorm` and `self_attn` projections, which the two-phase loop and
+# FastV's ranking run), `PreTrainedModel`'s documented class attributes and hooks, and `_from_config`, which
+# `InternVLXChatModel` overrides so that `AutoModel.from_config` builds the base model (InternVL2's surface, below).
+# docs/compatibility.md lists every one of them; tests/test_compat.py checks each and names the release that changed
+# it.
 
 # The cache's keyword argument and output field: `past_key_values` up to 5.23, `cache` from 5.24.
 CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
@@ -174,6 +178,12 @@ class InternVLXStaticLayer(StaticLayer):
             self.cumulative_length.sub_(-tokens_to_remove)
 
 
+def default_new_tokens() -> int:
+    """The new tokens `generate` adds when neither the call nor the generation config sets a length: its default
+    `max_length`, which it counts past the prompt (`GenerationConfig._get_default_generation_params`)."""
+    return GenerationConfig._get_default_generation_params()["max_length"]
+
+
 class InternVLXGenerationMixin(GenerationMixin):
     """`GenerationMixin` with the two private methods this bundle overrides (same signatures 5.17–5.24), each handing
     over to a named method of the model: `repeat_images_per_row` and `check_generation_request`."""
@@ -202,6 +212,32 @@ class InternVLXGenerationMixin(GenerationMixin):
         )
         self.check_cache_capacity(model_kwargs.get(CACHE_NAME), max_cache_length)
         return result
+
+
+def packed_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """`(B, L)` the index of the sequence each token belongs to in rows that pack several sequences (positions
+    restart, as padding-free collators write them), or None when every row holds one. Transformers' decoders read
+    restarting positions this way when neither an attention mask nor a cache is given, and keep the sequences apart."""
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    ids = (step != 1).cumsum(-1)
+    if not torch.compiler.is_compiling() and not bool(ids[:, -1].any()):
+        return None
+    return ids
+
+
+def sdpa_causal_kernel_suffices(implementation: str, keys: torch.Tensor, query_length: int, past) -> bool:
+    """Whether sdpa's own causal kernel computes a mask that lets query i (at key slot `past + i`) see the valid
+    `keys (B, kv)` up to itself, so no mask need be built: with no padding, for one new token on a dynamic cache and
+    for a prompt into an empty cache (sdpa aligns its causal mask top-left, so a static cache's free slots after the
+    prompt are never attended), as Transformers' own mask functions decide."""
+    kv_length = keys.shape[1]
+    return (
+        implementation == "sdpa"
+        and not torch.compiler.is_compiling()
+        and isinstance(past, int)
+        and ((query_length == 1 and kv_length == past + 1) or (past == 0 and query_length > 1))
+        and bool(keys[:, : past + query_length].all())
+    )
 
 
 def full_attention_mask(attention_mask):
@@ -454,7 +490,114 @@ class InternVLXPVTCProjector(nn.Module):
 PROJECTOR_CLASSES = {"pixel_shuffle": InternVLXPixelShuffleProjector, "pvtc": InternVLXPVTCProjector}
 
 
-# ---- Two-phase decoding: the shared layer loop, LVTC (paper §3.2) and FastV ------------------------------------------
+# ---- Token schedules: what LVTC (paper §3.2) and FastV change, layer by layer ----------------------------------------
+class TokenSchedule:
+    """A per-layer token schedule: layers 0..s-1 run on the input sequence, layers s.. on a sequence the schedule
+    derives from it at layer s (LVTC expands every tile's visual span there, FastV prunes visual tokens).
+
+    A schedule is built once with the model, from its config (`build_token_schedule`), and answers what it changes
+    for the rest of the model (the questions below: tokens per layer, positions gained, the modules it trains, the
+    generation modes and engines it cannot run under). The decoder loop (`PhasedDecoder`) runs it through four hooks:
+    what is added to the visual span before first-phase layers (`first_phase_additions`), the second phase's sequence
+    (`enter`), how final states map back to the input (`leave`) and, for batches without images, the modules `enter`
+    runs (`second_phase_modules`). A schedule owns no parameters: its hooks get the model, as Transformers' attention
+    functions get their module, and use the language model and the modules it named (`trainable_modules`).
+    """
+
+    name = "this token schedule"
+    off_switch = ""  # the config setting that turns the schedule off
+    positions_note = ""  # what error messages about positions add
+
+    def __init__(self, config: InternVLXConfig, switch_layer: int):
+        self.config = config
+        self.text_config = config.text_config
+        self.switch_layer = switch_layer
+        self.num_layers = self.text_config.num_hidden_layers
+
+    # ---- questions -------------------------------------------------------------------------------------------------
+    @property
+    def layer_change(self) -> str:
+        """How the schedule changes the tokens the decoder layers hold, in words."""
+        return f"other tokens from layer {self.switch_layer} on"
+
+    @property
+    def switches(self) -> bool:
+        """Whether any layer runs the second phase (a switch layer equal to the depth means never)."""
+        return self.switch_layer < self.num_layers
+
+    def second_phase_tokens(self, visual_tokens: int) -> int:
+        """How many of a row's `visual_tokens` the layers from the switch layer on hold."""
+        return visual_tokens
+
+    def visual_tokens_per_layer(self, num_tiles: int) -> list[int]:
+        """Visual tokens each decoder layer processes for `num_tiles` tiles."""
+        tokens = num_tiles * self.config.tokens_per_tile
+        second = self.second_phase_tokens(tokens) if self.switches else tokens
+        return [tokens] * min(self.switch_layer, self.num_layers) + [second] * (self.num_layers - self.switch_layer)
+
+    def positions_gained(self, tiles: torch.Tensor) -> torch.Tensor:
+        """`(B,)` positions a row with `tiles (B,)` tiles needs beyond its tokens (LVTC's expansion); none here."""
+        return torch.zeros_like(tiles)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The modules this schedule adds to the model, under the names its checkpoints hold them; none here."""
+        return {}
+
+    def check_generation_mode(self, generation_mode: str) -> None:
+        """Refuse, by name, a generation mode this schedule cannot run under."""
+
+    def refuse_paged_engine(self, engine: str) -> None:
+        """Refuse `engine`, which keeps one paged KV cache with the same token count in every decoder layer of a
+        request (vLLM's Transformers backend, Transformers' continuous batching; docs/serving.md says where)."""
+        raise ValueError(
+            f"this checkpoint uses {self.name}, whose decoder layers hold different numbers of tokens "
+            f"({self.layer_change}), but {engine} keeps one paged KV cache with the same token count in every layer, "
+            f"so it cannot run it. Serve a PVTC or pixel-shuffle checkpoint ({self.off_switch}, or a conversion with "
+            "--no-lvtc) with it, or this one without it (`transformers serve` runs it one request at a time)."
+        )
+
+    # ---- hooks -----------------------------------------------------------------------------------------------------
+    def first_phase_additions(
+        self, model: "InternVLXModel", vision_features: torch.Tensor | None
+    ) -> dict[int, torch.Tensor]:
+        """`{layer: (visual tokens, D)}` added to the visual span before those layers (< s)."""
+        return {}
+
+    def enter(
+        self,
+        model: "InternVLXModel",
+        hidden_states: torch.Tensor,
+        image_mask: torch.Tensor,
+        padding: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        vision_features: torch.Tensor | None,
+        last_input: torch.Tensor,
+    ) -> "PhaseSwitch":
+        """The second phase's sequence from the first phase's `(B, L, D)` output; `last_input` is layer s−1's input."""
+        raise NotImplementedError
+
+    def leave(
+        self, model: "InternVLXModel", hidden_states: torch.Tensor, switch: "PhaseSwitch", image_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Final normed `(B, L2, D)` states → `(B, L, D)` aligned with the input."""
+        raise NotImplementedError
+
+    def second_phase_modules(self, model: "InternVLXModel", vision_features: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs of the modules `enter` runs on `vision_features` (LVTC's HR projector), for padding tiles."""
+        return []
+
+
+@dataclass
+class PhaseSwitch:
+    """The sequence a schedule hands the second-phase layers at the prefill, and what it needs to map back."""
+
+    hidden_states: torch.Tensor  # (batch, L2, D)
+    position_ids: torch.Tensor  # (batch, L2)
+    key_mask: torch.Tensor  # (batch, L2) 1 for real tokens, 0 for padding
+    growth: torch.Tensor  # (batch,) position offset of each row's later tokens in the second phase
+    layout: object  # the schedule's own record, for `leave`
+
+
 @dataclass
 class LVTCLayout:
     """Where each token of a short (N1² per tile) sequence sits in the long (N2² per tile) one.
@@ -536,446 +679,7 @@ def build_lvtc_layout(
     )
 
 
-@dataclass
-class PhaseCacheState:
-    """What a continuation step (decoded or speculated tokens, no images) needs from a two-phase prefill.
-
-    Only fixed-shape tensors, so a compiled decode step reads them without host syncs or recompilation.
-    """
-
-    growth: torch.Tensor  # (batch,) second-phase position = first-phase position + growth (LVTC: tokens gained)
-    prompt_keys: torch.Tensor  # (batch, slots) 1 where the second phase's prompt has a real token; 0 for its padding
-    # and every slot after it. `slots` is the second-phase layers' capacity for a static cache, P2 else.
-    second_prompt_length: torch.Tensor  # () P2: the prompt as the second-phase layers cached it (rows left-padded)
-    first_prompt_length: torch.Tensor  # () P1: the prompt as the first-phase layers cached it
-
-    @property
-    def offset(self) -> torch.Tensor:
-        """`()` how far the second-phase layers' cache runs ahead of the first phase's: P2 − P1 (< 0 when pruned)."""
-        return self.second_prompt_length - self.first_prompt_length
-
-
-@dataclass
-class PhaseSwitch:
-    """The sequence a schedule hands the second-phase layers at the prefill, and what it needs to map back."""
-
-    hidden_states: torch.Tensor  # (batch, L2, D)
-    position_ids: torch.Tensor  # (batch, L2)
-    key_mask: torch.Tensor  # (batch, L2) 1 for real tokens, 0 for padding
-    growth: torch.Tensor  # (batch,) position offset of each row's later tokens in the second phase
-    layout: object  # the schedule's own record, for `leave`
-
-
-def packed_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """`(B, L)` the index of the sequence each token belongs to in rows that pack several sequences (positions
-    restart, as padding-free collators write them), or None when every row holds one. Transformers' decoders read
-    restarting positions this way when neither an attention mask nor a cache is given, and keep the sequences apart."""
-    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
-    ids = (step != 1).cumsum(-1)
-    if not torch.compiler.is_compiling() and not bool(ids[:, -1].any()):
-        return None
-    return ids
-
-
-def weighing_nothing(outputs) -> torch.Tensor | float:
-    """A zero that depends on every tensor of `outputs`: added to hidden states it changes no value and no gradient
-    of the text path, but puts the modules that made `outputs` in the graph (each gets a zero gradient). ZeRO and
-    DDP then see the same modules run and the same gradients reduced on every rank, with images or without."""
-    outputs = list(outputs)
-    return sum(output.sum() for output in outputs) * 0 if outputs else 0.0
-
-
-class PhasedDecoder:
-    """The decoder layers in two phases on different sequences: layers 0..s-1 run on the input sequence, layers s..
-    on a sequence the schedule derives from it at layer s. LVTC (`LVTCSchedule`) expands every tile's visual span
-    there; FastV (`FastVSchedule`) prunes visual tokens. This class holds what they share, in one place: the layer
-    loop, masks sized by the cache, the cache state a decode step continues from, and static-cache capacities.
-
-    Cache: layers < s cache the first-phase sequence, layers ≥ s the second. The prefill stores a `PhaseCacheState` on
-    the cache; a continuation step (decoded or speculated tokens, no images) reads only its fixed-shape tensors and
-    gives each token the next position of each phase, so with Transformers' static cache a decode step compiles whole.
-    Subclasses say what changes at layer s (`enter`), how final states map back to the input (`leave`) and what is
-    added to the visual span in the first phase (`first_phase_additions`).
-
-    A schedule is built once with the model, from its config (`build_token_schedule`), and answers what its method
-    changes for the rest of the model: visual tokens per layer, positions gained, the modules it trains, the generation
-    modes and engines it cannot run under. It owns no parameters: its hooks get the model, like Transformers' attention
-    functions get their module, and use the language model and the modules the schedule named (`trainable_modules`).
-    """
-
-    name = "this token schedule"
-    off_switch = ""  # the config setting that turns the schedule off
-    positions_note = ""  # what error messages about positions add
-
-    def __init__(self, config: InternVLXConfig, switch_layer: int):
-        self.config = config
-        self.text_config = config.text_config
-        self.switch_layer = switch_layer
-        self.num_layers = self.text_config.num_hidden_layers
-        # Static caches: the second-phase growth reserved so far for each first-phase capacity (`max_cache_len`).
-        self.growth_by_capacity: dict[int, int] = {}
-
-    # ---- what the schedule changes for the rest of the model -------------------------------------------------------
-    @property
-    def layer_change(self) -> str:
-        """How the schedule changes the tokens the decoder layers hold, in words."""
-        return f"other tokens from layer {self.switch_layer} on"
-
-    @property
-    def switches(self) -> bool:
-        """Whether any layer runs the second phase (a switch layer equal to the depth means never)."""
-        return self.switch_layer < self.num_layers
-
-    def second_phase_tokens(self, visual_tokens: int) -> int:
-        """How many of a row's `visual_tokens` the layers from the switch layer on hold."""
-        return visual_tokens
-
-    def visual_tokens_per_layer(self, num_tiles: int) -> list[int]:
-        """Visual tokens each decoder layer processes for `num_tiles` tiles."""
-        tokens = num_tiles * self.config.tokens_per_tile
-        second = self.second_phase_tokens(tokens) if self.switches else tokens
-        return [tokens] * min(self.switch_layer, self.num_layers) + [second] * (self.num_layers - self.switch_layer)
-
-    def positions_gained(self, tiles: torch.Tensor) -> torch.Tensor:
-        """`(B,)` positions a row with `tiles (B,)` tiles needs beyond its tokens (LVTC's expansion); none here."""
-        return torch.zeros_like(tiles)
-
-    def trainable_modules(self) -> dict[str, nn.Module]:
-        """The modules this schedule adds to the model, under the names its checkpoints hold them; none here."""
-        return {}
-
-    def check_generation_mode(self, generation_mode: str) -> None:
-        """Refuse, by name, a generation mode this schedule cannot run under."""
-
-    def refuse_paged_engine(self, engine: str) -> None:
-        """Refuse `engine`, which keeps one paged KV cache with the same token count in every decoder layer of a
-        request (vLLM's Transformers backend, Transformers' continuous batching; docs/serving.md says where)."""
-        raise ValueError(
-            f"this checkpoint uses {self.name}, whose decoder layers hold different numbers of tokens "
-            f"({self.layer_change}), but {engine} keeps one paged KV cache with the same token count in every layer, "
-            f"so it cannot run it. Serve a PVTC or pixel-shuffle checkpoint ({self.off_switch}, or a conversion with "
-            "--no-lvtc) with it, or this one without it (`transformers serve` runs it one request at a time)."
-        )
-
-    # ---- what a schedule defines ---------------------------------------------------------------------------------
-    def first_phase_additions(
-        self, model: "InternVLXModel", vision_features: torch.Tensor | None
-    ) -> dict[int, torch.Tensor]:
-        """`{layer: (visual tokens, D)}` added to the visual span before those layers (< s)."""
-        return {}
-
-    def enter(
-        self,
-        model: "InternVLXModel",
-        hidden_states: torch.Tensor,
-        image_mask: torch.Tensor,
-        padding: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        vision_features: torch.Tensor | None,
-        last_input: torch.Tensor,
-    ) -> PhaseSwitch:
-        """The second phase's sequence from the first phase's `(B, L, D)` output; `last_input` is layer s−1's input."""
-        raise NotImplementedError
-
-    def leave(
-        self, model: "InternVLXModel", hidden_states: torch.Tensor, switch: PhaseSwitch, image_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Final normed `(B, L2, D)` states → `(B, L, D)` aligned with the input."""
-        raise NotImplementedError
-
-    def second_phase_modules(self, model: "InternVLXModel", vision_features: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs of the modules `enter` runs on `vision_features` (LVTC's HR projector), for padding tiles."""
-        return []
-
-    # ---- the layer loop ------------------------------------------------------------------------------------------
-    def __call__(
-        self,
-        model: "InternVLXModel",
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | dict | None,
-        position_ids: torch.LongTensor | None,
-        cache: Cache | None,
-        use_cache: bool | None,
-        image_mask: torch.Tensor | None,
-        vision_features: torch.Tensor | None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        padding_vision_features: torch.Tensor | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """Run `model`'s decoder layers under the schedule.
-
-        `padding_vision_features` (a batch without images given padding tiles, see `InternVLXModel.forward`): the
-        schedule's projectors run on them where they would run on real tiles, in the same order, and add nothing.
-
-        `inputs_embeds (B, L, D)` → `last_hidden_state (B, L, D)`. With `output_hidden_states`, the input of every layer
-        then the final normed state; with `output_attentions` (eager attention), each layer's weights `(B, heads, q,
-        kv)`. Both default to the language model's config, as `use_cache` does. Entries of layers ≥ s (and the last
-        hidden state) are in the second phase's layout, so their lengths differ from the first phase's.
-        """
-        decoder = model.language_model
-        implementation = attention_implementation(self.text_config)
-        if implementation not in ("sdpa", "eager"):
-            raise ValueError(f"{self.name} runs with attn_implementation 'sdpa' or 'eager', not {implementation!r}.")
-        # The defaults Transformers' decoders take from their config when an argument is not given.
-        if output_attentions is None:
-            output_attentions = self.text_config.output_attentions
-        if output_attentions and implementation != "eager":
-            logger.warning_once(
-                f"`{implementation}` attention computes no attention weights, so `output_attentions` gives none; load "
-                "the model with attn_implementation='eager' for them."
-            )
-        if output_hidden_states is None:
-            output_hidden_states = self.text_config.output_hidden_states
-        if use_cache is None:
-            use_cache = self.text_config.use_cache
-        if use_cache and decoder.gradient_checkpointing and decoder.training and torch.is_grad_enabled():
-            use_cache = False  # as Transformers' decoders: checkpointed layers are recomputed, so they cache nothing
-        batch, length, _ = inputs_embeds.shape
-        device = inputs_embeds.device
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.text_config)
-        state = self.continued_state(cache, vision_features is not None, batch, device)
-        packed = None
-        if position_ids is not None and state is None and full_attention_mask(attention_mask) is None:
-            packed = packed_sequence_ids(position_ids.expand(batch, -1))
-            if packed is not None and image_mask is not None and not torch.compiler.is_compiling():
-                self.refuse_packed_images(packed, image_mask)  # with a cache or not: the layout is made per row
-            packed = packed if cache is None else None  # as Transformers' decoders: kept apart only without a cache
-        if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
-            position_ids = (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, -1)
-        layers = decoder.layers[: self.num_layers]
-        all_hidden_states = [] if output_hidden_states else None
-        all_attentions = [] if output_attentions and implementation == "eager" else None
-
-        def run_layer(layer, hidden, mask, positions, rotary) -> torch.Tensor:
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden)
-            with recorded_attention_weights(layer, all_attentions):
-                return run_decoder_layer(layer, hidden, mask, positions, rotary, cache, use_cache=use_cache, **kwargs)
-
-        # First phase: layers 0..s-1 on the input sequence, with the schedule's additions to the visual span.
-        first_mask = causal_mask(
-            self.text_config, inputs_embeds, full_attention_mask(attention_mask), cache, position_ids
-        )
-        additions = self.first_phase_additions(model, vision_features)
-        image_positions = image_mask.nonzero(as_tuple=True) if additions else None
-        hidden_states = last_input = inputs_embeds
-        if padding_vision_features is not None:
-            padding_outputs = self.first_phase_additions(model, padding_vision_features).values()
-            hidden_states = last_input = hidden_states + weighing_nothing(padding_outputs)
-        rotary = decoder.rotary_emb(hidden_states, position_ids)
-        for layer_index, layer in enumerate(layers[: self.switch_layer]):
-            if layer_index in additions:
-                added = hidden_states[image_positions] + additions[layer_index].to(hidden_states.dtype)
-                hidden_states = hidden_states.index_put(image_positions, added)
-            last_input = hidden_states
-            hidden_states = run_layer(layer, hidden_states, first_mask, position_ids, rotary)
-
-        # Second phase: layers s.. on the schedule's sequence.
-        switch = None
-        if self.switch_layer < self.num_layers:
-            if state is None:
-                if image_mask is None:
-                    image_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
-                padding = key_validity(attention_mask)
-                padding = padding[:, :length] if padding is not None else None
-                switch = self.enter(
-                    model, hidden_states, image_mask, padding, position_ids, vision_features, last_input
-                )
-                hidden_states, second_positions = switch.hidden_states, switch.position_ids
-                if padding_vision_features is not None:
-                    padding_outputs = self.second_phase_modules(model, padding_vision_features)
-                    hidden_states = hidden_states + weighing_nothing(padding_outputs)
-                prompt_keys = switch.key_mask
-                if cache is not None:
-                    prompt_keys = self.store_state(cache, switch, length).prompt_keys
-                if packed is None:
-                    second_mask = self.prompt_attention_mask(
-                        cache, prompt_keys, second_positions.shape[1], hidden_states.dtype
-                    )
-                else:  # text-only packed rows: the second phase has the first one's layout
-                    second_mask = self.build_mask(prompt_keys.bool(), length, 0, hidden_states.dtype, packed)
-            else:
-                second_positions = position_ids + state.growth[:, None]
-                second_mask = self.continuation_attention_mask(
-                    cache, state, attention_mask, length, inputs_embeds.dtype
-                )
-            rotary = decoder.rotary_emb(hidden_states, second_positions)
-            for layer in layers[self.switch_layer :]:
-                hidden_states = run_layer(layer, hidden_states, second_mask, second_positions, rotary)
-
-        hidden_states = decoder.norm(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states.append(hidden_states)
-        if switch is not None:
-            hidden_states = self.leave(model, hidden_states, switch, image_mask)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=select_hidden_states(all_hidden_states, output_hidden_states),
-            attentions=tuple(all_attentions or ()) if output_attentions else None,
-            **named_cache(cache),
-        )
-
-    def refuse_packed_images(self, packed: torch.Tensor, image_mask: torch.Tensor) -> None:
-        """Rows that pack several sequences are kept apart for text only: the second phase's layout (LVTC's expanded
-        tiles, FastV's ranking by the row's last token) is made per row, not per packed sequence."""
-        image_tokens = int(image_mask.sum())
-        if image_tokens:
-            sequences = (packed[:, -1] + 1).tolist()
-            raise ValueError(
-                f"{self.name} cannot keep packed sequences apart when they hold images: the rows pack {sequences} "
-                f"sequences (position_ids restart without an attention mask) and {image_tokens} image tokens. Pack "
-                "text-only rows, or pad the batch instead (TRL: padding_free=False, packing=False)."
-            )
-
-    # ---- cache state ---------------------------------------------------------------------------------------------
-    def continued_state(
-        self, cache: Cache | None, has_images: bool, batch: int, device: torch.device
-    ) -> PhaseCacheState | None:
-        """The state of the prefill this step continues, or None when this step is a prefill.
-
-        A compiled step trusts the state on the cache (Transformers compiles decode steps only, after an eager
-        prefill); an eager step checks that the cache holds something (a reset or reused cache is a new prefill).
-        """
-        if cache is None:
-            return None
-        state = getattr(cache, "internvl_x_phases", None)
-        if torch.compiler.is_compiling():
-            return None if has_images else state
-        cached = int(cache.get_seq_length())
-        if has_images:
-            if cached:
-                raise ValueError(
-                    f"{self.name} cannot add images to a cache that already holds {cached} tokens; run the whole "
-                    "prompt at once."
-                )
-            return None
-        if not cached:
-            return None
-        if state is None:  # filled without this schedule's prefill (e.g. by the bare language model): phases align
-            zero = torch.zeros((), dtype=torch.long, device=device)
-            empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
-            state = PhaseCacheState(torch.zeros(batch, dtype=torch.long, device=device), empty, zero, zero)
-        return state
-
-    def reserve_second_phase_slots(self, cache: Cache, first_length: int, second_length: int) -> int | None:
-        """Give a static cache's second-phase layers room for this prompt; return their capacity (None: dynamic).
-
-        They need the first-phase capacity plus the longest row's growth (LVTC; pruning needs no more). For one
-        first-phase capacity (`max_cache_len`), the growth reserved only grows across calls, so later calls with that
-        capacity keep the same shapes and compiled graphs; another capacity means new shapes anyway and reserves
-        what its own calls need.
-        """
-        if not is_static_cache(cache):
-            return None
-        first_capacity = static_capacity(cache)
-        if first_length > first_capacity:
-            raise ValueError(
-                f"the prompt has {first_length} tokens but the static cache holds {first_capacity} per layer; "
-                f"build it with max_cache_len ≥ {first_length} plus the tokens to generate."
-            )
-        growth = max(second_length - first_length, 0)
-        reserved = self.growth_by_capacity
-        previous = reserved.get(first_capacity, 0)
-        reserved[first_capacity] = max(previous, growth)
-        second_layers = cache.layers[self.switch_layer : self.num_layers]
-        second_capacities = (static_capacity(cache, index) for index in range(self.switch_layer, self.num_layers))
-        capacity = max(first_capacity + max(previous, growth), *second_capacities)
-        for layer in second_layers:
-            set_static_capacity(layer, capacity)
-        return capacity
-
-    def store_state(self, cache: Cache, switch: PhaseSwitch, first_length: int) -> PhaseCacheState:
-        keys = switch.key_mask
-        capacity = self.reserve_second_phase_slots(cache, first_length, keys.shape[1])
-        if capacity is not None:
-            keys = F.pad(keys, (0, capacity - keys.shape[1]))
-        lengths = torch.tensor([switch.key_mask.shape[1], first_length], device=keys.device)
-        state = PhaseCacheState(switch.growth, keys, lengths[0], lengths[1])
-        cache.internvl_x_phases = state
-        return state
-
-    # ---- masks ---------------------------------------------------------------------------------------------------
-    def prompt_attention_mask(
-        self, cache: Cache | None, prompt_keys: torch.Tensor, second_length: int, dtype: torch.dtype
-    ) -> torch.Tensor | None:
-        """Second-phase mask of a prefill: causal over its prompt, the padding (0 in `prompt_keys`) masked."""
-        kv_length = cache.get_mask_sizes(second_length, self.switch_layer)[0] if cache is not None else second_length
-        keys = F.pad(prompt_keys, (0, kv_length - prompt_keys.shape[1])).bool()
-        return self.build_mask(keys, second_length, 0, dtype)
-
-    def continuation_attention_mask(
-        self,
-        cache: Cache,
-        state: PhaseCacheState,
-        attention_mask: torch.Tensor | dict | None,
-        query_length: int,
-        dtype: torch.dtype,
-    ) -> torch.Tensor | None:
-        """Second-phase mask of a continuation step: key slot j of those layers holds their prompt's token j, then
-        (from P2 on) the continuation's token j − (P2 − P1), which is valid where the first phase's key j − (P2 − P1)
-        is.
-
-        The text after the last image keeps that offset in both phases, so a roll-back (`crop`, speculative decoding)
-        into the prompt's text tail is continued the same way: slots from the current length on are the new tokens'.
-        """
-        past = cache.get_seq_length(self.switch_layer)
-        kv_length = cache.get_mask_sizes(query_length, self.switch_layer)[0]
-        slots = torch.arange(kv_length, device=state.growth.device)
-        prompt = state.prompt_keys.bool()[:, :kv_length]
-        prompt = F.pad(prompt, (0, kv_length - prompt.shape[1]))
-        first_keys = key_validity(attention_mask)
-        if first_keys is None:
-            continued = torch.ones_like(prompt)
-        else:
-            first_index = (slots - state.offset).clamp(0, first_keys.shape[1] - 1)
-            continued = first_keys[:, first_index]
-        prompt_end = torch.minimum(state.second_prompt_length, torch.as_tensor(past, device=slots.device))
-        keys = torch.where(slots < prompt_end, prompt, continued)
-        return self.build_mask(keys, query_length, past, dtype)
-
-    def build_mask(
-        self,
-        keys: torch.Tensor,
-        query_length: int,
-        past: int | torch.Tensor,
-        dtype: torch.dtype,
-        packed: torch.Tensor | None = None,
-    ) -> torch.Tensor | None:
-        """`(B, 1, q, kv)` mask: query i sits at key slot `past + i` and sees the valid `keys (B, kv)` up to itself, and
-        always itself (padding queries never get an empty row, so no NaN). With `packed (B, kv)` (a prompt of rows
-        that pack several sequences, `packed_sequence_ids`) a query sees only keys of its own sequence.
-
-        Bool for sdpa, additive for eager. With sdpa and no padding, None lets sdpa use its causal kernel, as
-        Transformers' own mask functions do: for one new token on a dynamic cache, and for a prompt into an empty cache
-        (sdpa's causal mask is aligned top-left, so a static cache's free slots after the prompt are never attended).
-        """
-        implementation = attention_implementation(self.text_config)
-        kv_length = keys.shape[1]
-        if (
-            implementation == "sdpa"
-            and packed is None
-            and not torch.compiler.is_compiling()
-            and isinstance(past, int)
-            and ((query_length == 1 and kv_length == past + 1) or (past == 0 and query_length > 1))
-            and bool(keys[:, : past + query_length].all())
-        ):
-            return None
-        slots = torch.arange(kv_length, device=keys.device)
-        queries = torch.arange(query_length, device=keys.device)[:, None] + past
-        allowed = ((slots <= queries)[None, None] & keys[:, None, None, :]) | (slots == queries)[None, None]
-        if packed is not None:
-            allowed = allowed & (packed[:, None, past : past + query_length, None] == packed[:, None, None, :])
-        if implementation == "sdpa":
-            return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )
-
-
-class LVTCSchedule(PhasedDecoder):
+class LVTCSchedule(TokenSchedule):
     """LVTC's per-layer token schedule (paper §3.2, Algorithm 1).
 
     Layers 0..k-1 run on the input sequence, N1² visual tokens per tile, with LR projectors 1..T-1 added to the visual
@@ -995,6 +699,7 @@ class LVTCSchedule(PhasedDecoder):
         grid = config.patch_grid_size
         self.short_side = grid // config.downsample_factor
         self.long_side = grid // config.lvtc_hr_downsample_factor
+        self.uses_hr_projector = config.lvtc_use_hr_projector and self.switches
 
     @property
     def layer_change(self) -> str:
@@ -1016,7 +721,7 @@ class LVTCSchedule(PhasedDecoder):
                 InternVLXPixelShuffleProjector(config) for _ in range(config.lvtc_num_lr_projectors - 1)
             )
         }
-        if config.lvtc_use_hr_projector and self.switches:
+        if self.uses_hr_projector:
             modules["lvtc_hr_projector"] = InternVLXPixelShuffleProjector(config, config.lvtc_hr_downsample_factor)
         return modules
 
@@ -1043,8 +748,7 @@ class LVTCSchedule(PhasedDecoder):
         return self.pool(hidden_states, switch.layout, image_mask, image_mask.shape[1])
 
     def second_phase_modules(self, model: "InternVLXModel", vision_features: torch.Tensor) -> list[torch.Tensor]:
-        hr_projector = getattr(model, "lvtc_hr_projector", None)
-        return [hr_projector(vision_features)] if hr_projector is not None else []
+        return [model.lvtc_hr_projector(vision_features)] if self.uses_hr_projector else []
 
     def expand(
         self,
@@ -1068,9 +772,8 @@ class LVTCSchedule(PhasedDecoder):
             spans.permute(0, 3, 1, 2), size=(self.long_side, self.long_side), mode=self.config.lvtc_upsample_mode
         )
         upsampled = upsampled.permute(0, 2, 3, 1).reshape(tiles, self.long_side**2, hidden_size)
-        hr_projector = getattr(model, "lvtc_hr_projector", None)
-        if hr_projector is not None:
-            upsampled = upsampled + hr_projector(vision_features).to(upsampled.dtype)
+        if self.uses_hr_projector:
+            upsampled = upsampled + model.lvtc_hr_projector(vision_features).to(upsampled.dtype)
         rows = layout.tile_rows[:, None].expand_as(layout.tile_long)
         return long_states.index_put((rows, layout.tile_long), upsampled)
 
@@ -1126,7 +829,7 @@ def keep_top_visual_tokens(scores: torch.Tensor, image_mask: torch.Tensor, ratio
     return ~visual | (ranks < keep_counts[:, None])
 
 
-class FastVSchedule(PhasedDecoder):
+class FastVSchedule(TokenSchedule):
     """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2"): training-free pruning of visual tokens.
 
     Layers 0..K-1 run on the whole input. At layer K each row keeps the top (1 − R) of its visual tokens, ranked by the
@@ -1215,7 +918,8 @@ class FastVSchedule(PhasedDecoder):
         return full.index_put((layout.rows, layout.columns), hidden_states[layout.rows, layout.targets])
 
 
-# The config fields a schedule is built from: the model rebuilds its schedule when one of them is edited.
+# The config fields a schedule is built from: the model builds its schedule again when one of them is edited (and
+# refuses the edit when the new schedule needs modules the model was not built with).
 SCHEDULE_FIELDS = (
     "lvtc_enabled",
     "lvtc_expand_layer",
@@ -1226,7 +930,7 @@ SCHEDULE_FIELDS = (
 )
 
 
-def build_token_schedule(config: InternVLXConfig) -> PhasedDecoder | None:
+def build_token_schedule(config: InternVLXConfig) -> TokenSchedule | None:
     """The token schedule `config` asks for (LVTC, FastV), or None for the plain model: the one place that reads their
     switches."""
     if config.lvtc_enabled:
@@ -1234,6 +938,770 @@ def build_token_schedule(config: InternVLXConfig) -> PhasedDecoder | None:
     if config.fastv_layer is not None:
         return FastVSchedule(config)
     return None
+
+
+# ---- The decoder loop: the layers in two phases, and the cache state between them -----------------------------------
+@dataclass
+class PhaseCacheState:
+    """What a continuation step (decoded or speculated tokens, no images) needs from a two-phase prefill, stored on the
+    cache the caller's `generate` uses (any cache Transformers builds or a user passes).
+
+    Only fixed-shape tensors, so a compiled decode step reads them without host syncs or recompilation.
+    """
+
+    growth: torch.Tensor  # (batch,) second-phase position = first-phase position + growth (LVTC: tokens gained)
+    prompt_keys: torch.Tensor  # (batch, slots) 1 where the second phase's prompt has a real token; 0 for its padding
+    # and every slot after it. `slots` is the second-phase layers' capacity for a static cache, P2 else.
+    second_prompt_length: torch.Tensor  # () P2: the prompt as the second-phase layers cached it (rows left-padded)
+    first_prompt_length: torch.Tensor  # () P1: the prompt as the first-phase layers cached it
+
+    @property
+    def offset(self) -> torch.Tensor:
+        """`()` how far the second-phase layers' cache runs ahead of the first phase's: P2 − P1 (< 0 when pruned)."""
+        return self.second_prompt_length - self.first_prompt_length
+
+    @classmethod
+    def continued(
+        cls, cache: Cache | None, has_images: bool, batch: int, device: torch.device, schedule_name: str
+    ) -> "PhaseCacheState | None":
+        """The state of the prefill a step continues, or None when the step is a prefill.
+
+        A compiled step trusts the state on the cache (Transformers compiles decode steps only, after an eager
+        prefill); an eager step checks that the cache holds something (a reset or reused cache is a new prefill).
+        """
+        if cache is None:
+            return None
+        state = getattr(cache, "internvl_x_phases", None)
+        if torch.compiler.is_compiling():
+            return None if has_images else state
+        cached = int(cache.get_seq_length())
+        if has_images:
+            if cached:
+                raise ValueError(
+                    f"{schedule_name} cannot add images to a cache that already holds {cached} tokens; run the whole "
+                    "prompt at once."
+                )
+            return None
+        if not cached:
+            return None
+        if state is None:  # filled without this schedule's prefill (e.g. by the bare language model): phases align
+            zero = torch.zeros((), dtype=torch.long, device=device)
+            empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
+            state = cls(torch.zeros(batch, dtype=torch.long, device=device), empty, zero, zero)
+        return state
+
+    @classmethod
+    def store(cls, cache: Cache, switch: PhaseSwitch, first_length: int, capacity: int | None) -> "PhaseCacheState":
+        """The state of a prefill whose second phase is `switch`, stored on `cache`; `capacity` is the second-phase
+        layers' slots of a static cache (`reserve_second_phase_slots`), None for a dynamic one."""
+        keys = switch.key_mask
+        if capacity is not None:
+            keys = F.pad(keys, (0, capacity - keys.shape[1]))
+        lengths = torch.tensor([switch.key_mask.shape[1], first_length], device=keys.device)
+        state = cls(switch.growth, keys, lengths[0], lengths[1])
+        cache.internvl_x_phases = state
+        return state
+
+
+def reserve_second_phase_slots(
+    cache: Cache, layers: range, first_length: int, second_length: int, reserved: dict[int, int]
+) -> int | None:
+    """Give a static cache's second-phase `layers` room for this prompt; return their capacity (None: dynamic).
+
+    They need the first-phase capacity plus the longest row's growth (LVTC; pruning needs no more). For one
+    first-phase capacity (`max_cache_len`), the growth reserved (`reserved`, kept by the caller across calls) only
+    grows, so later calls with that capacity keep the same shapes and compiled graphs; another capacity means new
+    shapes anyway and reserves what its own calls need.
+    """
+    if not is_static_cache(cache):
+        return None
+    first_capacity = static_capacity(cache)
+    if first_length > first_capacity:
+        raise ValueError(
+            f"the prompt has {first_length} tokens but the static cache holds {first_capacity} per layer; "
+            f"build it with max_cache_len ≥ {first_length} plus the tokens to generate."
+        )
+    growth = max(second_length - first_length, 0)
+    previous = reserved.get(first_capacity, 0)
+    reserved[first_capacity] = max(previous, growth)
+    capacity = max(first_capacity + max(previous, growth), *(static_capacity(cache, index) for index in layers))
+    for index in layers:
+        set_static_capacity(cache.layers[index], capacity)
+    return capacity
+
+
+def weighing_nothing(outputs) -> torch.Tensor | float:
+    """A zero that depends on every tensor of `outputs`: added to hidden states it changes no value and no gradient
+    of the text path, but puts the modules that made `outputs` in the graph (each gets a zero gradient). ZeRO and
+    DDP then see the same modules run and the same gradients reduced on every rank, with images or without."""
+    outputs = list(outputs)
+    return sum(output.sum() for output in outputs) * 0 if outputs else 0.0
+
+
+class PhasedDecoder:
+    """The decoder layers run under a `TokenSchedule`: layers < s on the input sequence (with the schedule's
+    additions to the visual span), layers ≥ s on the sequence the schedule derives at layer s, then mapped back.
+
+    Cache: layers < s cache the first-phase sequence, layers ≥ s the second. The prefill stores a `PhaseCacheState` on
+    the cache; a continuation step (decoded or speculated tokens, no images) reads only its fixed-shape tensors and
+    gives each token the next position of each phase, so with Transformers' static cache a decode step compiles whole.
+    The loop keeps the static caches' second-phase growth (`reserved`) across calls.
+    """
+
+    def __init__(self, schedule: TokenSchedule):
+        self.schedule = schedule
+        self.text_config = schedule.text_config
+        self.reserved: dict[int, int] = {}  # static caches: the growth reserved for each first-phase capacity
+
+    def __call__(
+        self,
+        model: "InternVLXModel",
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | dict | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+        use_cache: bool | None,
+        image_mask: torch.Tensor | None,
+        vision_features: torch.Tensor | None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        padding_vision_features: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Run `model`'s decoder layers under the schedule.
+
+        `padding_vision_features` (a batch without images given padding tiles, see `InternVLXModel.forward`): the
+        schedule's projectors run on them where they would run on real tiles, in the same order, and add nothing.
+
+        `inputs_embeds (B, L, D)` → `last_hidden_state (B, L, D)`. With `output_hidden_states`, the input of every layer
+        then the final normed state; with `output_attentions` (eager attention), each layer's weights `(B, heads, q,
+        kv)`. Both default to the language model's config, as `use_cache` does. Entries of layers ≥ s (and the last
+        hidden state) are in the second phase's layout, so their lengths differ from the first phase's.
+        """
+        schedule, decoder = self.schedule, model.language_model
+        switch_layer, num_layers = schedule.switch_layer, schedule.num_layers
+        implementation = attention_implementation(self.text_config)
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(
+                f"{schedule.name} runs with attn_implementation 'sdpa' or 'eager', not {implementation!r}."
+            )
+        # The defaults Transformers' decoders take from their config when an argument is not given.
+        if output_attentions is None:
+            output_attentions = self.text_config.output_attentions
+        if output_attentions and implementation != "eager":
+            logger.warning_once(
+                f"`{implementation}` attention computes no attention weights, so `output_attentions` gives none; load "
+                "the model with attn_implementation='eager' for them."
+            )
+        if output_hidden_states is None:
+            output_hidden_states = self.text_config.output_hidden_states
+        if use_cache is None:
+            use_cache = self.text_config.use_cache
+        if use_cache and decoder.gradient_checkpointing and decoder.training and torch.is_grad_enabled():
+            use_cache = False  # as Transformers' decoders: checkpointed layers are recomputed, so they cache nothing
+        batch, length, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.text_config)
+        state = PhaseCacheState.continued(cache, vision_features is not None, batch, device, schedule.name)
+        packed = None
+        if position_ids is not None and state is None and full_attention_mask(attention_mask) is None:
+            packed = packed_sequence_ids(position_ids.expand(batch, -1))
+            if packed is not None and image_mask is not None and not torch.compiler.is_compiling():
+                self.refuse_packed_images(packed, image_mask)  # with a cache or not: the layout is made per row
+            packed = packed if cache is None else None  # as Transformers' decoders: kept apart only without a cache
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, -1)
+        layers = decoder.layers[:num_layers]
+        all_hidden_states = [] if output_hidden_states else None
+        all_attentions = [] if output_attentions and implementation == "eager" else None
+
+        def run_layer(layer, hidden, mask, positions, rotary) -> torch.Tensor:
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden)
+            with recorded_attention_weights(layer, all_attentions):
+                return run_decoder_layer(layer, hidden, mask, positions, rotary, cache, use_cache=use_cache, **kwargs)
+
+        # First phase: layers 0..s-1 on the input sequence, with the schedule's additions to the visual span.
+        first_mask = causal_mask(
+            self.text_config, inputs_embeds, full_attention_mask(attention_mask), cache, position_ids
+        )
+        additions = schedule.first_phase_additions(model, vision_features)
+        image_positions = image_mask.nonzero(as_tuple=True) if additions else None
+        hidden_states = last_input = inputs_embeds
+        if padding_vision_features is not None:
+            padding_outputs = schedule.first_phase_additions(model, padding_vision_features).values()
+            hidden_states = last_input = hidden_states + weighing_nothing(padding_outputs)
+        rotary = decoder.rotary_emb(hidden_states, position_ids)
+        for layer_index, layer in enumerate(layers[:switch_layer]):
+            if layer_index in additions:
+                added = hidden_states[image_positions] + additions[layer_index].to(hidden_states.dtype)
+                hidden_states = hidden_states.index_put(image_positions, added)
+            last_input = hidden_states
+            hidden_states = run_layer(layer, hidden_states, first_mask, position_ids, rotary)
+
+        # Second phase: layers s.. on the schedule's sequence.
+        switch = None
+        if schedule.switches:
+            if state is None:
+                if image_mask is None:
+                    image_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+                padding = key_validity(attention_mask)
+                padding = padding[:, :length] if padding is not None else None
+                switch = schedule.enter(
+                    model, hidden_states, image_mask, padding, position_ids, vision_features, last_input
+                )
+                hidden_states, second_positions = switch.hidden_states, switch.position_ids
+                if padding_vision_features is not None:
+                    padding_outputs = schedule.second_phase_modules(model, padding_vision_features)
+                    hidden_states = hidden_states + weighing_nothing(padding_outputs)
+                prompt_keys = switch.key_mask
+                if cache is not None:
+                    second_layers = range(switch_layer, num_layers)
+                    capacity = reserve_second_phase_slots(
+                        cache, second_layers, length, prompt_keys.shape[1], self.reserved
+                    )
+                    prompt_keys = PhaseCacheState.store(cache, switch, length, capacity).prompt_keys
+                if packed is None:
+                    second_mask = self.prompt_attention_mask(
+                        cache, prompt_keys, second_positions.shape[1], hidden_states.dtype
+                    )
+                else:  # text-only packed rows: the second phase has the first one's layout
+                    second_mask = self.build_mask(prompt_keys.bool(), length, 0, hidden_states.dtype, packed)
+            else:
+                second_positions = position_ids + state.growth[:, None]
+                second_mask = self.continuation_attention_mask(
+                    cache, state, attention_mask, length, inputs_embeds.dtype
+                )
+            rotary = decoder.rotary_emb(hidden_states, second_positions)
+            for layer in layers[switch_layer:]:
+                hidden_states = run_layer(layer, hidden_states, second_mask, second_positions, rotary)
+
+        hidden_states = decoder.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
+        if switch is not None:
+            hidden_states = schedule.leave(model, hidden_states, switch, image_mask)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=select_hidden_states(all_hidden_states, output_hidden_states),
+            attentions=tuple(all_attentions or ()) if output_attentions else None,
+            **named_cache(cache),
+        )
+
+    def refuse_packed_images(self, packed: torch.Tensor, image_mask: torch.Tensor) -> None:
+        """Rows that pack several sequences are kept apart for text only: the second phase's layout (LVTC's expanded
+        tiles, FastV's ranking by the row's last token) is made per row, not per packed sequence."""
+        image_tokens = int(image_mask.sum())
+        if image_tokens:
+            sequences = (packed[:, -1] + 1).tolist()
+            raise ValueError(
+                f"{self.schedule.name} cannot keep packed sequences apart when they hold images: the rows pack "
+                f"{sequences} sequences (position_ids restart without an attention mask) and {image_tokens} image "
+                "tokens. Pack text-only rows, or pad the batch instead (TRL: padding_free=False, packing=False)."
+            )
+
+    # ---- masks ---------------------------------------------------------------------------------------------------
+    def prompt_attention_mask(
+        self, cache: Cache | None, prompt_keys: torch.Tensor, second_length: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """Second-phase mask of a prefill: causal over its prompt, the padding (0 in `prompt_keys`) masked."""
+        switch_layer = self.schedule.switch_layer
+        kv_length = cache.get_mask_sizes(second_length, switch_layer)[0] if cache is not None else second_length
+        keys = F.pad(prompt_keys, (0, kv_length - prompt_keys.shape[1])).bool()
+        return self.build_mask(keys, second_length, 0, dtype)
+
+    def continuation_attention_mask(
+        self,
+        cache: Cache,
+        state: PhaseCacheState,
+        attention_mask: torch.Tensor | dict | None,
+        query_length: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """Second-phase mask of a continuation step: key slot j of those layers holds their prompt's token j, then
+        (from P2 on) the continuation's token j − (P2 − P1), which is valid where the first phase's key j − (P2 − P1)
+        is.
+
+        The text after the last image keeps that offset in both phases, so a roll-back (`crop`, speculative decoding)
+        into the prompt's text tail is continued the same way: slots from the current length on are the new tokens'.
+        """
+        past = cache.get_seq_length(self.schedule.switch_layer)
+        kv_length = cache.get_mask_sizes(query_length, self.schedule.switch_layer)[0]
+        slots = torch.arange(kv_length, device=state.growth.device)
+        prompt = state.prompt_keys.bool()[:, :kv_length]
+        prompt = F.pad(prompt, (0, kv_length - prompt.shape[1]))
+        first_keys = key_validity(attention_mask)
+        if first_keys is None:
+            continued = torch.ones_like(prompt)
+        else:
+            first_index = (slots - state.offset).clamp(0, first_keys.shape[1] - 1)
+            continued = first_keys[:, first_index]
+        prompt_end = torch.minimum(state.second_prompt_length, torch.as_tensor(past, device=slots.device))
+        keys = torch.where(slots < prompt_end, prompt, continued)
+        return self.build_mask(keys, query_length, past, dtype)
+
+    def build_mask(
+        self,
+        keys: torch.Tensor,
+        query_length: int,
+        past: int | torch.Tensor,
+        dtype: torch.dtype,
+        packed: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """`(B, 1, q, kv)` mask: query i sits at key slot `past + i` and sees the valid `keys (B, kv)` up to itself, and
+        always itself (padding queries never get an empty row, so no NaN). With `packed (B, kv)` (a prompt of rows
+        that pack several sequences, `packed_sequence_ids`) a query sees only keys of its own sequence. Bool for sdpa,
+        additive for eager; None where sdpa's causal kernel computes the same (`sdpa_causal_kernel_suffices`)."""
+        implementation = attention_implementation(self.text_config)
+        if packed is None and sdpa_causal_kernel_suffices(implementation, keys, query_length, past):
+            return None
+        slots = torch.arange(keys.shape[1], device=keys.device)
+        queries = torch.arange(query_length, device=keys.device)[:, None] + past
+        allowed = ((slots <= queries)[None, None] & keys[:, None, None, :]) | (slots == queries)[None, None]
+        if packed is not None:
+            allowed = allowed & (packed[:, None, past : past + query_length, None] == packed[:, None, None, :])
+        if implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+
+
+# ---- Input checks: what the model refuses, each check run once from `InternVLXModel.forward` ------------------------
+# A refusal names what failed and the numbers, and says one remedy; docs/reliability.md explains the rules.
+def check_input_types(input_ids, inputs_embeds, pixel_values, image_flags=None) -> None:
+    """Tensors of the shapes and kinds the model reads, refused by name otherwise (a list, a NumPy array, ids
+    without a batch dimension or of a floating-point type)."""
+    for name, value, dims in (
+        ("input_ids", input_ids, 2),
+        ("inputs_embeds", inputs_embeds, 3),
+        ("pixel_values", pixel_values, 4),
+        ("image_flags", image_flags, None),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{name} must be a torch.Tensor, got {type(value).__name__}; pass return_tensors='pt' to the "
+                "processor, or torch.as_tensor(...)."
+            )
+        if dims is None or name == "pixel_values":
+            continue  # the tiles' shape is checked where the vision tower reads them (`get_image_features`)
+        if value.dim() != dims:
+            layout = {2: "(batch, seq)", 3: "(batch, seq, hidden)"}
+            hint = f"; add the batch dimension: {name}[None]" if value.dim() == dims - 1 else ""
+            raise ValueError(f"{name} must be {layout[dims]}, got shape {tuple(value.shape)}{hint}.")
+    if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex()):
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}.")
+
+
+def check_tile_shape(config: InternVLXConfig, pixel_values: torch.Tensor) -> None:
+    """`pixel_values` must be `(tiles, channels, tile_size, tile_size)`, the vision tower's input."""
+    size = config.tile_size
+    expected = (config.vision_config.num_channels, size, size)
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+        raise ValueError(
+            f"pixel_values must have shape (num_tiles, {', '.join(map(str, expected))}), "
+            f"got {tuple(pixel_values.shape)}."
+        )
+
+
+def check_pixel_values(pixel_values: torch.Tensor, num_patches: torch.LongTensor | None) -> None:
+    """Tiles the vision tower can read as the processor makes them: floating point (not raw 0..255 values), finite,
+    adding up to `num_patches`."""
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be floating point (the processor's normalised tiles), got {pixel_values.dtype}; "
+            "pass the images through the processor."
+        )
+    bad = int((~torch.isfinite(pixel_values)).sum())
+    if bad:
+        raise ValueError(f"pixel_values holds {bad} NaN or infinite values (of {pixel_values.numel()}).")
+    if num_patches is not None:
+        counts = [int(n) for n in num_patches]
+        if any(n < 1 for n in counts) or sum(counts) != pixel_values.shape[0]:
+            raise ValueError(
+                f"num_patches {counts} must be at least 1 per image and add up to the {pixel_values.shape[0]} "
+                "tiles of pixel_values."
+            )
+
+
+def check_cache_room(cache: Cache | None, new_tokens: int) -> int:
+    """The tokens `cache` holds already; a static cache without room for `new_tokens` more is refused."""
+    cached = int(cache.get_seq_length()) if cache is not None else 0
+    if is_static_cache(cache) and cached + new_tokens > static_capacity(cache):
+        raise ValueError(
+            f"the static cache holds {static_capacity(cache)} tokens per layer but already has {cached} and this step "
+            f"adds {new_tokens}; build it with a larger max_cache_len."
+        )
+    return cached
+
+
+def check_image_flags(image_flags: torch.Tensor, pixel_values: torch.Tensor, image_tokens: int) -> None:
+    """`image_flags` holds one 0 or 1 per tile, all 1 (tiles of images) or all 0 (padding tiles, for a batch without
+    image tokens; docs/fine-tuning.md says why)."""
+    flags = image_flags.flatten().tolist()
+    if len(flags) != pixel_values.shape[0] or any(flag not in (0, 1) for flag in flags):
+        raise ValueError(
+            f"image_flags must hold a 0 or 1 for each of the {pixel_values.shape[0]} tiles of pixel_values, "
+            f"got {flags[:20]}{' ...' if len(flags) > 20 else ''} ({len(flags)} values)."
+        )
+    if 0 < sum(flags) < len(flags):
+        raise ValueError(
+            f"image_flags marks {len(flags) - sum(flags)} of {len(flags)} tiles as padding: padding tiles cannot share "
+            "a batch with images; give all 1 or all 0."
+        )
+    if sum(flags) == 0 and image_tokens:
+        raise ValueError(
+            f"image_flags marks all {len(flags)} tiles as padding but the text has {image_tokens} image tokens."
+        )
+
+
+def spans_hold_images(span_tiles: list[int], image_tiles: list[int]) -> bool:
+    """Whether runs of image tokens of `span_tiles` tiles each are the images of `image_tiles` tiles in order;
+    one run may hold several images written back to back without separators."""
+    remaining = list(reversed(image_tiles))
+    for span in span_tiles:
+        while span > 0 and remaining:
+            span -= remaining.pop()
+        if span != 0:
+            return False
+    return not remaining
+
+
+def check_image_spans(
+    config: InternVLXConfig, image_mask: torch.Tensor, tiles: int, num_patches: torch.LongTensor | None
+) -> None:
+    """Each run of `<IMG_CONTEXT>` tokens is one image of whole tiles, `tiles` in all; with `num_patches`, the
+    images' tile counts, row by row, must be what it says (a sum alone would let two images' tiles swap)."""
+    if not image_mask.any():
+        raise ValueError(
+            f"pixel_values with {tiles} tiles were given but the text has no image token (id {config.image_token_id}); "
+            "expand each `<image>` with the processor."
+        )
+    per_tile, num_tokens = config.tokens_per_tile, int(image_mask.sum())
+    if num_tokens != tiles * per_tile:
+        raise ValueError(
+            f"the text has {num_tokens} image tokens (id {config.image_token_id}) but pixel_values give {tiles} tiles "
+            f"× {per_tile} tokens = {tiles * per_tile} image features; each tile needs exactly {per_tile} "
+            "`<IMG_CONTEXT>` tokens."
+        )
+    edges = F.pad(image_mask.int(), (1, 1)).diff(dim=1)  # +1 where a run starts, -1 just after it ends
+    lengths = ((edges == -1).nonzero()[:, 1] - (edges == 1).nonzero()[:, 1]).tolist()  # row-major order
+    if any(length % per_tile for length in lengths):
+        raise ValueError(
+            f"the text's image spans hold {lengths} `<IMG_CONTEXT>` tokens, not whole tiles of {per_tile}."
+        )
+    if num_patches is None:
+        return
+    spans, counts = [length // per_tile for length in lengths], [int(n) for n in num_patches]
+    if not spans_hold_images(spans, counts):
+        raise ValueError(
+            f"the text's image spans take {spans} tiles, row by row, but num_patches says {counts}; give num_patches "
+            "in the order the images appear."
+        )
+
+
+def check_context_length(
+    config: InternVLXConfig, input_ids: torch.LongTensor, needed: int, limit: int | None, note: str
+) -> None:
+    """Refuse a prompt that needs more than the language model's `limit` positions (`max_position_embeddings`,
+    None where RoPE is scaled to reach past them): beyond them it would extrapolate silently."""
+    if limit is None or needed <= limit:
+        return
+    tiles = int((input_ids == config.image_token_id).sum(1).max()) // config.tokens_per_tile
+    raise ValueError(
+        f"this input needs {needed} positions{note}, more than the language model's max_position_embeddings = "
+        f"{limit}; a row holds up to {tiles} tiles of {config.tokens_per_tile} image tokens (an image's tiles, or a "
+        "video's frames at one tile each): send fewer images, tiles (max_patches) or video frames (num_frames), or "
+        "less text."
+    )
+
+
+# What the bundle's layer loop (LVTC, FastV) and generation read of the language model: a Transformers decoder.
+DECODER_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
+
+
+def refuse_non_decoders(language_model: nn.Module, text_config) -> None:
+    """Refuse, naming the model type, a language model without a Transformers decoder's parts (an encoder such as
+    BERT would run bidirectionally, silently)."""
+    missing = [part for part in DECODER_PARTS if not hasattr(language_model, part)]
+    if missing:
+        raise ValueError(
+            f"the language model ({text_config.model_type}: {type(language_model).__name__}) is not a decoder "
+            f"InternVL-X can run: it lacks {missing}; use a decoder-only model (Llama, Qwen2, Qwen3, ...)."
+        )
+
+
+# Attention implementations of serving engines that run the decoder layers on their own paged KV cache.
+PAGED_ENGINE_ATTENTION = ("vllm",)
+
+
+def refuse_paged_engines(config: InternVLXConfig, schedule: TokenSchedule | None) -> None:
+    """A paged serving engine (vLLM's Transformers backend) cannot run a token schedule: refused when the model is
+    built, not at the first request (`TokenSchedule.refuse_paged_engine`)."""
+    implementation = attention_implementation(config.text_config)
+    if schedule is not None and implementation in PAGED_ENGINE_ATTENTION:
+        schedule.refuse_paged_engine(f"{implementation!r} attention")
+
+
+def module_shapes(modules: dict[str, nn.Module]) -> dict[str, tuple]:
+    """`{parameter name: shape}` of `modules`, by the names a checkpoint holds them under."""
+    return {
+        f"{name}.{key}": tuple(value.shape)
+        for name, module in modules.items()
+        for key, value in module.state_dict().items()
+    }
+
+
+def refuse_schedule_without_its_modules(model: nn.Module, schedule: TokenSchedule, edited: dict) -> None:
+    """A schedule built again after a config edit (`edited`: field → (before, after)) may need modules the model was
+    not built with (LVTC switched on, or its expansion moved from "never" to a layer: its HR projector); running
+    without them would drop their tokens silently, so the edit is refused naming them."""
+    with torch.device("meta"):
+        needed = module_shapes(schedule.trainable_modules())
+    have = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    missing = sorted(name.split(".")[0] for name, shape in needed.items() if have.get(name) != shape)
+    if missing:
+        changes = ", ".join(f"{field} {before!r} → {after!r}" for field, (before, after) in edited.items())
+        settings = ", ".join(f"{field}={after!r}" for field, (_, after) in edited.items())
+        raise ValueError(
+            f"the config edit ({changes}) makes {schedule.name} need {sorted(set(missing))}, which this model was "
+            f"built without; load it with the new setting instead: from_pretrained(path, {settings})."
+        )
+
+
+# ---- InternVL2's surface: its loading keywords and its chat API -----------------------------------------------------
+# InternVL's own remote code takes these keywords in its model's constructor, so its README, model cards and evaluation
+# harnesses pass them to `from_pretrained`, which hands every keyword that is not a config field to the constructor.
+def take_internvl_loading_keywords(
+    config: InternVLXConfig,
+    use_flash_attn: bool | None = None,
+    use_flash_attention_2: bool | None = None,
+    load_in_8bit: bool | None = None,
+    load_in_4bit: bool | None = None,
+) -> None:
+    """Accept InternVL's `use_flash_attn` / `use_flash_attention_2`: flash attention where asked runs as InternVL's code
+    runs it without flash-attn, on the attention Transformers chose (sdpa by default), with one warning saying why and
+    how to ask Transformers for it. Refuse `load_in_8bit` / `load_in_4bit`, which Transformers 5 no longer takes as
+    keywords, naming the quantization config that replaces them."""
+    for name, value in (("load_in_8bit", load_in_8bit), ("load_in_4bit", load_in_4bit)):
+        if value:
+            raise ValueError(
+                f"{name}=True is InternVL2's loading keyword from Transformers 4; Transformers 5 takes quantized "
+                f"loading as from_pretrained(..., quantization_config=BitsAndBytesConfig({name}=True)) "
+                "(from transformers import BitsAndBytesConfig; docs/loading.md, Quantized loading)."
+            )
+    for name, value in (("use_flash_attn", use_flash_attn), ("use_flash_attention_2", use_flash_attention_2)):
+        if value:
+            reason = (
+                "InternVL-X's tested fast path is sdpa"
+                if is_flash_attn_2_available()
+                else "flash-attn is not installed (InternVL's own code falls back the same way)"
+            )
+            logger.warning_once(
+                f"{name}=True (InternVL's loading keyword): {reason}, so the model runs "
+                f"{attention_implementation(config)} attention. To ask Transformers for flash attention, "
+                "load with attn_implementation='flash_attention_2' instead."
+            )
+
+
+def check_image_token_names(start: str, end: str, context: str) -> None:
+    """`chat`'s `IMG_START_TOKEN`, `IMG_END_TOKEN`, `IMG_CONTEXT_TOKEN`: InternVL lets a caller name them; the image
+    token ids of this model are its config's, so other names are refused rather than silently ignored."""
+    given = (start, end, context)
+    ours = (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
+    if given != ours:
+        raise ValueError(
+            f"IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN = {given}, but this model's image tokens are {ours} "
+            "(config.image_start_token_id, image_end_token_id, image_token_id); leave them at their defaults."
+        )
+
+
+def check_chat_arguments(
+    pixel_values, questions: list, histories: list, num_patches_list, generation_config
+) -> tuple[list[int], dict]:
+    """`chat`'s and `batch_chat`'s arguments as InternVL's take them, each refused by name otherwise: `pixel_values` a
+    tensor or None, questions strings, each history a list of `(question, answer)` string pairs, `num_patches_list`
+    positive tile counts adding up to the tiles, `generation_config` a dict of `generate` arguments (None, or a
+    `GenerationConfig`'s own settings, are taken too). Returns the tile counts and the `generate` arguments."""
+    if pixel_values is not None and not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor of tiles or None, got {type(pixel_values).__name__}.")
+    for question in questions:
+        if not isinstance(question, str):
+            raise ValueError(f"the question must be a string, got {type(question).__name__}: {question!r:.80}.")
+    for history in histories:
+        pairs = history if isinstance(history, (list, tuple)) else [None] if history is not None else []
+        for turn in pairs:
+            if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+                raise ValueError(
+                    f"history must be a list of (question, answer) string pairs, as chat(return_history=True) returns "
+                    f"it; got {turn!r:.80} in it."
+                )
+    if isinstance(generation_config, GenerationConfig):
+        generation_config = generation_config.to_diff_dict()
+    elif generation_config is None:
+        generation_config = {}
+    elif not isinstance(generation_config, dict):
+        raise ValueError(
+            f"generation_config must be a dict of generate arguments (e.g. dict(max_new_tokens=64)), got "
+            f"{type(generation_config).__name__}."
+        )
+    tiles = pixel_values.shape[0] if pixel_values is not None else 0
+    counts = list(num_patches_list) if isinstance(num_patches_list, (list, tuple, torch.Tensor)) else None
+    if counts is None or not all(isinstance(int(n) if isinstance(n, torch.Tensor) else n, int) for n in counts):
+        raise ValueError(f"num_patches_list must be a list of tile counts, got {num_patches_list!r:.80}.")
+    counts = [int(n) for n in counts]
+    empty = [index for index, n in enumerate(counts) if n < 1]
+    if empty:
+        raise ValueError(
+            f"num_patches_list {counts} gives image {empty[0]} {counts[empty[0]]} tiles; each image (or frame) has at "
+            "least one, and its `<image>` would get no tokens."
+        )
+    if sum(counts) != tiles:
+        raise ValueError(
+            f"num_patches_list {counts} adds up to {sum(counts)} tiles but pixel_values has {tiles}; give each "
+            "image's (or frame's) tile count in order."
+        )
+    return counts, dict(generation_config)
+
+
+def chat_format():
+    """The processor's chat template and image-span expansion, which `chat` renders its prompts with: imported on the
+    first chat, so loading a model for training or serving does not import the processor or the image libraries it
+    reads with (Transformers' loader still ships the processor file with the model: it follows this import)."""
+    from .processing_internvl_x import CHAT_TEMPLATE, expand_image_placeholders
+
+    return CHAT_TEMPLATE, expand_image_placeholders
+
+
+class InternVL2ChatMixin:
+    """InternVL2's chat API on the model with a head: `chat`, `batch_chat` and `system_message`, called as InternVL's
+    README, model cards and evaluation harnesses call them (VLMEvalKit sets `model.system_message`)."""
+
+    # InternVL2's default system message; a model's own assignment (`model.system_message = ...`) is used instead.
+    system_message: str = DEFAULT_SYSTEM_MESSAGE
+
+    def batch_chat(
+        self,
+        tokenizer,
+        pixel_values: torch.Tensor | None,
+        questions: list[str],
+        generation_config: dict,
+        num_patches_list: list[int] | None = None,
+        history=None,
+        return_history: bool = False,
+        IMG_START_TOKEN: str = IMAGE_START_TOKEN,  # InternVL's keyword names
+        IMG_END_TOKEN: str = IMAGE_END_TOKEN,
+        IMG_CONTEXT_TOKEN: str = IMAGE_CONTEXT_TOKEN,
+        verbose: bool = False,
+        image_counts: list[int] | None = None,
+    ) -> list[str]:
+        """InternVL2's `batch_chat`: one question per image (`num_patches_list` tiles each), answers in order.
+
+        `tokenizer` may be the tokenizer or the `InternVLXProcessor`; `generation_config` is a dict of `generate`
+        arguments (a `streamer` included). Generation stops at `<|im_end|>`. `image_counts` is InternVL's older name
+        for `num_patches_list`; the image token keywords must be the checkpoint's own.
+        """
+        if history is not None or return_history:
+            raise ValueError("batch_chat does not keep a history; call chat() for multi-round conversations.")
+        check_image_token_names(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+        if not isinstance(questions, (list, tuple)):
+            raise ValueError(f"questions must be a list of strings, got {type(questions).__name__}.")
+        num_patches_list = num_patches_list if num_patches_list is not None else image_counts
+        if pixel_values is not None:
+            num_patches_list = num_patches_list or [1] * len(questions)
+            questions = [q if isinstance(q, str) and "<image>" in q else f"<image>\n{q}" for q in questions]
+        answers = self._generate_answers(
+            tokenizer, pixel_values, list(questions), [None] * len(questions), num_patches_list or [], generation_config
+        )
+        if verbose:
+            for question, answer in zip(questions, answers):
+                print(question, "\n", answer)
+        return answers
+
+    def chat(
+        self,
+        tokenizer,
+        pixel_values: torch.Tensor | None,
+        question: str,
+        generation_config: dict,
+        history: list[tuple[str, str]] | None = None,
+        return_history: bool = False,
+        num_patches_list: list[int] | None = None,
+        IMG_START_TOKEN: str = IMAGE_START_TOKEN,  # InternVL's keyword names
+        IMG_END_TOKEN: str = IMAGE_END_TOKEN,
+        IMG_CONTEXT_TOKEN: str = IMAGE_CONTEXT_TOKEN,
+        verbose: bool = False,
+    ):
+        """InternVL2's `chat`: answer `question` about `pixel_values (tiles, 3, H, W)`, optionally after `history`.
+
+        `pixel_values` may come from this bundle's processor or from InternVL's own `load_image` recipe (ImageNet
+        mean and std, the checkpoint's tile size, a thumbnail after several tiles); the recipe tiles by aspect ratio,
+        so for a checkpoint whose processor caps tiles by area or edges (RVTC) the two may cut an image differently.
+        Several images or video frames: `num_patches_list` gives each one's tiles in order, with one `<image>` in the
+        question for each (`Image-1: <image>\n...`, `Frame1: <image>\n...`). In a first round `<image>\n` is
+        prepended when there are tiles and the question has no `<image>`; later rounds keep the image where the
+        history has it. The prompt opens with `model.system_message`. `generation_config` is a dict of `generate`
+        arguments (a `streamer` included); generation stops at `<|im_end|>`. Returns the answer, or `(answer,
+        history)` with `return_history=True`.
+        """
+        check_image_token_names(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
+        if not history and pixel_values is not None and isinstance(question, str) and "<image>" not in question:
+            question = "<image>\n" + question
+        if num_patches_list is None:
+            num_patches_list = [pixel_values.shape[0]] if isinstance(pixel_values, torch.Tensor) else []
+        answer = self._generate_answers(
+            tokenizer, pixel_values, [question], [history], num_patches_list, generation_config
+        )[0]
+        if verbose:
+            print(question, "\n", answer)
+        history = [*(history or []), (question, answer)]
+        return (answer, history) if return_history else answer
+
+    def _generate_answers(self, tokenizer, pixel_values, questions, histories, num_patches_list, generation_config):
+        num_patches_list, generation_config = check_chat_arguments(
+            pixel_values, questions, histories, num_patches_list, generation_config
+        )
+        inputs = self._chat_inputs(tokenizer, questions, histories, num_patches_list).to(self.device)
+        text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        generation_config.setdefault("eos_token_id", text_tokenizer.convert_tokens_to_ids(CHAT_END_TOKEN))
+        generation_config.setdefault("pad_token_id", text_tokenizer.pad_token_id)
+        if pixel_values is not None and pixel_values.is_floating_point():  # raw 0..255 tiles are the model's to refuse
+            pixel_values = pixel_values.to(self.device, self.dtype)
+        output = self.generate(**inputs, pixel_values=pixel_values, **generation_config)
+        answers = text_tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [answer.split(CHAT_END_TOKEN)[0].strip() for answer in answers]
+
+    def _chat_inputs(self, tokenizer, questions: list[str], histories: list, num_patches_list: list[int]) -> dict:
+        """InternLM2-chat prompts opened by `system_message`, each `<image>` expanded by its tiles, tokenized
+        left-padded: the processor's chat format and image spans (`chat_format`)."""
+        chat_template, expand_image_placeholders = chat_format()
+        processor = tokenizer if hasattr(tokenizer, "image_processor") else None
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        if processor is not None and processor.image_seq_length != self.config.tokens_per_tile:
+            raise ValueError(
+                f"the processor expands each tile into {processor.image_seq_length} tokens but this model takes "
+                f"{self.config.tokens_per_tile} per tile; rebuild the processor with image_seq_length="
+                f"{self.config.tokens_per_tile}."
+            )
+        if not isinstance(self.system_message, str):
+            raise ValueError(f"model.system_message must be a string, got {type(self.system_message).__name__}.")
+        texts = []
+        for question, history in zip(questions, histories):
+            messages = [{"role": "system", "content": self.system_message}]
+            for previous_question, answer in history or []:
+                messages += [{"role": "user", "content": previous_question}, {"role": "assistant", "content": answer}]
+            messages.append({"role": "user", "content": question})
+            texts.append(
+                tokenizer.apply_chat_template(
+                    messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+                )
+            )
+        texts = expand_image_placeholders(texts, num_patches_list, self.config.tokens_per_tile)
+        return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
 
 
 # ---- The model -------------------------------------------------------------------------------------------------------
@@ -1272,41 +1740,6 @@ class InternVLXCausalLMOutputWithPast(CausalLMOutputWithPast):
     """
 
     image_hidden_states: torch.FloatTensor | None = None
-
-
-# ---- InternVL's loading keywords -------------------------------------------------------------------------------------
-# InternVL's own remote code takes these in its model's constructor, so its README, model cards and evaluation harnesses
-# pass them to `from_pretrained`, which hands every keyword that is not a config field to the constructor.
-def take_internvl_loading_keywords(
-    config: InternVLXConfig,
-    use_flash_attn: bool | None = None,
-    use_flash_attention_2: bool | None = None,
-    load_in_8bit: bool | None = None,
-    load_in_4bit: bool | None = None,
-) -> None:
-    """Accept InternVL's `use_flash_attn` / `use_flash_attention_2`: flash attention where asked runs as InternVL's code
-    runs it without flash-attn, on the attention Transformers chose (sdpa by default), with one warning saying why and
-    how to ask Transformers for it. Refuse `load_in_8bit` / `load_in_4bit`, which Transformers 5 no longer takes as
-    keywords, naming the quantization config that replaces them."""
-    for name, value in (("load_in_8bit", load_in_8bit), ("load_in_4bit", load_in_4bit)):
-        if value:
-            raise ValueError(
-                f"{name}=True is InternVL2's loading keyword from Transformers 4; Transformers 5 takes quantized "
-                f"loading as from_pretrained(..., quantization_config=BitsAndBytesConfig({name}=True)) "
-                "(from transformers import BitsAndBytesConfig; docs/loading.md, Quantized loading)."
-            )
-    for name, value in (("use_flash_attn", use_flash_attn), ("use_flash_attention_2", use_flash_attention_2)):
-        if value:
-            reason = (
-                "InternVL-X's tested fast path is sdpa"
-                if is_flash_attn_2_available()
-                else "flash-attn is not installed (InternVL's own code falls back the same way)"
-            )
-            logger.warning_once(
-                f"{name}=True (InternVL's loading keyword): {reason}, so the model runs "
-                f"{attention_implementation(config)} attention. To ask Transformers for flash attention, "
-                "load with attn_implementation='flash_attention_2' instead."
-            )
 
 
 class InternVLXPreTrainedModel(PreTrainedModel):
@@ -1353,45 +1786,6 @@ def images_per_row(image_tiles: list[int], tiles_per_row: list[int]) -> list[lis
     return grouped
 
 
-# What the bundle's layer loop (LVTC, FastV) and generation read of the language model: a Transformers decoder.
-DECODER_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
-
-
-def refuse_non_decoders(language_model: nn.Module, text_config) -> None:
-    """Refuse, naming the model type, a language model without a Transformers decoder's parts (an encoder such as
-    BERT would run bidirectionally, silently)."""
-    missing = [part for part in DECODER_PARTS if not hasattr(language_model, part)]
-    if missing:
-        raise ValueError(
-            f"the language model ({text_config.model_type}: {type(language_model).__name__}) is not a decoder "
-            f"InternVL-X can run: it lacks {missing}; use a decoder-only model (Llama, Qwen2, Qwen3, ...)."
-        )
-
-
-def spans_hold_images(span_tiles: list[int], image_tiles: list[int]) -> bool:
-    """Whether runs of image tokens of `span_tiles` tiles each are the images of `image_tiles` tiles in order;
-    one run may hold several images written back to back without separators."""
-    remaining = list(reversed(image_tiles))
-    for span in span_tiles:
-        while span > 0 and remaining:
-            span -= remaining.pop()
-        if span != 0:
-            return False
-    return not remaining
-
-
-# Attention implementations of serving engines that run the decoder layers on their own paged KV cache.
-PAGED_ENGINE_ATTENTION = ("vllm",)
-
-
-def refuse_paged_engines(config: InternVLXConfig, schedule: PhasedDecoder | None) -> None:
-    """A paged serving engine (vLLM) cannot run a token schedule: refused when the model is built, not at the first
-    request (`PhasedDecoder.refuse_paged_engine` says why)."""
-    implementation = attention_implementation(config.text_config)
-    if schedule is not None and implementation in PAGED_ENGINE_ATTENTION:
-        schedule.refuse_paged_engine(f"{implementation!r} attention")
-
-
 class InternVLXModel(InternVLXPreTrainedModel):
     """Vision tower + projector + language model, without the LM head.
 
@@ -1411,25 +1805,41 @@ class InternVLXModel(InternVLXPreTrainedModel):
         refuse_non_decoders(self.language_model, config.text_config)
         for name, module in (schedule.trainable_modules() if schedule is not None else {}).items():
             self.add_module(name, module)
-        self._token_schedule = schedule
-        self._schedule_settings = self.schedule_settings()
+        self.use_schedule(schedule)
         self.post_init()
 
     def schedule_settings(self) -> tuple:
         """What a token schedule is built from: the config object and its schedule fields' values."""
         return (self.config, *(getattr(self.config, field) for field in SCHEDULE_FIELDS))
 
+    def use_schedule(self, schedule: TokenSchedule | None) -> None:
+        self._token_schedule = schedule
+        self._decoder_loop = PhasedDecoder(schedule) if schedule is not None else None
+        self._schedule_settings = self.schedule_settings()
+
     @property
-    def token_schedule(self) -> PhasedDecoder | None:
+    def token_schedule(self) -> TokenSchedule | None:
         """The per-layer token schedule the decoder runs under (LVTC, FastV), or None for the plain model. Built with
-        the model; built again only when its config, or a schedule field of it, is changed (FastV can be switched on a
-        trained model)."""
+        the model; built again when its config, or a schedule field of it, is changed (FastV can be switched on a
+        trained model), and refused when the new schedule needs modules the model was not built with."""
         built_from, current = self._schedule_settings, self.schedule_settings()
         if built_from[0] is not current[0] or built_from[1:] != current[1:]:
             self.config.validate()
-            self._token_schedule = build_token_schedule(self.config)
-            self._schedule_settings = self.schedule_settings()
+            schedule = build_token_schedule(self.config)
+            if schedule is not None:
+                edited = {
+                    field: (before, after)
+                    for field, before, after in zip(SCHEDULE_FIELDS, built_from[1:], current[1:])
+                    if before != after
+                }
+                refuse_schedule_without_its_modules(self, schedule, edited)
+            self.use_schedule(schedule)
         return self._token_schedule
+
+    @property
+    def decoder_loop(self) -> PhasedDecoder | None:
+        """The loop that runs the decoder layers under `token_schedule` (None for the plain model)."""
+        return self._decoder_loop if self.token_schedule is not None else None
 
     def visual_token_schedule(self, num_tiles: int) -> list[int]:
         """Visual tokens each decoder layer processes for `num_tiles` tiles: N1² per tile; with LVTC N2² per tile from
@@ -1445,41 +1855,6 @@ class InternVLXModel(InternVLXPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def check_input_types(self, input_ids, inputs_embeds, pixel_values) -> None:
-        """Tensors of the shapes and kinds the model reads, refused by name otherwise (a list, a NumPy array, ids
-        without a batch dimension or of a floating-point type)."""
-        for name, value, dims in (
-            ("input_ids", input_ids, 2),
-            ("inputs_embeds", inputs_embeds, 3),
-            ("pixel_values", pixel_values, 4),
-        ):
-            if value is None:
-                continue
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(
-                    f"{name} must be a torch.Tensor, got {type(value).__name__}; pass return_tensors='pt' to the "
-                    "processor, or torch.as_tensor(...)."
-                )
-            if name == "pixel_values":
-                continue  # its shape is checked where the vision tower reads it (`get_image_features`)
-            if value.dim() != dims:
-                layout = {2: "(batch, seq)", 3: "(batch, seq, hidden)"}
-                batchless = value.dim() == dims - 1
-                hint = f"; add the batch dimension: {name}[None]" if batchless else ""
-                raise ValueError(f"{name} must be {layout[dims]}, got shape {tuple(value.shape)}{hint}.")
-        if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex()):
-            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}.")
-
-    def check_tile_shape(self, pixel_values: torch.Tensor) -> None:
-        """`pixel_values` must be `(tiles, channels, tile_size, tile_size)`, the vision tower's input."""
-        size = self.config.tile_size
-        expected = (self.config.vision_config.num_channels, size, size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values must have shape (num_tiles, {', '.join(map(str, expected))}), "
-                f"got {tuple(pixel_values.shape)}."
-            )
-
     @can_return_tuple
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> InternVLXImageFeaturesOutput:
         """The visual tokens of `pixel_values (tiles, 3, H, W)`, as Transformers' vision-language models give them: the
@@ -1487,7 +1862,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         argument or config) with `pooler_output (tiles, tokens_per_tile, D)`, the tokens that enter the language model,
         and `vision_features (tiles, 1 + S², C)`, the hidden state of `config.vision_feature_layer` (CLS first) that the
         projectors read (LVTC's too). `return_dict=False` (or `config.return_dict=False`) gives a tuple."""
-        self.check_tile_shape(pixel_values)
+        check_tile_shape(self.config, pixel_values)
         asked = kwargs.get("output_hidden_states", self.config.vision_config.output_hidden_states)
         layer = self.config.vision_feature_layer
         if layer != -1:  # a feature layer other than the last needs the tower's hidden states, asked for or not
@@ -1520,113 +1895,6 @@ class InternVLXModel(InternVLXPreTrainedModel):
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
 
-    def check_image_token_count(self, num_tokens: int, tiles: int, tokens_per_tile: int) -> None:
-        if num_tokens != tiles * tokens_per_tile:
-            raise ValueError(
-                f"the text has {num_tokens} image tokens (id {self.config.image_token_id}) but pixel_values give "
-                f"{tiles} tiles × {tokens_per_tile} tokens = {tiles * tokens_per_tile} image features; each tile "
-                f"needs exactly {tokens_per_tile} `<IMG_CONTEXT>` tokens."
-            )
-
-    def check_inputs(
-        self,
-        input_ids: torch.LongTensor | None,
-        inputs_embeds: torch.Tensor | None,
-        pixel_values: torch.Tensor | None,
-        num_patches: torch.LongTensor | None,
-        cache: Cache | None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-    ) -> None:
-        """Refuse inputs the model cannot read, naming what was wrong and the numbers involved."""
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        if tokens.dim() < 2 or tokens.shape[1] == 0:
-            raise ValueError(f"the input has no tokens (shape {tuple(tokens.shape)}); pass at least one token per row.")
-        if pixel_values is not None:
-            self.check_pixel_values(pixel_values, num_patches)
-        cached = int(cache.get_seq_length()) if cache is not None else 0
-        if is_static_cache(cache):
-            capacity = static_capacity(cache)
-            if cached + tokens.shape[1] > capacity:
-                raise ValueError(
-                    f"the static cache holds {capacity} tokens per layer but already has {cached} and this step adds "
-                    f"{tokens.shape[1]}; build it with a larger max_cache_len."
-                )
-        if pixel_values is None and input_ids is not None and not cached:
-            num_tokens = int((input_ids == self.config.image_token_id).sum())
-            if num_tokens:
-                raise ValueError(f"the text has {num_tokens} image tokens but no pixel_values were given.")
-        if not cached and input_ids is not None:
-            self.check_context_length(input_ids, attention_mask, position_ids=position_ids)
-
-    def check_pixel_values(self, pixel_values: torch.Tensor, num_patches: torch.LongTensor | None) -> None:
-        """Refuse tiles the vision tower cannot read as the processor makes them: not floating point (raw 0–255
-        values), not finite, or not adding up to `num_patches`."""
-        if not pixel_values.is_floating_point():
-            raise ValueError(
-                f"pixel_values must be floating point (the processor's normalised tiles), got {pixel_values.dtype}; "
-                "raw 0..255 pixels give a wrong answer: pass the images through the processor."
-            )
-        bad = int((~torch.isfinite(pixel_values)).sum())
-        if bad:
-            raise ValueError(f"pixel_values holds {bad} NaN or infinite values (of {pixel_values.numel()}).")
-        if num_patches is not None:
-            counts = [int(n) for n in num_patches]
-            if any(n < 1 for n in counts) or sum(counts) != pixel_values.shape[0]:
-                raise ValueError(
-                    f"num_patches {counts} must be at least 1 per image and add up to the {pixel_values.shape[0]} "
-                    "tiles of pixel_values."
-                )
-
-    def check_image_flags(
-        self, image_flags: torch.Tensor, pixel_values: torch.Tensor, input_ids: torch.Tensor | None, inputs_embeds
-    ) -> None:
-        """`image_flags` holds one 0 or 1 per tile, all 1 (tiles of images) or all 0 (padding tiles, for a text
-        without image tokens)."""
-        flags = image_flags.flatten().tolist()
-        if len(flags) != pixel_values.shape[0] or any(flag not in (0, 1) for flag in flags):
-            raise ValueError(
-                f"image_flags must hold a 0 or 1 for each of the {pixel_values.shape[0]} tiles of pixel_values, "
-                f"got {flags[:20]}{' ...' if len(flags) > 20 else ''} ({len(flags)} values)."
-            )
-        if 0 < sum(flags) < len(flags):
-            raise ValueError(
-                f"image_flags marks {len(flags) - sum(flags)} of {len(flags)} tiles as padding: padding tiles let a "
-                "batch without images run the vision tower and cannot share a batch with images; give all 1 or all 0."
-            )
-        image_tokens = int(self.get_placeholder_mask(input_ids, inputs_embeds).sum())
-        if sum(flags) == 0 and image_tokens:
-            raise ValueError(
-                f"image_flags marks all {len(flags)} tiles as padding but the text has {image_tokens} image tokens."
-            )
-
-    def check_image_spans(
-        self, image_mask: torch.Tensor, pixel_values: torch.Tensor, num_patches: torch.LongTensor | None
-    ) -> None:
-        """Each run of `<IMG_CONTEXT>` tokens is one image of whole tiles; with `num_patches`, the images' tile
-        counts, row by row, must be what it says (a sum alone would let two images' tiles swap)."""
-        if not image_mask.any():
-            raise ValueError(
-                f"pixel_values with {pixel_values.shape[0]} tiles were given but the text has no image token "
-                f"(id {self.config.image_token_id}); expand each `<image>` with the processor."
-            )
-        per_tile = self.config.tokens_per_tile
-        self.check_image_token_count(int(image_mask.sum()), pixel_values.shape[0], per_tile)
-        edges = F.pad(image_mask.int(), (1, 1)).diff(dim=1)  # +1 where a run starts, -1 just after it ends
-        lengths = ((edges == -1).nonzero()[:, 1] - (edges == 1).nonzero()[:, 1]).tolist()  # row-major order
-        if any(length % per_tile for length in lengths):
-            raise ValueError(
-                f"the text's image spans hold {lengths} `<IMG_CONTEXT>` tokens, not whole tiles of {per_tile}."
-            )
-        if num_patches is None:
-            return
-        tiles, counts = [length // per_tile for length in lengths], [int(n) for n in num_patches]
-        if not spans_hold_images(tiles, counts):
-            raise ValueError(
-                f"the text's image spans take {tiles} tiles, row by row, but num_patches says {counts}; "
-                "give num_patches in the order the images appear."
-            )
-
     def positions_needed(
         self,
         input_ids: torch.LongTensor,
@@ -1636,7 +1904,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
     ):
         """Positions the language model sees for the longest row of a prompt and `new_tokens` more: its real tokens
         (without a padding mask, the highest of `position_ids` plus one: a row that packs several sequences needs the
-        longest one's), plus (with LVTC) each of its tiles' N2² − N1² extra tokens from the expansion layer on."""
+        longest one's), plus what the token schedule adds (LVTC: each tile's N2² − N1² from the expansion layer on)."""
         padding_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2  # not a prepared mask
         real = attention_mask.bool() if padding_mask else None
         if real is not None:
@@ -1662,27 +1930,29 @@ class InternVLXModel(InternVLXPreTrainedModel):
             return None
         return getattr(text_config, "max_position_embeddings", None)
 
-    def check_context_length(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None,
-        new_tokens: int = 0,
-        position_ids: torch.LongTensor | None = None,
+    def check_inputs(
+        self, input_ids, inputs_embeds, pixel_values, num_patches, image_flags, cache, attention_mask, position_ids
     ) -> None:
-        """Refuse prompts longer than the language model's positions (`max_position_embeddings`), unless its RoPE is
-        scaled to reach past them: beyond them it would extrapolate silently."""
-        limit = self.position_limit()
-        if limit is None:
-            return
-        needed = self.positions_needed(input_ids, attention_mask, new_tokens, position_ids)
-        if needed > limit:
-            tiles = int((input_ids == self.config.image_token_id).sum(1).max()) // self.config.tokens_per_tile
-            raise ValueError(
-                f"this input needs {needed} positions{self.positions_note()}, more than the language model's "
-                f"max_position_embeddings = {limit}; a row holds up to {tiles} tiles of "
-                f"{self.config.tokens_per_tile} image tokens (an image's tiles, or a video's frames at one tile each): "
-                "send fewer images, tiles (max_patches) or video frames (num_frames), or less text."
-            )
+        """The checks that need no vision tower (`forward` runs them before any work): types, tiles, the cache's room,
+        image tokens without tiles, the context."""
+        check_input_types(input_ids, inputs_embeds, pixel_values, image_flags)
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens.shape[1] == 0:
+            raise ValueError(f"the input has no tokens (shape {tuple(tokens.shape)}); pass at least one token per row.")
+        if pixel_values is not None:
+            check_pixel_values(pixel_values, num_patches)
+            if image_flags is not None:
+                check_image_flags(
+                    image_flags, pixel_values, int(self.get_placeholder_mask(input_ids, inputs_embeds).sum())
+                )
+        cached = check_cache_room(cache, tokens.shape[1])
+        if pixel_values is None and input_ids is not None and not cached:
+            num_tokens = int((input_ids == self.config.image_token_id).sum())
+            if num_tokens:
+                raise ValueError(f"the text has {num_tokens} image tokens but no pixel_values were given.")
+        if not cached and input_ids is not None:
+            needed = self.positions_needed(input_ids, attention_mask, position_ids=position_ids)
+            check_context_length(self.config, input_ids, needed, self.position_limit(), self.positions_note())
 
     @can_return_tuple
     @takes_cache_argument
@@ -1715,14 +1985,13 @@ class InternVLXModel(InternVLXPreTrainedModel):
         # A compiled decode step skips the checks that read tensor values (host syncs); the eager prefill ran them.
         checking = not torch.compiler.is_compiling()
         if checking:
-            self.check_input_types(input_ids, inputs_embeds, pixel_values)
-            self.check_inputs(input_ids, inputs_embeds, pixel_values, num_patches, cache, attention_mask, position_ids)
+            self.check_inputs(
+                input_ids, inputs_embeds, pixel_values, num_patches, image_flags, cache, attention_mask, position_ids
+            )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_features = vision_features = image_mask = padding_vision_features = None
-        if checking and pixel_values is not None and image_flags is not None:
-            self.check_image_flags(image_flags, pixel_values, input_ids, inputs_embeds)
         if pixel_values is not None:
             image_outputs = self.get_image_features(pixel_values, return_dict=True)
             if image_flags is not None and not bool(image_flags.flatten()[0]):  # padding tiles: they add nothing
@@ -1732,18 +2001,18 @@ class InternVLXModel(InternVLXPreTrainedModel):
                 image_features, vision_features = image_outputs.pooler_output, image_outputs.vision_features
                 image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
                 if checking:
-                    self.check_image_spans(image_mask, pixel_values, num_patches)
+                    check_image_spans(self.config, image_mask, pixel_values.shape[0], num_patches)
                 inputs_embeds = self.merge_image_features(inputs_embeds, image_mask, image_features)
 
         language_inputs = dict(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
         )
-        schedule = self.token_schedule
-        if schedule is not None:
+        loop = self.decoder_loop
+        if loop is not None:
             vision = dict(
                 image_mask=image_mask, vision_features=vision_features, padding_vision_features=padding_vision_features
             )
-            outputs = schedule(self, cache=cache, **vision, **language_inputs, **kwargs)
+            outputs = loop(self, cache=cache, **vision, **language_inputs, **kwargs)
         else:
             outputs = self.language_model(**language_inputs, **named_cache(cache), return_dict=True, **kwargs)
         return InternVLXModelOutputWithPast(
@@ -1755,8 +2024,8 @@ class InternVLXModel(InternVLXPreTrainedModel):
         )
 
 
-class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGenerationMixin):
-    """InternVL-X with a language-modelling head: chat, `generate`, and training with `labels`."""
+class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVL2ChatMixin, InternVLXGenerationMixin):
+    """InternVL-X with a language-modelling head: `generate`, training with `labels`, and InternVL2's `chat`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     # Tensor parallelism: the language model follows its own plan (`text_config.base_model_tp_plan`); the LM head splits
@@ -1905,7 +2174,7 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
         scaled to reach further), fewer new tokens are generated, with a warning that says how many and why, as
         decoding past the trained positions would extrapolate silently."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        self.model.check_input_types(input_ids, kwargs.get("inputs_embeds"), kwargs.get("pixel_values"))
+        check_input_types(input_ids, kwargs.get("inputs_embeds"), kwargs.get("pixel_values"))
         if isinstance(input_ids, torch.Tensor):
             self.fit_new_tokens_to_context(input_ids, kwargs, generation_config or self.generation_config)
         return super().generate(inputs, generation_config, **kwargs)
@@ -1921,8 +2190,10 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
             asked = kwargs["max_length"] - input_ids.shape[1]
         elif generation_config.max_new_tokens is not None:
             asked = generation_config.max_new_tokens
-        else:
+        elif generation_config.max_length is not None:
             asked = generation_config.max_length - input_ids.shape[1]
+        else:
+            asked = default_new_tokens()
         room = limit - prompt
         expanded = self.model.positions_note()
         if room < 0:
@@ -1964,139 +2235,8 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVLXGener
                 f"{max_cache_length}."
             )
 
-    # ---- InternVL2-compatible chat API -------------------------------------------------------------------------------
-    def _chat_inputs(self, tokenizer, questions: list[str], histories: list, num_patches_list: list[int]) -> dict:
-        """Render InternLM2-chat prompts, expand each `<image>` by its tiles and tokenize (left-padded), with the
-        processor's chat format and image spans. Imported here, on the first chat: loading the model does not import
-        the processor (or the image libraries it reads images with)."""
-        from .processing_internvl_x import CHAT_TEMPLATE, expand_image_placeholders
 
-        processor = tokenizer if hasattr(tokenizer, "image_processor") else None
-        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-        if processor is not None and processor.image_seq_length != self.config.tokens_per_tile:
-            raise ValueError(
-                f"the processor expands each tile into {processor.image_seq_length} tokens but this model takes "
-                f"{self.config.tokens_per_tile} per tile; rebuild the processor with image_seq_length="
-                f"{self.config.tokens_per_tile}."
-            )
-        texts = []
-        for question, history in zip(questions, histories):
-            messages = []
-            for previous_question, answer in history or []:
-                messages += [{"role": "user", "content": previous_question}, {"role": "assistant", "content": answer}]
-            messages.append({"role": "user", "content": question})
-            text = tokenizer.apply_chat_template(
-                messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
-            )
-            texts.append(text)
-        texts = expand_image_placeholders(texts, num_patches_list, self.config.tokens_per_tile)
-        return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-
-    def batch_chat(
-        self,
-        tokenizer,
-        pixel_values: torch.Tensor | None,
-        questions: list[str],
-        generation_config: dict,
-        num_patches_list: list[int] | None = None,
-        history=None,
-        return_history: bool = False,
-        IMG_START_TOKEN: str = IMAGE_START_TOKEN,  # InternVL's keyword names
-        IMG_END_TOKEN: str = IMAGE_END_TOKEN,
-        IMG_CONTEXT_TOKEN: str = IMAGE_CONTEXT_TOKEN,
-        verbose: bool = False,
-        image_counts: list[int] | None = None,
-    ) -> list[str]:
-        """InternVL2's `batch_chat`: one question per image (`num_patches_list` tiles each), answers in order.
-
-        `tokenizer` may be the tokenizer or the `InternVLXProcessor`; `generation_config` is a dict of `generate`
-        arguments (a `streamer` included). Generation stops at `<|im_end|>`. `image_counts` is InternVL's older name
-        for `num_patches_list`; the image token keywords must be the checkpoint's own.
-        """
-        if history is not None or return_history:
-            raise ValueError("batch_chat does not keep a history; call chat() for multi-round conversations.")
-        check_image_token_names(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
-        num_patches_list = num_patches_list if num_patches_list is not None else image_counts
-        if pixel_values is not None:
-            num_patches_list = num_patches_list or [1] * len(questions)
-            questions = [q if "<image>" in q else "<image>\n" + q for q in questions]
-        answers = self._generate_answers(
-            tokenizer, pixel_values, questions, [None] * len(questions), num_patches_list or [], generation_config
-        )
-        if verbose:
-            for question, answer in zip(questions, answers):
-                print(question, "\n", answer)
-        return answers
-
-    def chat(
-        self,
-        tokenizer,
-        pixel_values: torch.Tensor | None,
-        question: str,
-        generation_config: dict,
-        history: list[tuple[str, str]] | None = None,
-        return_history: bool = False,
-        num_patches_list: list[int] | None = None,
-        IMG_START_TOKEN: str = IMAGE_START_TOKEN,  # InternVL's keyword names
-        IMG_END_TOKEN: str = IMAGE_END_TOKEN,
-        IMG_CONTEXT_TOKEN: str = IMAGE_CONTEXT_TOKEN,
-        verbose: bool = False,
-    ):
-        """InternVL2's `chat`: answer `question` about `pixel_values (tiles, 3, H, W)`, optionally after `history`.
-
-        `pixel_values` may come from this bundle's processor or from InternVL's own `load_image` recipe (ImageNet
-        mean and std, the checkpoint's tile size, a thumbnail after several tiles); the recipe tiles by aspect ratio,
-        so for a checkpoint whose processor caps tiles by area or edges (RVTC) the two may cut an image differently.
-        Several images or video frames: `num_patches_list` gives each one's tiles in order, with one `<image>` in the
-        question for each (`Image-1: <image>\n...`, `Frame1: <image>\n...`). In a first round `<image>\n` is
-        prepended when there are tiles and the question has no `<image>`; later rounds keep the image where the
-        history has it. `generation_config` is a dict of `generate` arguments (a `streamer` included); generation
-        stops at `<|im_end|>`. Returns the answer, or `(answer, history)` with `return_history=True`.
-        """
-        check_image_token_names(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
-        if not history and pixel_values is not None and "<image>" not in question:
-            question = "<image>\n" + question
-        if num_patches_list is None:
-            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
-        answer = self._generate_answers(
-            tokenizer, pixel_values, [question], [history], num_patches_list, generation_config
-        )[0]
-        if verbose:
-            print(question, "\n", answer)
-        history = [*(history or []), (question, answer)]
-        return (answer, history) if return_history else answer
-
-    def _generate_answers(self, tokenizer, pixel_values, questions, histories, num_patches_list, generation_config):
-        tiles = pixel_values.shape[0] if pixel_values is not None else 0
-        if sum(num_patches_list) != tiles:
-            raise ValueError(
-                f"num_patches_list {list(num_patches_list)} adds up to {sum(num_patches_list)} tiles but pixel_values "
-                f"has {tiles}; give each image's (or frame's) tile count in order."
-            )
-        inputs = self._chat_inputs(tokenizer, questions, histories, num_patches_list).to(self.device)
-        text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-        generation_config = dict(generation_config)
-        generation_config.setdefault("eos_token_id", text_tokenizer.convert_tokens_to_ids(CHAT_END_TOKEN))
-        generation_config.setdefault("pad_token_id", text_tokenizer.pad_token_id)
-        if pixel_values is not None and pixel_values.is_floating_point():  # raw 0..255 tiles are the model's to refuse
-            pixel_values = pixel_values.to(self.device, self.dtype)
-        output = self.generate(**inputs, pixel_values=pixel_values, **generation_config)
-        answers = text_tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        return [answer.split(CHAT_END_TOKEN)[0].strip() for answer in answers]
-
-
-def check_image_token_names(start: str, end: str, context: str) -> None:
-    """`chat`'s `IMG_START_TOKEN`, `IMG_END_TOKEN`, `IMG_CONTEXT_TOKEN`: InternVL lets a caller name them; the image
-    token ids of this model are its config's, so other names are refused rather than silently ignored."""
-    given = (start, end, context)
-    ours = (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
-    if given != ours:
-        raise ValueError(
-            f"IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN = {given}, but this model's image tokens are {ours} "
-            "(config.image_start_token_id, image_end_token_id, image_token_id); leave them at their defaults."
-        )
-
-
+# InternVL2's surface, concluded: what `AutoModel` gives.
 class InternVLXChatModel(InternVLXForConditionalGeneration):
     """What `AutoModel` gives: the model with `chat`, `batch_chat` and `generate`, as InternVL's own remote code maps
     `AutoModel` to its chat model (its README, model cards and evaluation harnesses load it that way).

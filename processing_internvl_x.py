@@ -11,7 +11,13 @@ from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
 from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 
-from .configuration_internvl_x import CHAT_END_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN, IMAGE_START_TOKEN
+from .configuration_internvl_x import (
+    CHAT_END_TOKEN,
+    DEFAULT_SYSTEM_MESSAGE,
+    IMAGE_CONTEXT_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_START_TOKEN,
+)
 from .media_internvl_x import (
     DecodeBudget,
     MediaPolicy,
@@ -26,9 +32,6 @@ VIDEO_OPTIONS = ("num_frames", "fps", "frame_sampling", "do_sample_frames")
 CHAT_START_TOKEN = "<|im_start|>"
 SPECIAL_TOKENS = (CHAT_END_TOKEN, CHAT_START_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
 IMAGE_SPAN_TOKENS = (IMAGE_START_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN)
-DEFAULT_SYSTEM_MESSAGE = (
-    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
-)
 
 # InternLM2 chat format (ChatML): each turn is the start token, its role, a newline, its content, the end token and a
 # newline; the InternVL2 system message unless one is given; every image item becomes the processor's image token,
@@ -133,9 +136,14 @@ def make_turn_end_the_eos(tokenizer) -> None:
     tokenizer.eos_token = CHAT_END_TOKEN
 
 
+def image_span(tiles: int, tokens_per_tile: int) -> str:
+    """The text an image of `tiles` tiles becomes: `<img>` + `<IMG_CONTEXT>` × (tokens_per_tile × tiles) + `</img>`
+    (the one rendering of an image span: the processor's, `chat`'s and fine-tuning's)."""
+    return IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * (tokens_per_tile * tiles) + IMAGE_END_TOKEN
+
+
 def expand_image_placeholders(text: list[str], num_patches: list[int], tokens_per_tile: int) -> list[str]:
-    """Replace the i-th `<image>` (counted across the batch) by `<img>` + `<IMG_CONTEXT>` × (tokens_per_tile ×
-    num_patches[i]) + `</img>`."""
+    """Replace the i-th `<image>` (counted across the batch) by its `image_span` of `num_patches[i]` tiles."""
     counts = [sample.count(IMAGE_PLACEHOLDER) for sample in text]
     if sum(counts) != len(num_patches):
         raise ValueError(
@@ -145,7 +153,7 @@ def expand_image_placeholders(text: list[str], num_patches: list[int], tokens_pe
     tiles = iter(num_patches)
 
     def span(_match: re.Match) -> str:
-        return IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * (tokens_per_tile * next(tiles)) + IMAGE_END_TOKEN
+        return image_span(next(tiles), tokens_per_tile)
 
     return [re.sub(re.escape(IMAGE_PLACEHOLDER), span, sample) for sample in text]
 
@@ -380,8 +388,7 @@ class InternVLXProcessor(ProcessorMixin):
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The text an image's placeholder becomes: `<img>` + `<IMG_CONTEXT>` × (tokens per tile × tiles) + `</img>`."""
-        tiles = int(image_inputs["num_patches"][image_idx])
-        return IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * (self.image_seq_length * tiles) + IMAGE_END_TOKEN
+        return image_span(int(image_inputs["num_patches"][image_idx]), self.image_seq_length)
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
         """Tokens and tiles each image of `image_sizes` (`(height, width)` pairs) takes, for the slicing options in

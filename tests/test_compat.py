@@ -67,6 +67,23 @@ def test_private_helpers_the_bundle_imports_still_exist():
     )
 
 
+def test_generate_s_default_length_is_where_the_bundle_reads_it(bundle):
+    """`generate` with no length from the call or the generation config adds `default_new_tokens()` new tokens: the
+    bundle reads that default to fit a call to the context (a checkpoint whose generation config sets no length)."""
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig._get_default_generation_params()
+    assert isinstance(defaults.get("max_length"), int), changed(
+        "transformers.GenerationConfig._get_default_generation_params", f"it gives {defaults}"
+    )
+    model = bundle.model(seed=3)
+    model.generation_config = GenerationConfig(eos_token_id=None, pad_token_id=0)
+    prompt_ids = torch.tensor([prompt(6)])
+    with torch.no_grad():
+        generated = model.generate(input_ids=prompt_ids, do_sample=False).shape[1] - prompt_ids.shape[1]
+    assert generated == bundle.load("modeling_internvl_x.default_new_tokens")() == defaults["max_length"]
+
+
 def test_create_causal_mask_takes_the_arguments_the_bundle_passes():
     from transformers.masking_utils import create_causal_mask
 

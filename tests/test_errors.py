@@ -163,3 +163,12 @@ def test_inputs_of_the_wrong_kind_are_refused_by_forward_and_generate(bundle, ch
         model(input_ids=input_ids, pixel_values=pixel_values)
     with pytest.raises(ValueError, match=message):
         model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=2)
+
+
+def test_image_flags_as_a_list_are_refused_by_name(bundle):
+    """`image_flags` must be a tensor, as InternVL's training data gives it; a list crashed in `.flatten()` before."""
+    model = bundle.model(seed=1)
+    inputs = dict(input_ids=torch.tensor([prompt(3, image_span(1, 4), 2)]), pixel_values=tiles(1))
+    with pytest.raises(ValueError, match="image_flags must be a torch.Tensor, got list"):
+        model(**inputs, image_flags=[1])
+    assert model(**inputs, image_flags=torch.tensor([1])).logits.shape[1] == inputs["input_ids"].shape[1]

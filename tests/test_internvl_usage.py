@@ -29,6 +29,7 @@ from transformers.utils import logging as transformers_logging
 from conversion import convert_internvl2_to_internvl_x as convert_script
 from devtools.checkpoints import internvl2_checkpoint
 from tests.conftest import ROOT
+from tests.utils.tiny import SYSTEM
 
 pytestmark = pytest.mark.compat
 DEMO = ROOT / "examples" / "digits-demo"
@@ -224,6 +225,79 @@ def test_history_batch_chat_and_a_streamer(demo):
     streamer = Collect()
     answer = model.chat(tokenizer, tiles[0], questions[0], dict(GENERATION, streamer=streamer))
     assert streamer.ended and tokenizer.decode(streamer.tokens, skip_special_tokens=True).strip().endswith(answer)
+
+
+def test_the_system_message_is_the_model_s_as_in_internvl(demo):
+    """InternVL's `chat` and `batch_chat` open the prompt with `model.system_message`, which a loaded model holds
+    (InternVL2's default) and evaluation harnesses set (VLMEvalKit's reasoning prompts): the prompt ids follow it, and
+    the default gives the processor's own rendering."""
+    model, tokenizer, processor = demo
+    from transformers import AutoModel
+
+    fresh = AutoModel.from_pretrained(DEMO, trust_remote_code=True)
+    assert fresh.system_message == SYSTEM  # InternVL2's default, written out
+    question, image = ["<image>\nWhat digit is this?"], demo_image(EXAMPLES[0])
+
+    def processed(messages):
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return processor(text=text, images=[image])
+
+    expected = processed([{"role": "user", "content": question[0]}])
+    tiles = expected["num_patches"].tolist()
+    default_ids = model._chat_inputs(tokenizer, question, [None], tiles)["input_ids"]
+    assert torch.equal(default_ids, expected["input_ids"])
+    model.system_message = "Answer with one digit."
+    try:
+        custom_ids = model._chat_inputs(tokenizer, question, [None], tiles)["input_ids"]
+        custom = [{"role": "system", "content": "Answer with one digit."}, {"role": "user", "content": question[0]}]
+        assert not torch.equal(custom_ids, default_ids)
+        assert torch.equal(custom_ids, processed(custom)["input_ids"])
+        pixel_values = load_image(demo_image(EXAMPLES[0]), 64, 1)
+        chat_answer = model.chat(tokenizer, pixel_values, question[0], GENERATION)
+        assert model.batch_chat(tokenizer, pixel_values, question, GENERATION) == [chat_answer]
+    finally:
+        del model.system_message
+    assert model.system_message == fresh.system_message
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(question=5), "the question must be a string, got int"),
+        (dict(history=[("q", "a", "extra")]), r"history must be a list of \(question, answer\) string pairs"),
+        (dict(history="q"), r"history must be a list of \(question, answer\) string pairs"),
+        (dict(generation_config="greedy"), "generation_config must be a dict of generate arguments"),
+        (dict(num_patches_list=[2, 0]), r"num_patches_list \[2, 0\] gives image 1 0 tiles"),
+        (dict(num_patches_list="2"), "num_patches_list must be a list of tile counts"),
+        (dict(pixel_values=np.zeros((2, 3, 64, 64), np.float32)), "pixel_values must be a torch.Tensor"),
+        (dict(uint8=True), "pixel_values must be floating point"),
+    ],
+)
+def test_chat_arguments_of_the_wrong_kind_are_refused_by_name(demo, change, message):
+    model, tokenizer, _ = demo
+    arguments = dict(
+        tokenizer=tokenizer,
+        pixel_values=load_image(demo_image(EXAMPLES[0]), 64, 2)[:2],
+        question="<image>\nWhat digit?",
+        generation_config=GENERATION,
+    )
+    if change.pop("uint8", False):
+        arguments["pixel_values"] = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    arguments.update(change)
+    with pytest.raises(ValueError, match=message):
+        model.chat(**arguments)
+
+
+def test_chat_takes_generation_configs_as_generate_does(demo):
+    """`generation_config=None` (the defaults) and a `GenerationConfig` answer as the dict of the same settings."""
+    from transformers import GenerationConfig
+
+    model, tokenizer, _ = demo
+    pixel_values = load_image(demo_image(EXAMPLES[0]), 64, 4)
+    question = "<image>\n" + EXAMPLES[0]["question"]
+    expected = model.chat(tokenizer, pixel_values, question, GENERATION)
+    assert model.chat(tokenizer, pixel_values, question, GenerationConfig(**GENERATION)) == expected
+    assert isinstance(model.chat(tokenizer, pixel_values, question, None), str)
 
 
 def test_hand_written_image_prompts_and_image_token_keywords(demo):

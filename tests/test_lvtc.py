@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 
 from tests.utils.compat import CHECKPOINTING, enable_checkpointing
-from tests.utils.decoding import assert_greedy_matches_recomputation, assert_same_greedy, sdpa_masks
+from tests.utils.decoding import LVTC, assert_greedy_matches_recomputation, assert_same_greedy, sdpa_masks
 from tests.utils.tiny import IMG_CONTEXT, IMG_END, IMG_START, PAD, image_span, left_pad, prompt, tiles
 
 N1SQ, N2SQ = 4, 16  # tiny geometry: S = 4 patches per side, M1 = 2, M2 = 1
@@ -49,6 +49,28 @@ def test_never_expanding_with_one_projector_is_the_plain_model(bundle):
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=tiles(3))
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, plain(**inputs).logits, rtol=0, atol=1e-6)
+
+
+def test_an_edit_that_needs_modules_the_model_lacks_is_refused_by_name(bundle):
+    """A model built never expanding (k = L) has no HR projector; moving k to a layer on the built model would expand
+    without the HR tokens, silently. The edit is refused at the next call, naming the module and the load that builds
+    it; edits the built modules serve (back to "never", or FastV on a plain model) still take effect."""
+    never = bundle.model(seed=3, **{**LVTC, "lvtc_expand_layer": 4})
+    inputs = dict(input_ids=torch.tensor([prompt(3, image_span(2, 4), 5)]), pixel_values=tiles(2))
+    never.config.lvtc_expand_layer = 3
+    with pytest.raises(
+        ValueError,
+        match=r"lvtc_expand_layer 4 → 3\) makes LVTC need \['lvtc_hr_projector'\], .* "
+        r"from_pretrained\(path, lvtc_expand_layer=3\)",
+    ):
+        never(**inputs)
+    plain = bundle.model(seed=3, text=dict(num_hidden_layers=4))
+    plain.config.lvtc_enabled, plain.config.lvtc_expand_layer, plain.config.lvtc_inject_start = True, 3, 1
+    with pytest.raises(ValueError, match=r"makes LVTC need \['lvtc_hr_projector', 'lvtc_lr_projectors'\]"):
+        plain(**inputs)
+    expanding = bundle.model(seed=3, **LVTC)
+    expanding.config.lvtc_expand_layer = 4
+    assert expanding.model.visual_token_schedule(2) == [8, 8, 8, 8]
 
 
 def test_expanding_at_layer_zero_feeds_the_repeated_tokens(bundle):
