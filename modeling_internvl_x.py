@@ -507,6 +507,9 @@ class TokenSchedule:
     name = "this token schedule"
     off_switch = ""  # the config setting that turns the schedule off
     positions_note = ""  # what error messages about positions add
+    # Whether the tokens each layer holds follow from the prompt alone, as an engine that schedules tokens ahead of the
+    # forward needs (LVTC: the tiles' sizes); FastV decides them from attention scores in the middle of the forward.
+    decided_by_prompt = False
 
     def __init__(self, config: InternVLXConfig, switch_layer: int):
         self.config = config
@@ -693,6 +696,7 @@ class LVTCSchedule(TokenSchedule):
     name = "LVTC"
     off_switch = "lvtc_enabled=False"
     positions_note = " (LVTC's expanded tiles included)"
+    decided_by_prompt = True
 
     def __init__(self, config: InternVLXConfig):
         super().__init__(config, config.lvtc_expand_layer)
@@ -767,15 +771,19 @@ class LVTCSchedule(TokenSchedule):
         tiles = layout.tile_rows.shape[0]
         if tiles == 0:
             return long_states
-        spans = hidden_states[image_mask].view(tiles, self.short_side, self.short_side, hidden_size)
-        upsampled = F.interpolate(
-            spans.permute(0, 3, 1, 2), size=(self.long_side, self.long_side), mode=self.config.lvtc_upsample_mode
-        )
-        upsampled = upsampled.permute(0, 2, 3, 1).reshape(tiles, self.long_side**2, hidden_size)
-        if self.uses_hr_projector:
-            upsampled = upsampled + model.lvtc_hr_projector(vision_features).to(upsampled.dtype)
+        spans = hidden_states[image_mask].view(tiles, -1, hidden_size)
+        hr_tokens = model.lvtc_hr_projector(vision_features) if self.uses_hr_projector else None
         rows = layout.tile_rows[:, None].expand_as(layout.tile_long)
-        return long_states.index_put((rows, layout.tile_long), upsampled)
+        return long_states.index_put((rows, layout.tile_long), self.expanded_tiles(spans, hr_tokens))
+
+    def expanded_tiles(self, spans: torch.Tensor, hr_tokens: torch.Tensor | None) -> torch.Tensor:
+        """`spans (tiles, N1², D)` (row-major N1×N1 grids) → `(tiles, N2², D)`: upsampled to N2×N2, plus the HR
+        projector's `hr_tokens (tiles, N2², D)` when it has one (the vLLM plugin expands with this too)."""
+        tiles, _, hidden_size = spans.shape
+        grid = spans.view(tiles, self.short_side, self.short_side, hidden_size).permute(0, 3, 1, 2)
+        upsampled = F.interpolate(grid, size=(self.long_side, self.long_side), mode=self.config.lvtc_upsample_mode)
+        upsampled = upsampled.permute(0, 2, 3, 1).reshape(tiles, self.long_side**2, hidden_size)
+        return upsampled + hr_tokens.to(upsampled.dtype) if hr_tokens is not None else upsampled
 
     def pool(
         self, hidden_states: torch.Tensor, layout: LVTCLayout, image_mask: torch.Tensor, length: int
@@ -1742,6 +1750,16 @@ class InternVLXCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
 
 
+def vision_tower_features(vision_tower: nn.Module, pixel_values: torch.Tensor, layer: int, **kwargs):
+    """`(outputs, features)`: the vision tower's outputs on `pixel_values (tiles, 3, H, W)` and its hidden state of
+    `layer` `(tiles, 1 + S², C)` (CLS first), the one the projectors read (the vLLM plugin reads it this way too)."""
+    if layer != -1:  # a feature layer other than the last needs the tower's hidden states, asked for or not
+        kwargs["output_hidden_states"] = True
+    pixel_values = pixel_values.to(dtype=vision_tower.dtype)
+    outputs = vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
+    return outputs, outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
+
+
 class InternVLXPreTrainedModel(PreTrainedModel):
     config_class = InternVLXConfig
     config: InternVLXConfig
@@ -1864,12 +1882,9 @@ class InternVLXModel(InternVLXPreTrainedModel):
         projectors read (LVTC's too). `return_dict=False` (or `config.return_dict=False`) gives a tuple."""
         check_tile_shape(self.config, pixel_values)
         asked = kwargs.get("output_hidden_states", self.config.vision_config.output_hidden_states)
-        layer = self.config.vision_feature_layer
-        if layer != -1:  # a feature layer other than the last needs the tower's hidden states, asked for or not
-            kwargs["output_hidden_states"] = True
-        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
-        outputs = self.vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
-        features = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
+        outputs, features = vision_tower_features(
+            self.vision_tower, pixel_values, self.config.vision_feature_layer, **kwargs
+        )
         return InternVLXImageFeaturesOutput(
             last_hidden_state=outputs.last_hidden_state,
             pooler_output=self.multi_modal_projector(features),

@@ -9,39 +9,30 @@ same checkpoint, in this process.
 
 import base64
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 vllm = pytest.importorskip("vllm", reason="vLLM runs in its own virtualenv: make test-vllm")
 
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from transformers import AutoProcessor  # noqa: E402
 
 from tests.conftest import ROOT  # noqa: E402
-
-DEMO = ROOT / "examples" / "digits-demo"
-EXAMPLES = json.loads((DEMO / "examples.json").read_text())
-MAX_TOKENS = 8
-ENV = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(ROOT))
-
-
-def build(folder: Path, seed: int = 0, **overrides) -> Path:
-    """The demo checkpoint with `overrides`, saved with its processor (and, with `projector_type`, a new projector
-    initialised from `seed`)."""
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_pretrained(DEMO, trust_remote_code=True, **overrides)
-    model.save_pretrained(folder)
-    AutoProcessor.from_pretrained(DEMO, trust_remote_code=True).save_pretrained(folder)
-    return folder
+from tests.utils.engines import (  # noqa: E402
+    DEMO,
+    ENV,
+    EXAMPLES,
+    MAX_TOKENS,
+    build,
+    bundle_greedy,
+    chat_prompt,
+    question,
+    raw_prompt,
+    vllm_server,
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,34 +46,13 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def question(example: dict) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example["question"]}]}]
-
-
 def transformers_greedy(path: Path, examples: list[dict], **processor_kwargs) -> list[dict]:
-    """Per example: Transformers' greedy tokens (ending at `<|im_end|>`), their log-probabilities, the prompt."""
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
-    results = []
-    for example in examples:
-        prompt = processor.apply_chat_template(question(example), add_generation_prompt=True, tokenize=False)
-        image = Image.open(DEMO / example["image"]).convert("RGB")
-        inputs = processor(images=[image], text=prompt, return_tensors="pt", **processor_kwargs)
-        with torch.no_grad():
-            out = model.generate(
-                **inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
-            )
-        tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-        logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(out.logits, tokens)]
-        results.append(
-            {
-                "prompt": prompt,
-                "token_ids": tokens,
-                "logprobs": logprobs,
-                "prompt_token_ids": inputs["input_ids"][0].tolist(),
-            }
-        )
-    return results
+    """Per example: the bundle's greedy tokens (ending at `<|im_end|>`), their log-probabilities, the prompt."""
+    requests = [{"prompt": chat_prompt(path, question(e)), "images": [str(DEMO / e["image"])]} for e in examples]
+    return [
+        {**result, "prompt": request["prompt"]}
+        for result, request in zip(bundle_greedy(path, requests, **processor_kwargs), requests)
+    ]
 
 
 def vllm_run(tmp_path: Path, spec: dict) -> subprocess.CompletedProcess:
@@ -100,11 +70,6 @@ def vllm_results(tmp_path: Path, spec: dict) -> list[dict]:
     result = vllm_run(tmp_path, spec)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((tmp_path / "out.json").read_text())["results"]
-
-
-def raw_prompt(prompt: str, bos: str = "<s>") -> str:
-    """A rendered chat prompt as vLLM's `generate` takes it: vLLM's tokenizer adds the BOS the template wrote."""
-    return prompt.removeprefix(bos)
 
 
 @pytest.mark.parametrize("name", ["pvtc", "pixel_shuffle"])
@@ -186,63 +151,10 @@ def test_rvtc_slicing_gives_vllm_the_processor_s_tile_counts(checkpoints, slicin
 
 
 # ---- vllm serve ----------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def server(checkpoints, tmp_path):
-    """`vllm serve` on a free port of 127.0.0.1 in its own process group, stopped with it."""
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "vllm"),
-        "serve",
-        str(checkpoints["pvtc"]),
-        "--trust-remote-code",
-        "--model-impl",
-        "transformers",
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (open for the server's lifetime)
-    process = subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "vllm serve did not answer /health in 600 s"
-            time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop_group(process)
-        log.close()
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (its engine processes included), SIGKILL after 60 s."""
-    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    with vllm_server(checkpoints["pvtc"], tmp_path, "--model-impl", "transformers") as base_url:
+        yield base_url
 
 
 def test_vllm_serve_answers_the_openai_client_as_transformers(checkpoints, server):
