@@ -216,6 +216,23 @@ def parse_row(record, root: Path, where: str) -> Row:
     )
 
 
+def check_video_lengths(rows: list[Row], processor, num_frames: int) -> None:
+    """Refuse, when the data is read, a row whose video is shorter than `num_frames` (counted from each file's
+    container by the processor's own media reader, nothing decoded): training would stop at it otherwise."""
+    bundle = importlib.import_module(type(processor).__module__)  # the processor's own bundle module
+    video_frame_count = importlib.import_module(f"{bundle.__package__}.media_internvl_x").video_frame_count
+    for row in rows:
+        for number, video in enumerate(row.videos):
+            try:
+                frames = video_frame_count(video, number)
+            except ValueError as error:
+                raise ValueError(f"{row.where}: {error}") from None
+            if frames < num_frames:
+                raise ValueError(
+                    f"{row.where}: video {number} has {frames} frames, fewer than --num_frames {num_frames}."
+                )
+
+
 def repeated(rows: list[Row], times: float, seed: int = 0) -> list[Row]:
     """InternVL's `repeat_time`: the whole list `int(times)` times, then a seeded sample of the fraction left."""
     if not math.isfinite(times) or times < 0:
@@ -299,27 +316,14 @@ class ChatDataset(Dataset):
 
     def __init__(self, rows: list[Row], processor, max_length: int = 4096, num_frames: int = 8):
         for name, value in (("--max_length", max_length), ("--num_frames", num_frames)):
+            if value is None and name == "--num_frames":  # frames given as frames: all of them
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive whole number, got {value!r}")
         self.rows, self.processor, self.max_length, self.num_frames = rows, processor, max_length, num_frames
         self.tokenizer = processor.tokenizer
         bundle = importlib.import_module(type(processor).__module__)  # the processor's own bundle module
         self.expand_image_placeholders = bundle.expand_image_placeholders
-        self.check_video_lengths(importlib.import_module(f"{bundle.__package__}.media_internvl_x").video_frame_count)
-
-    def check_video_lengths(self, video_frame_count) -> None:
-        """Refuse, when the data is read, a row whose video is shorter than `num_frames` (counted from each file's
-        container, nothing decoded): training would stop at it otherwise."""
-        for row in self.rows:
-            for number, video in enumerate(row.videos):
-                try:
-                    frames = video_frame_count(video, number)
-                except ValueError as error:
-                    raise ValueError(f"{row.where}: {error}") from None
-                if frames < self.num_frames:
-                    raise ValueError(
-                        f"{row.where}: video {number} has {frames} frames, fewer than --num_frames {self.num_frames}"
-                    )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -657,12 +661,14 @@ def main(argv=None) -> None:
     trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
     logger.info("trainable parameters: %d of %d", trainable, sum(parameter_count(p) for p in model.parameters()))
 
-    train_dataset = ChatDataset(read_meta(data_args.meta_path), processor, data_args.max_length, data_args.num_frames)
-    eval_dataset = (
-        ChatDataset(read_meta(data_args.eval_meta_path), processor, data_args.max_length, data_args.num_frames)
-        if data_args.eval_meta_path
-        else None
-    )
+    datasets = []
+    for meta_path in (data_args.meta_path, data_args.eval_meta_path):
+        rows = read_meta(meta_path) if meta_path else None
+        if rows is not None:
+            check_video_lengths(rows, processor, data_args.num_frames)
+        dataset = ChatDataset(rows, processor, data_args.max_length, data_args.num_frames) if rows is not None else None
+        datasets.append(dataset)
+    train_dataset, eval_dataset = datasets
     trainer = Trainer(
         model=model,
         args=training_args,

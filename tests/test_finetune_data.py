@@ -277,7 +277,8 @@ def test_a_video_shorter_than_num_frames_is_refused_by_line(processor, tmp_path)
     row = {"video": "clip.mkv", "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "x"}]}
     rows = finetune.read_meta(write(tmp_path, [INTERNVL, row]))
     with pytest.raises(ValueError, match=r"data.jsonl:2: video 0 has 4 frames, fewer than --num_frames 8"):
-        finetune.ChatDataset(rows, processor, num_frames=8)  # when the data is read, not at the row's first step
+        finetune.check_video_lengths(rows, processor, num_frames=8)  # when the data is read, not at its first step
+    finetune.check_video_lengths(rows, processor, num_frames=4)
     assert len(finetune.ChatDataset(rows, processor, num_frames=4)[1]["pixel_values"]) == 4
 
 
