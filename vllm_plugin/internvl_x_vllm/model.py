@@ -85,6 +85,12 @@ class LVTCStep:
         )
 
 
+def lvtc_model_state():
+    from .model_state import LVTCModelState  # vLLM 0.34's runner only
+
+    return LVTCModelState
+
+
 # ---- processing: tiles by the bundle's image processor, N2² (or N1²) rows per tile --------------------------------
 class InternVLXProcessingInfo(BaseProcessingInfo):
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
@@ -209,6 +215,10 @@ class InternVLXForVLLM(nn.Module, SupportsMultiModal):
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
         # The media rows of the step being run, and their parts beyond the main projector's (`embed_input_ids`).
         self.step_media: tuple[torch.Tensor, torch.Tensor] | None = None
+        if expands(self.schedule):
+            # vLLM 0.34's runner asks its model for the state that prepares each step; LVTC's builds the short
+            # sub-batch. Other checkpoints (no such attribute) take vLLM's default.
+            self.get_model_state_cls = lvtc_model_state
 
     # ---- what the decoder runs ---------------------------------------------------------------------------------
     @property
@@ -297,7 +307,13 @@ class InternVLXForVLLM(nn.Module, SupportsMultiModal):
         if media is not None:
             media_of_row[media[0]] = torch.arange(media[0].shape[0], device=hidden.device)
             extras = media[1]
-        if lvtc_step is None or not expands(self.schedule):
+        if lvtc_step is None and expands(self.schedule) and get_forward_context().attn_metadata:
+            raise RuntimeError(
+                "an LVTC step came without its short sub-batch (`lvtc_step`): the plugin's runner side is not in "
+                "place (its worker before vLLM 0.34, its ModelState from 0.34), which the plugin's config hook "
+                "installs."
+            )
+        if lvtc_step is None:
             # one stream: plain, PVTC, LVTC that never expands (k = L); also vLLM's profiling runs, on every row
             return self.run_layers(hidden, positions, range(len(self.layers)), media_of_row, extras)
         layout = lvtc_step.layout

@@ -2,8 +2,9 @@
 
 vLLM hashes a request's blocks over the long stream, but the layers before k store short token s in slot s, which past
 an image is not the long row s the hash describes; before the first image both streams agree. So a request's cache hit
-is cut back to the last whole block before its first image (requests without images hit as usual). vLLM 0.34 has this
-cap in its core (`Request.prefix_cache_hit_limit`); before it, this scheduler applies it.
+is cut back to the last whole block before its first image (requests without images hit as usual), in vLLM 0.32 as in
+0.34 (whose core can bound hits per request, `Request.prefix_cache_hit_limit`, but fills the bound from sampling
+parameters only).
 """
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -17,8 +18,8 @@ def first_image_row(request) -> int | None:
 
 
 class PrefixBeforeImagesMixin:
-    def _get_local_prefix_cache_hit(self, request):
-        blocks, computed, boundary, diverged = super()._get_local_prefix_cache_hit(request)
+    def _get_local_prefix_cache_hit(self, request, *args, **kwargs):
+        blocks, computed, boundary, diverged = super()._get_local_prefix_cache_hit(request, *args, **kwargs)
         first_image = first_image_row(request)
         if first_image is None or computed <= first_image:
             return blocks, computed, boundary, diverged
