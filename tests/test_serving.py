@@ -6,6 +6,7 @@ import base64
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-from devtools.bundle import ROOT
+from devtools.bundle import ROOT, Bundle
 from tests.utils.docs import blocks
 from tests.utils.serving import DEMO, EXAMPLES, ask, chat, client, digits_clip, encoded, image_part
 
@@ -243,9 +244,14 @@ def handler():
     spec = importlib.util.spec_from_file_location("handler", DEMO / "handler.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    with pytest.MonkeyPatch.context() as patch:  # the handler sets its process's media policy: this process is shared
-        patch.delenv("INTERNVL_X_MEDIA_POLICY", raising=False)
+    # The handler sets its process's media policy (a server's) in the environment; this process is shared with the
+    # other tests, whose library calls read local files: the variable is removed again afterwards.
+    variable = Bundle(DEMO).load("media_internvl_x.MEDIA_POLICY_VARIABLE")
+    assert variable not in os.environ
+    try:
         yield module.EndpointHandler(str(DEMO))
+    finally:
+        os.environ.pop(variable, None)
 
 
 def test_endpoint_handler_answers_like_make_demo(handler):
