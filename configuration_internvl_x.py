@@ -157,6 +157,11 @@ class InternVLXConfig(PretrainedConfig):
             Pixel-shuffle ratio 1/M of the projector: each M×M window of ViT patches becomes one visual token.
         vision_feature_layer (`int`, *optional*, defaults to -1):
             ViT layer whose hidden state feeds the projector (-1: the last).
+        vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
+            Which of that hidden state's tokens the projector reads, under the name Transformers' InternVL gives it
+            (tools written for that interface read it). `"default"`: the projector's own reading (pixel shuffle
+            drops CLS, as InternVL does; PVTC's global queries read CLS). `"full"` is refused: no InternVL-X projector
+            takes CLS among its patch tokens.
         projector_type (`str`, *optional*, defaults to `"pixel_shuffle"`):
             `"pixel_shuffle"`: InternVL2's LayerNorm → Linear → GELU → Linear after a pixel shuffle.
             `"pvtc"`: the paper's Projector Visual Token Compressor (§3.1): local (pixel-shuffled window) and global
@@ -218,6 +223,7 @@ class InternVLXConfig(PretrainedConfig):
         image_end_token_id: int = 92545,
         downsample_ratio: float = 0.5,
         vision_feature_layer: int = -1,
+        vision_feature_select_strategy: str = "default",
         projector_type: str = "pixel_shuffle",
         projector_hidden_act: str = "gelu",
         pvtc_num_layers: int = 1,
@@ -272,6 +278,7 @@ class InternVLXConfig(PretrainedConfig):
         self.image_end_token_id = image_end_token_id
         self.downsample_ratio = downsample_ratio
         self.vision_feature_layer = vision_feature_layer
+        self.vision_feature_select_strategy = vision_feature_select_strategy
         self.projector_type = projector_type
         self.projector_hidden_act = projector_hidden_act
         self.pvtc_num_layers = pvtc_num_layers
@@ -359,6 +366,12 @@ class InternVLXConfig(PretrainedConfig):
             raise ValueError(
                 f"the {self.patch_grid_size}×{self.patch_grid_size} patch grid is not divisible by the downsample "
                 f"factor M = 1/downsample_ratio = {self.downsample_factor}."
+            )
+        if self.vision_feature_select_strategy != "default":
+            raise ValueError(
+                f"vision_feature_select_strategy must be 'default' (the projector's own reading of the vision tower's "
+                f"tokens), got {self.vision_feature_select_strategy!r}: no InternVL-X projector takes CLS among its "
+                "patch tokens."
             )
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}.")

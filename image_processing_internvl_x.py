@@ -108,6 +108,7 @@ class InternVLXImageProcessor(BaseImageProcessor):
         do_convert_rgb (`bool`, *optional*, defaults to `True`): make every image RGB; `False` keeps its channels.
 
     Per call it also takes Transformers' `size` (`{"height": s, "width": s}`, the same as `image_size=s`),
+    `crop_to_patches` (Transformers' InternVL name: `True` tiles as configured, `False` makes each image one tile),
     `input_data_format` and `device`; options that tiling leaves no room for (`do_resize=False`, cropping, padding,
     channels-last output) are refused by name.
     """
@@ -147,6 +148,11 @@ class InternVLXImageProcessor(BaseImageProcessor):
         """The options of one call: this processor's, overridden by `overrides` (where an override of None, as
         Transformers' processors pass for an unset option, keeps the processor's)."""
         overrides = {name: value for name, value in overrides.items() if value is not None}
+        crop_to_patches = overrides.pop("crop_to_patches", True)
+        if not isinstance(crop_to_patches, bool):
+            raise ValueError(f"crop_to_patches must be True or False, got {crop_to_patches!r}.")
+        if not crop_to_patches:  # Transformers' InternVL name for one tile per image: the whole image resized
+            overrides.update(min_patches=1, max_patches=1)
         size = overrides.pop("size", None)
         if size is not None:
             if not isinstance(size, dict) or set(size) != {"height", "width"} or size["height"] != size["width"]:

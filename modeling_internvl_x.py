@@ -1310,9 +1310,16 @@ def check_tile_shape(config: InternVLXConfig, pixel_values: torch.Tensor) -> Non
     size = config.tile_size
     expected = (config.vision_config.num_channels, size, size)
     if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+        remedy = ""
+        if pixel_values.dim() == 4 and pixel_values.shape[-1] == pixel_values.shape[-2] != size:
+            remedy = (
+                f" This checkpoint's tiles are {size} px (config.vision_config.image_size), these are "
+                f"{pixel_values.shape[-1]} px: cut images with the processor, or with InternVL's "
+                f"load_image(..., input_size={size})."
+            )
         raise ValueError(
             f"pixel_values must have shape (num_tiles, {', '.join(map(str, expected))}), "
-            f"got {tuple(pixel_values.shape)}."
+            f"got {tuple(pixel_values.shape)}.{remedy}"
         )
 
 
@@ -1365,6 +1372,20 @@ def check_image_flags(image_flags: torch.Tensor, pixel_values: torch.Tensor, ima
         raise ValueError(
             f"image_flags marks all {len(flags)} tiles as padding but the text has {image_tokens} image tokens."
         )
+
+
+def refuse_hidden_images(schedule, input_ids, pixel_values) -> None:
+    """A schedule that changes the visual tokens at a layer (LVTC, FastV) finds them by `input_ids` (or, with
+    `pixel_values`, by the image token's embedding). `inputs_embeds` alone may hold image features merged outside the
+    model (ms-swift merges them so), which would run as the plain model: refused."""
+    if schedule is None or not schedule.switches or input_ids is not None or pixel_values is not None:
+        return
+    raise ValueError(
+        f"{schedule.name} ({schedule.layer_change}) must know where the visual tokens are, and inputs_embeds without "
+        "input_ids or pixel_values hides them: image features merged into inputs_embeds outside the model would run "
+        "as the plain model. Pass input_ids (and pixel_values for images); to fine-tune, examples/finetune.py and "
+        "TRL's SFTTrainer do."
+    )
 
 
 def spans_hold_images(span_tiles: list[int], image_tiles: list[int]) -> bool:
@@ -1874,17 +1895,32 @@ class InternVLXModel(InternVLXPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     @can_return_tuple
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> InternVLXImageFeaturesOutput:
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> InternVLXImageFeaturesOutput:
         """The visual tokens of `pixel_values (tiles, 3, H, W)`, as Transformers' vision-language models give them: the
         vision tower's `last_hidden_state (tiles, 1 + S², C)` (and its `hidden_states` and `attentions` when asked, by
         argument or config) with `pooler_output (tiles, tokens_per_tile, D)`, the tokens that enter the language model,
-        and `vision_features (tiles, 1 + S², C)`, the hidden state of `config.vision_feature_layer` (CLS first) that the
-        projectors read (LVTC's too). `return_dict=False` (or `config.return_dict=False`) gives a tuple."""
+        and `vision_features (tiles, 1 + S², C)`, the hidden state of `vision_feature_layer` (the config's by default;
+        CLS first) that the projectors read (LVTC's too). `vision_feature_select_strategy` takes the config's only
+        value, `"default"`, as Transformers' InternVL names it. `return_dict=False` (or `config.return_dict=False`)
+        gives a tuple."""
         check_tile_shape(self.config, pixel_values)
+        if vision_feature_select_strategy not in (None, "default"):
+            raise ValueError(
+                f"vision_feature_select_strategy={vision_feature_select_strategy!r}: InternVL-X's projectors read the "
+                "vision tower's tokens one way only, 'default'."
+            )
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        depth = self.config.vision_config.num_hidden_layers
+        if not isinstance(layer, int) or not -depth <= layer <= depth:
+            raise ValueError(f"vision_feature_layer={layer!r} is not a layer of the {depth}-layer vision tower.")
         asked = kwargs.get("output_hidden_states", self.config.vision_config.output_hidden_states)
-        outputs, features = vision_tower_features(
-            self.vision_tower, pixel_values, self.config.vision_feature_layer, **kwargs
-        )
+        outputs, features = vision_tower_features(self.vision_tower, pixel_values, layer, **kwargs)
         return InternVLXImageFeaturesOutput(
             last_hidden_state=outputs.last_hidden_state,
             pooler_output=self.multi_modal_projector(features),
@@ -1951,6 +1987,7 @@ class InternVLXModel(InternVLXPreTrainedModel):
         """The checks that need no vision tower (`forward` runs them before any work): types, tiles, the cache's room,
         image tokens without tiles, the context."""
         check_input_types(input_ids, inputs_embeds, pixel_values, image_flags)
+        refuse_hidden_images(self.token_schedule, input_ids, pixel_values)
         tokens = input_ids if input_ids is not None else inputs_embeds
         if tokens.shape[1] == 0:
             raise ValueError(f"the input has no tokens (shape {tuple(tokens.shape)}); pass at least one token per row.")
@@ -2068,8 +2105,8 @@ class InternVLXForConditionalGeneration(InternVLXPreTrainedModel, InternVL2ChatM
         self.lm_head = new_embeddings
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """See `InternVLXModel.get_image_features`: `pooler_output (tiles, tokens_per_tile, D)` holds the visual
-        tokens."""
+        """See `InternVLXModel.get_image_features` (the same keywords): `pooler_output (tiles, tokens_per_tile, D)`
+        holds the visual tokens."""
         return self.model.get_image_features(pixel_values, **kwargs)
 
     @can_return_tuple

@@ -46,6 +46,7 @@ def test_pixel_values_rank_and_size(model, shape):
         (dict(downsample_ratio=0.3), "downsample_ratio must be 1/M"),
         (dict(projector_type="mlp"), "projector_type must be one of"),
         (dict(vision_feature_layer=5), "vision_feature_layer 5 is outside"),
+        (dict(vision_feature_select_strategy="full"), "vision_feature_select_strategy must be 'default'"),
     ],
 )
 def test_invalid_configs_are_refused(bundle, overrides, message):
@@ -172,3 +173,34 @@ def test_image_flags_as_a_list_are_refused_by_name(bundle):
     with pytest.raises(ValueError, match="image_flags must be a torch.Tensor, got list"):
         model(**inputs, image_flags=[1])
     assert model(**inputs, image_flags=torch.tensor([1])).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize(
+    "overrides,name",
+    [
+        (dict(text=dict(num_hidden_layers=4), lvtc_enabled=True, lvtc_expand_layer=3, lvtc_inject_start=1), "LVTC"),
+        (dict(text=dict(num_hidden_layers=4), fastv_layer=2, fastv_ratio=0.5), "FastV"),
+    ],
+)
+def test_schedules_refuse_inputs_embeds_that_may_hide_image_features(bundle, overrides, name):
+    """ms-swift merges image features into `inputs_embeds` itself and calls the model without `input_ids` or
+    `pixel_values`; LVTC then ran as the plain model, silently (the last logits moved by up to 6.4 on the demo). With
+    `input_ids`, or with `pixel_values` (the image token's embedding marks the tiles), the schedule finds the images;
+    the plain model takes `inputs_embeds` alone."""
+    model = bundle.model(seed=13, **overrides)
+    ids = torch.tensor([prompt(3, image_span(1, 4), 2)])
+    embeds = model.get_input_embeddings()(ids)
+    features = model.get_image_features(tiles(1)).pooler_output.reshape(-1, embeds.shape[-1])
+    merged = embeds.masked_scatter((ids == model.config.image_token_id)[..., None], features)
+    with pytest.raises(ValueError, match=rf"{name} \(.*\) must know where the visual tokens are.*inputs_embeds"):
+        model(inputs_embeds=merged)
+    reference = model(input_ids=ids, pixel_values=tiles(1)).logits
+    torch.testing.assert_close(model(inputs_embeds=embeds, pixel_values=tiles(1)).logits, reference)
+    plain = bundle.model(seed=13)
+    assert plain(inputs_embeds=plain.get_input_embeddings()(ids)).logits.shape[1] == ids.shape[1]
+
+
+def test_a_tile_of_another_size_names_the_checkpoint_s_size_and_the_remedy(model):
+    """InternVL's `load_image` and the harnesses built on it cut 448-px tiles unless told otherwise."""
+    with pytest.raises(ValueError, match=rf"tiles are {IMAGE_SIZE} px .* these are 448 px.*input_size={IMAGE_SIZE}"):
+        model(input_ids=torch.tensor([prompt(2, image_span(1, 4))]), pixel_values=torch.zeros(1, 3, 448, 448))

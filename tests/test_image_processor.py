@@ -76,6 +76,28 @@ def test_tile_pixels_equal_transformers_internvl_processor(processor_class):
         torch.testing.assert_close(got["pixel_values"], expected["pixel_values"], rtol=0, atol=1e-4)
 
 
+def test_crop_to_patches_per_call_as_transformers_internvl_takes_it(processor_class):
+    """ms-swift's `internvl_hf` template asks the image processor for `crop_to_patches=True` per call, as Transformers'
+    InternVL processor takes it; `False` is one tile per image."""
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
+
+    ours = processor_class(image_size=SIZE, max_patches=6)
+    image = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 1000, 3), dtype=np.uint8))
+    for crop in (True, False):
+        reference = GotOcr2ImageProcessor(
+            crop_to_patches=crop,
+            size={"height": SIZE, "width": SIZE},
+            max_patches=6,
+            image_mean=ours.image_mean,
+            image_std=ours.image_std,
+        )(image, return_tensors="pt")
+        got = ours(image, crop_to_patches=crop)
+        assert got["num_patches"].tolist() == [len(reference["pixel_values"])] == [4 if crop else 1]
+        torch.testing.assert_close(got["pixel_values"], reference["pixel_values"], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="crop_to_patches must be True or False, got 'yes'"):
+        ours(image, crop_to_patches="yes")
+
+
 sizes = st.tuples(st.integers(1, 3000), st.integers(1, 3000))
 
 

@@ -76,10 +76,11 @@ def load_image(image: PIL.Image.Image, input_size: int, max_num: int) -> torch.T
 
 
 # ---- the processor path every answer is compared with ----------------------------------------------------------------
-def processor_answer(model, processor, images, question, history=(), max_patches=4, **options):
+def processor_answer(model, processor, images, question, history=(), max_patches=4, system=None, **options):
     """The answer `generate` gives through the checkpoint's processor (tiling by aspect ratio, as the recipe) for the
-    same turns: `question` holds one `<image>` per image; `history` is `(question, answer)` pairs."""
-    messages = []
+    same turns: `question` holds one `<image>` per image; `history` is `(question, answer)` pairs; `system` a system
+    message in place of the template's default."""
+    messages = [{"role": "system", "content": system}] if system else []
     for previous, answer in history:
         messages += [{"role": "user", "content": previous}, {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": question})
@@ -348,6 +349,62 @@ def test_lmms_eval_s_internvl_adapter_calls(demo):
     settings = dict(max_new_tokens=12, do_sample=False, num_beams=1, top_p=None)
     answer = model.chat(tokenizer, pixel_values, "<image>\n" + example["question"], settings)
     assert answer == processor_answer(model, processor, [image], "<image>\n" + example["question"])
+
+
+def test_vlmevalkit_s_internvl_chat_calls(demo):
+    """VLMEvalKit's `InternVLChat(version="V2.0")` as its wrapper (`vlmeval/vlm/internvl/`) calls the model: bf16,
+    a device map; prompts as its helpers write them (one image: `<image>` first; several: `Image-i: <image>` lines;
+    video frames: `Frame-i: <image>` lines, one tile each; multiple choice: options and its instruction), tiles from
+    InternVL's `load_image` with `num_patches_list`, its generation keywords (temperature and top_p given with
+    greedy decoding), its reasoning prompt set as `model.system_message`, and multi-turn `chat` with history tuples
+    and `return_history`. Every answer equals the processor path's on the same tiles and prompt. The harness cuts
+    448-px tiles (`load_image`'s default); the demo's are 64 px, which its `input_size` sets (the refusal otherwise
+    names both sizes and that keyword)."""
+    _, tokenizer, processor = demo
+    model = AutoModel.from_pretrained(
+        DEMO, torch_dtype=torch.bfloat16, low_cpu_mem_usage=True, trust_remote_code=True, device_map="cpu"
+    ).eval()
+    settings = dict(do_sample=False, max_new_tokens=12, top_p=0.95, temperature=0.6)
+    images = [demo_image(e) for e in EXAMPLES[:2]]
+
+    def ask(question, pictures, max_num=4, **chat_options):
+        tiles = [load_image(picture, 64, max_num).to(torch.bfloat16) for picture in pictures]
+        pixel_values = torch.cat(tiles) if tiles else None
+        return model.chat(
+            tokenizer,
+            pixel_values,
+            question,
+            dict(settings),
+            num_patches_list=[len(t) for t in tiles],
+            **chat_options,
+        )
+
+    question = (
+        EXAMPLES[0]["question"] + "\nA. 3\nB. 7\nAnswer with the option's letter from the given choices directly."
+    )
+    single = "<image>\n" + question
+    assert ask(single, images[:1]) == processor_answer(model, processor, images[:1], single)
+    several = "Image-1: <image>\nImage-2: <image>\nWhich digits are shown?"
+    assert ask(several, images) == processor_answer(model, processor, images, several)
+    frames = [demo_image(e) for e in EXAMPLES[:4]]
+    video = "".join(f"Frame-{i + 1}: <image>\n" for i in range(4)) + "What digit comes first?"
+    assert ask(video, frames, max_num=1) == processor_answer(model, processor, frames, video, max_patches=1)
+
+    reasoning = "You are an expert reasoner. Think step by step, then answer."
+    model.system_message = reasoning  # what the wrapper does with cot_prompt_version='r1'
+    try:
+        assert ask(single, images[:1]) == processor_answer(model, processor, images[:1], single, system=reasoning)
+    finally:
+        del model.system_message
+
+    first, history = ask(single, images[:1], return_history=True)
+    assert history == [(single, first)]
+    follow_up = "And the digit in the top-left?"
+    second = ask(follow_up, images[:1], history=history)
+    assert second == processor_answer(model, processor, images[:1], follow_up, history=history)
+
+    with pytest.raises(ValueError, match=r"tiles are 64 px .* these are 448 px.*load_image\(\.\.\., input_size=64\)"):
+        model.chat(tokenizer, load_image(images[0], 448, 4).to(torch.bfloat16), single, dict(settings))
 
 
 @pytest.fixture(scope="module")
