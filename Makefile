@@ -60,6 +60,17 @@ $(VLLM_VENV)/.installed: requirements-vllm.txt devtools/vllm_cpu_fixes.py devtoo
 test-vllm: $(VLLM_VENV)/.installed
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_lvtc.py
 
+# ms-swift (`swift sft`), which needs Transformers below 5.20 and TRL below 1.0: the packages it needs beyond .venv,
+# pinned in requirements-swift.txt, in a folder layered over .venv (torch shared), then tests/test_swift.py with it.
+SWIFT_SITE ?= .venv-swift
+$(SWIFT_SITE)/.installed: $(VENV)/.installed requirements-swift.txt
+	rm -rf $(SWIFT_SITE)
+	$(PY) -m pip install --quiet --no-deps --target $(SWIFT_SITE) -r requirements-swift.txt
+	touch $@
+
+test-swift: $(SWIFT_SITE)/.installed
+	PYTHONPATH=$(CURDIR)/$(SWIFT_SITE) $(PY) -m pytest -q tests/test_swift.py
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -68,4 +79,4 @@ bench: install
 	$(PY) benchmarks/run.py --suite baseline --out benchmarks/results/baseline-cpu.json
 
 clean:
-	rm -rf $(VENV) $(MIN_SITE) $(VLLM_VENV) .venv-compat .peer .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_SITE) $(VLLM_VENV) $(SWIFT_SITE) .venv-compat .peer .pytest_cache .ruff_cache
