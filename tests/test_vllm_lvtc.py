@@ -8,6 +8,8 @@ each layer writes; then a pool small enough to preempt, and a token budget that 
 images. Elsewhere than `.venv-vllm` vLLM is not importable and the file is skipped.
 """
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
+from devtools.bundle import ROOT  # noqa: E402
+from tests.utils.docs import blocks  # noqa: E402
 from tests.utils.engines import (  # noqa: E402
     DEMO,
     EXAMPLES,
@@ -292,3 +296,11 @@ def test_vllm_serve_answers_the_openai_client_as_the_bundle(tmp_path):
             ask(EXAMPLES[0], "data:image/png;base64,AAAAbm90IGFuIGltYWdl")
         assert 400 <= refused.value.status_code < 500
         assert ask(EXAMPLES[2]) == expected[2]
+
+        # The page's example (docs/serving.md, vLLM), as written: only the address and the served path differ.
+        (block,) = [block for block in blocks(ROOT / "docs" / "serving.md") if block.mark == "needs-vllm"]
+        code = block.code.replace("http://127.0.0.1:8000/v1", base_url).replace('"PATH"', repr(model))
+        output = io.StringIO()
+        with contextlib.chdir(ROOT), contextlib.redirect_stdout(output):
+            exec(compile(code, str(block), "exec"), {})
+        assert output.getvalue().strip() == "6"

@@ -1,9 +1,10 @@
 """The code in the README and docs/: fenced blocks with their marks, and the project's commands found in them.
 
 A fenced block is marked after its language: ```` ```python runnable ```` runs in the test suite on the demo checkpoint;
-`needs-gpu`, `needs-weights` and `needs-server` say what else it needs (a server block runs in test_serving.py against
-the server it starts). Every command in a bash block or an inline code span that calls one of the project's scripts is
-parsed by that script's own argument parser.
+`needs-gpu`, `needs-weights`, `needs-server` and `needs-vllm` say what else it needs (a server block runs in
+test_serving.py against the server it starts, a vLLM block in test_vllm_lvtc.py against `vllm serve`). Every command
+in a bash block or an inline code span that calls one of the project's scripts is parsed by that script's own
+argument parser.
 """
 
 import argparse
@@ -16,7 +17,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "examples" / "README.md"]
-MARKS = ("runnable", "needs-gpu", "needs-weights", "needs-server")
+MARKS = ("runnable", "needs-gpu", "needs-weights", "needs-server", "needs-vllm")
 FENCE = re.compile(r"^```(\w*)[ \t]*([^\n]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 INLINE = re.compile(r"(?<!`)`((?:[A-Z_]+=\S+ )*(?:\.venv/bin/)?(?:python|torchrun|accelerate launch|deepspeed) [^`]+)`")
 LAUNCHERS = ("torchrun", "deepspeed")
