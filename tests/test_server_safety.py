@@ -662,6 +662,7 @@ def test_a_mixed_load_of_good_bad_and_hostile_requests(opened, image_host, tmp_p
     finally:
         done.set()
         poller.join(120)
+    print(f"mixed load: {len(health)} /health polls, server RSS after each round {[m >> 20 for m in memory]} MB")
     assert not failures, failures[:5]
     assert health and all(status == 200 for status in health), [s for s in health if s != 200][:5]
     assert memory[1] - memory[0] < 200 * 2**20, memory
