@@ -4,7 +4,7 @@ VENV ?= .venv
 MIN_SITE ?= .venv-min
 PY := $(VENV)/bin/python
 
-.PHONY: install lock demo test test-min test-compat test-peer test-peer-min test-vllm test-swift space test-browser lint bench clean
+.PHONY: install lock demo test test-min test-compat test-peer test-peer-min test-vllm test-swift space chromium test-browser lint bench clean
 
 # requirements-lock.txt holds the versions the suite last passed with (torch excepted: the machine's own build), so a
 # fresh clone installs what was tested; `make lock` writes it again after a requirements change.
@@ -34,9 +34,11 @@ space: install
 	$(PY) space/app.py
 
 # The web demo in a real browser: Debian's chromium (apt-get installs it when missing; Playwright downloads nothing).
-test-browser: install
+chromium:
 	test -x /usr/bin/chromium || ($$(command -v sudo) apt-get update -qq && $$(command -v sudo) apt-get install -y -qq chromium)
-	$(PY) -m pytest -q tests/test_space_browser.py
+
+test-browser: install chromium
+	INTERNVL_X_BROWSER_TEST=1 $(PY) -m pytest -q tests/test_space_browser.py
 
 # The whole suite; the oldest supported Transformers is installed too (.venv-min), because the DeepSpeed tests load
 # the checkpoints they write with it.
