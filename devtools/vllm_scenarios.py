@@ -10,7 +10,11 @@ has a `kind`:
 - `staggered`: the same, each with `after_steps`: it is added once the engine has run that many steps, so prefills
   overlap other requests' decodes;
 - `keys`: one request's prefill, with the keys and values every attention layer writes, by KV slot, recorded;
-- `sequential`: requests one after the other (prefix caching sees the earlier ones).
+- `sequential`: requests one after the other (prefix caching sees the earlier ones);
+- `timed`: for the benchmarks, `requests` submitted together (or, with `"alone": true`, each one alone), `repeats`
+  times after the `warm_up` request (one of its own: vLLM keeps a request's vision outputs for later requests with
+  the same image), with the phase's own `max_tokens`; OUT gets the seconds of each run (of each request alone) as
+  well.
 
 OUT gets, per phase, each request's generated `token_ids`, their log-probabilities and `prompt_token_ids`; `keys`
 phases the recorded keys and values; and the engine's counters of preemptions and prefix-cache hits.
@@ -105,6 +109,23 @@ def keys_phase(llm, request: dict, sampling) -> dict:
     return {"prompt_token_ids": prompt, "keys": keys, "block_ids": block_ids, "block_size": blocks["block_size"]}
 
 
+def timed_phase(llm, phase: dict, sampling) -> dict:
+    """The seconds `llm.generate` takes for the phase's requests: together, or each alone (its time to first token
+    when `max_tokens` is 1); the untimed `warm_up` request first."""
+    import time
+
+    requests = [vllm_prompt(r) for r in phase["requests"]]
+    groups = [[request] for request in requests] if phase.get("alone") else [requests]
+    llm.generate([vllm_prompt(phase["warm_up"])], sampling)
+    seconds, outputs = [], []
+    for _ in range(phase.get("repeats", 1)):
+        for group in groups:
+            start = time.perf_counter()
+            outputs = llm.generate(group, sampling)
+            seconds.append(time.perf_counter() - start)
+    return {"seconds": seconds, "results": [result(output) for output in outputs]}
+
+
 def counters(llm) -> dict:
     values = {}
     for metric in llm.get_metrics():
@@ -138,6 +159,9 @@ def main(spec_path: str, out_path: str) -> None:
             outputs = [result(llm.generate([vllm_prompt(r)], sampling)[0]) for r in requests]
         elif kind == "staggered":
             outputs = staggered(llm, requests, sampling)
+        elif kind == "timed":
+            settings = dict(max_tokens=phase.get("max_tokens", spec.get("max_tokens", 8)), ignore_eos=True)
+            outputs = timed_phase(llm, phase, SamplingParams(temperature=0, logprobs=1, **settings))
         elif kind == "keys":
             outputs = keys_phase(llm, requests[0], SamplingParams(max_tokens=64, temperature=0))
         else:

@@ -1,3 +1,3 @@
 """One module per benchmark suite; importing the package registers them all (`benchmarks.harness.SUITES`)."""
 
-from benchmarks.suites import baseline, convert, decode, lvtc, memory, pvtc, rvtc, serve, video, vllm  # noqa: F401
+from benchmarks.suites import baseline, convert, decode, lvtc, memory, pvtc, rvtc, serve, video, vllm, vllm_lvtc  # noqa: F401
