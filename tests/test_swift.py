@@ -77,17 +77,21 @@ def last_checkpoint(folder: Path) -> Path:
     return checkpoints[-1]
 
 
-def row_loss(model, processor) -> float:
-    """ROW's loss through the bundle's processor and chat template, labels on what ms-swift labels: the answer, its
-    `<|im_end|>` and the newline after it."""
-    question, answer = ROW["messages"][0]["content"], ROW["messages"][1]["content"]
+def row_prompt(processor) -> tuple[str, list]:
+    """ROW's question through the bundle's chat template (its `<image>` tags as image parts), and its images."""
     content = []
-    for i, text in enumerate(question.split("<image>")):
+    for i, text in enumerate(ROW["messages"][0]["content"].split("<image>")):
         content += ([{"type": "image"}] if i else []) + ([{"type": "text", "text": text}] if text else [])
     messages = [{"role": "user", "content": content}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    images = [Image.open(path).convert("RGB") for path in ROW["images"]]
-    inputs = processor(text=prompt + answer + "<|im_end|>\n", images=images, return_tensors="pt")
+    return prompt, [Image.open(path).convert("RGB") for path in ROW["images"]]
+
+
+def row_loss(model, processor) -> float:
+    """ROW's loss through the bundle's processor, labels on what ms-swift labels: the answer, its `<|im_end|>` and
+    the newline after it."""
+    prompt, images = row_prompt(processor)
+    inputs = processor(text=prompt + ROW["messages"][1]["content"] + "<|im_end|>\n", images=images, return_tensors="pt")
     prompt_length = processor(text=prompt, images=images, return_tensors="pt")["input_ids"].shape[1]
     labels = inputs["input_ids"].clone()
     labels[:, :prompt_length] = -100
@@ -95,29 +99,30 @@ def row_loss(model, processor) -> float:
         return model(**inputs, labels=labels).loss.item()
 
 
+def row_answer(model, processor) -> str:
+    """The greedy answer to ROW's question, through the bundle's processor and `generate`."""
+    prompt, images = row_prompt(processor)
+    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 def test_full_fine_tuning_is_exact_trains_and_reloads_through_auto_model(pvtc, tmp_path):
-    result, logs = swift_sft(
-        pvtc,
-        tmp_path,
-        "--tuner_type",
-        "full",
-        "--freeze_vit",
-        "true",
-        "--max_steps",
-        "4",
-        "--save_steps",
-        "4",
-        "--learning_rate",
-        "1e-4",
-    )
+    """Eight steps on ROW: the reloaded checkpoint answers ROW's question with ROW's answer; the base model does not."""
+    options = ("--tuner_type", "full", "--freeze_vit", "true", "--max_steps", "8", "--save_steps", "8")
+    result, logs = swift_sft(pvtc, tmp_path, *options, "--learning_rate", "1e-3")
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     base = AutoModelForImageTextToText.from_pretrained(pvtc, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(pvtc, trust_remote_code=True)
     before = row_loss(base, processor)
     assert logs[0]["loss"] == pytest.approx(before, rel=1e-5), "ms-swift's inputs differ from the processor's"
+    assert row_answer(base, processor) != ROW["messages"][1]["content"]
     checkpoint = last_checkpoint(tmp_path)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True).eval()
-    assert row_loss(model, AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)) < before
+    reloaded = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    assert row_loss(model, reloaded) < before
+    assert row_answer(model, reloaded) == ROW["messages"][1]["content"]
     weights = load_file(pvtc / "model.safetensors")
     moved = [name for name, tensor in model.state_dict().items() if not torch.equal(tensor, weights[name])]
     assert any(name.startswith("model.language_model.") for name in moved), "the language model did not train"
@@ -127,20 +132,8 @@ def test_full_fine_tuning_is_exact_trains_and_reloads_through_auto_model(pvtc, t
 def test_lora_adapters_train_and_load_on_the_base_model(pvtc, tmp_path):
     from peft import PeftModel
 
-    result, logs = swift_sft(
-        pvtc,
-        tmp_path,
-        "--tuner_type",
-        "lora",
-        "--lora_rank",
-        "4",
-        "--max_steps",
-        "4",
-        "--save_steps",
-        "4",
-        "--learning_rate",
-        "1e-3",
-    )
+    options = ("--tuner_type", "lora", "--lora_rank", "8", "--max_steps", "12", "--save_steps", "12")
+    result, logs = swift_sft(pvtc, tmp_path, *options, "--learning_rate", "5e-3")
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     checkpoint = last_checkpoint(tmp_path)
     adapter = load_file(checkpoint / "adapter_model.safetensors")
@@ -150,7 +143,9 @@ def test_lora_adapters_train_and_load_on_the_base_model(pvtc, tmp_path):
     processor = AutoProcessor.from_pretrained(pvtc, trust_remote_code=True)
     before = row_loss(base, processor)
     assert logs[0]["loss"] == pytest.approx(before, rel=1e-5)
-    assert row_loss(PeftModel.from_pretrained(base, checkpoint).eval(), processor) < before
+    model = PeftModel.from_pretrained(base, checkpoint).eval()
+    assert row_loss(model, processor) < before
+    assert row_answer(model, processor) == ROW["messages"][1]["content"]
 
 
 def test_an_lvtc_checkpoint_is_refused_at_the_first_step_by_name(tmp_path):
