@@ -89,6 +89,13 @@ def tile_grid(width: int, height: int, tile_size: int, min_patches: int, max_pat
     return best
 
 
+def tile_side(size: dict) -> int:
+    """The tile side of Transformers' `size={"height": s, "width": s}`; a tile is square."""
+    if not isinstance(size, dict) or set(size) != {"height", "width"} or size["height"] != size["width"]:
+        raise ValueError(f"size must be a square {{'height': s, 'width': s}} (the tile side), got {size!r}.")
+    return size["height"]
+
+
 class InternVLXImageProcessor(BaseImageProcessor):
     r"""
     Splits each image into `image_size`×`image_size` tiles (plus a thumbnail when there is more than one tile) and
@@ -107,10 +114,10 @@ class InternVLXImageProcessor(BaseImageProcessor):
         do_normalize (`bool`, *optional*, defaults to `True`): subtract `image_mean` and divide by `image_std`.
         do_convert_rgb (`bool`, *optional*, defaults to `True`): make every image RGB; `False` keeps its channels.
 
-    Per call it also takes Transformers' `size` (`{"height": s, "width": s}`, the same as `image_size=s`),
-    `crop_to_patches` (Transformers' InternVL name: `True` tiles as configured, `False` makes each image one tile),
-    `input_data_format` and `device`; options that tiling leaves no room for (`do_resize=False`, cropping, padding,
-    channels-last output) are refused by name.
+    Per call (and at construction) it also takes Transformers' `size` (`{"height": s, "width": s}`, the same as
+    `image_size=s`), `crop_to_patches` (Transformers' InternVL name: `True` tiles as configured, `False` makes each
+    image one tile), `input_data_format` and `device`; options that tiling leaves no room for (`do_resize=False`,
+    cropping, padding, channels-last output) are refused by name.
     """
 
     model_input_names = ["pixel_values", "num_patches"]
@@ -130,8 +137,9 @@ class InternVLXImageProcessor(BaseImageProcessor):
         do_convert_rgb: bool = True,
         **kwargs,
     ):
+        size = kwargs.pop("size", None)  # Transformers' name for the tile side, as `size` per call
         super().__init__(**kwargs)
-        self.image_size = image_size
+        self.image_size = image_size if size is None else tile_side(size)
         self.min_patches = min_patches
         self.max_patches = max_patches
         self.use_thumbnail = use_thumbnail
@@ -155,9 +163,7 @@ class InternVLXImageProcessor(BaseImageProcessor):
             overrides.update(min_patches=1, max_patches=1)
         size = overrides.pop("size", None)
         if size is not None:
-            if not isinstance(size, dict) or set(size) != {"height", "width"} or size["height"] != size["width"]:
-                raise ValueError(f"size must be a square {{'height': s, 'width': s}} (the tile side), got {size!r}.")
-            overrides["image_size"] = size["height"]
+            overrides["image_size"] = tile_side(size)
         for name, required in FIXED_OPTIONS.items():
             value = overrides.pop(name, required)
             if value != required and not (name == "data_format" and ChannelDimension(value) == ChannelDimension.FIRST):
@@ -197,6 +203,15 @@ class InternVLXImageProcessor(BaseImageProcessor):
         """Images given as strings are read by `preprocess` (`read_image`: paths, `file://` and `http(s)` URLs, base64,
         each failure named by its place in the batch), so Transformers' processors hand them over as they are."""
         return images
+
+    @property
+    def size(self) -> dict:
+        """The tile side under Transformers' name: `{"height": image_size, "width": image_size}`."""
+        return {"height": self.image_size, "width": self.image_size}
+
+    @size.setter
+    def size(self, size: dict) -> None:
+        self.image_size = tile_side(size)
 
     def get_tile_grid(self, height: int, width: int, images_kwargs: dict | None = None) -> tuple[int, int]:
         """`(columns, rows)` of tiles for an image of `height`×`width` pixels."""

@@ -6,6 +6,8 @@ import re
 
 import PIL.Image
 import torch
+from packaging.version import Version
+from transformers import __version__ as TRANSFORMERS_VERSION
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
@@ -32,6 +34,11 @@ VIDEO_OPTIONS = ("num_frames", "fps", "frame_sampling", "do_sample_frames")
 CHAT_START_TOKEN = "<|im_start|>"
 SPECIAL_TOKENS = (CHAT_END_TOKEN, CHAT_START_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
 IMAGE_SPAN_TOKENS = (IMAGE_START_TOKEN, IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN)
+
+# What `_get_num_multimodal_tokens` counts per image, as the installed Transformers' InternVL counts it (vLLM's
+# Transformers backend reads it): up to 5.24 the whole span, `<img>`, the context tokens and `</img>`; from 5.25 only
+# the tokens that hold the image's embeddings (its processor tests count those in each replacement).
+COUNTS_IMAGE_DELIMITERS = Version(TRANSFORMERS_VERSION).release[:2] < (5, 25)
 
 # InternLM2 chat format (ChatML): each turn is the start token, its role, a newline, its content, the end token and a
 # newline; the InternVL2 system message unless one is given; every image item becomes the processor's image token,
@@ -392,13 +399,15 @@ class InternVLXProcessor(ProcessorMixin):
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
         """Tokens and tiles each image of `image_sizes` (`(height, width)` pairs) takes, for the slicing options in
-        `kwargs` (what serving engines such as vLLM ask before processing): `<img>`, `</img>` and `image_seq_length`
-        per tile."""
+        `kwargs` (what serving engines such as vLLM ask before processing): `image_seq_length` per tile, plus `<img>`
+        and `</img>` up to Transformers 5.24 (`COUNTS_IMAGE_DELIMITERS`)."""
         data = {}
         if image_sizes is not None:
             images_kwargs = self._merge_kwargs(InternVLXProcessorKwargs, **kwargs)["images_kwargs"]
             tiles = [self.image_processor.get_number_of_image_patches(h, w, images_kwargs) for h, w in image_sizes]
-            data = {"num_image_tokens": [2 + self.image_seq_length * n for n in tiles], "num_image_patches": tiles}
+            delimiters = 2 if COUNTS_IMAGE_DELIMITERS else 0
+            tokens = [delimiters + self.image_seq_length * n for n in tiles]
+            data = {"num_image_tokens": tokens, "num_image_patches": tiles}
         return MultiModalData(**data)
 
     def load_image(self, image, **image_kwargs) -> torch.Tensor:

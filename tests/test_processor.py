@@ -9,6 +9,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from devtools.bundle import BUNDLE_FILES
@@ -228,8 +230,12 @@ def test_serving_engines_get_token_counts_types_and_offsets(loaded):
         3,
         1,
     ]
-    assert counts["num_image_tokens"] == [2 + 3 * model.config.tokens_per_tile, 2 + model.config.tokens_per_tile]
-    assert int(out["mm_token_type_ids"].sum()) == sum(counts["num_image_tokens"])
+    # Transformers' InternVL counts `<img>` and `</img>` up to 5.24, only the context tokens from 5.25
+    delimiters = 2 if Version(transformers.__version__).release[:2] < (5, 25) else 0
+    tiles = [3, 1]
+    assert counts["num_image_tokens"] == [delimiters + n * model.config.tokens_per_tile for n in tiles]
+    # the marked tokens are whole spans in every release: the context tokens, `<img>` and `</img>` of each image
+    assert int(out["mm_token_type_ids"].sum()) == sum(2 + n * model.config.tokens_per_tile for n in tiles)
     (offsets,) = out["text_replacement_offsets"]
     assert [(o["span"], o["text"]) for o in offsets] == [((0, 7), "<image>"), ((10, 23), "<IMG_CONTEXT>")]
     assert [text[0][slice(*o["span"])] for o in offsets] == ["<image>", "<IMG_CONTEXT>"]
