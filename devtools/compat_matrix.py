@@ -1,15 +1,16 @@
 """`make test-compat`: the `compat`-marked tests on every Transformers minor release, resolved when it runs.
 
-The releases are read from the package index each time (`pip index versions transformers --pre`): the newest patch
-of every minor from the oldest supported one (`requirements-min.txt`) to the newest release, and the newest
-pre-release when it is newer than that release. So a release that appeared since the last run is tested the first time
-CI runs after it. Each version is installed with its own dependencies into `.venv-compat/VERSION` (a `pip --target`
-folder put in front of the main virtualenv on `PYTHONPATH`, so torch is shared) and kept for later runs.
+The releases are read from the package index each time (`pip index versions transformers --pre`): the newest patch of
+every minor from the oldest supported one (`requirements-min.txt`) to the newest release, and the newest pre-release
+when it is newer than that release, less the two the whole suite runs on (`make test-min` on the oldest, `make test` on
+the one `requirements-lock.txt` pins). So a release that appeared since the last run is tested the first time CI runs
+after it. Each version is installed with its own dependencies into `.venv-compat/VERSION` (a `pip --target` folder put
+in front of the main virtualenv on `PYTHONPATH`, so torch is shared) and kept for later runs.
 
-A release may need a dependency the package index cannot give (Transformers 5.25 requires `kernels>=0.19.1`, and the
-index here stops at 0.17.2). Then the release is installed alone over the main virtualenv's packages, the subset runs
-with what the missing dependency calls for (`MISSING_DEPENDENCY_SETTINGS`: hub kernels off without `kernels`), and its
-table row says so. A release that installs and fails its tests fails the run either way.
+A release may need a dependency the package index cannot give (Transformers 5.25 requires `kernels>=0.19.1`, which this
+index lacked until December 2026). Then the release is installed alone over the main virtualenv's packages, the subset
+runs with what the missing dependency calls for (`MISSING_DEPENDENCY_SETTINGS`: hub kernels off without `kernels`), and
+its table row says so. A release that installs and fails its tests fails the run either way.
 
     python devtools/compat_matrix.py            # resolve, install what is missing, run, print the table
     python devtools/compat_matrix.py --list     # only print the versions it would test
@@ -42,6 +43,14 @@ def oldest_supported() -> Version:
     return Version(pins[0])
 
 
+def locked() -> Version:
+    """The Transformers release `requirements-lock.txt` pins: the one `make test` runs the whole suite on."""
+    pins = re.findall(r"^transformers==(\S+)", (ROOT / "requirements-lock.txt").read_text(), flags=re.MULTILINE)
+    if len(pins) != 1:
+        raise SystemExit(f"requirements-lock.txt must pin transformers==X exactly once, found {pins}")
+    return Version(pins[0])
+
+
 def published_versions() -> list[Version]:
     """Every Transformers version on the package index, pre-releases included."""
     result = subprocess.run(
@@ -56,9 +65,11 @@ def published_versions() -> list[Version]:
     return [Version(v.strip()) for v in listing.group(1).split(",")]
 
 
-def versions_to_test(published: list[Version], oldest: Version) -> list[Version]:
+def versions_to_test(
+    published: list[Version], oldest: Version, whole_suite: set[Version] = frozenset()
+) -> list[Version]:
     """The newest patch of every minor from `oldest` to the newest release, then the newest pre-release if it is
-    newer than that release."""
+    newer than that release; less the versions in `whole_suite` (the whole suite runs on them elsewhere)."""
     releases = [v for v in published if not v.is_prerelease and not v.is_devrelease and v >= oldest]
     if not releases:
         raise SystemExit(f"the package index lists no Transformers release at or after {oldest}")
@@ -68,7 +79,7 @@ def versions_to_test(published: list[Version], oldest: Version) -> list[Version]
         newest_by_minor[minor] = max(version, newest_by_minor.get(minor, version))
     chosen = sorted(newest_by_minor.values())
     previews = [v for v in published if v.is_prerelease and not v.is_devrelease and v > chosen[-1]]
-    return chosen + ([max(previews)] if previews else [])
+    return [v for v in chosen + ([max(previews)] if previews else []) if v not in whole_suite]
 
 
 # What the subset needs when a dependency of the release is missing, and how the table says it: a dependency's name,
@@ -157,8 +168,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--list", action="store_true", help="print the versions and stop")
     args = parser.parse_args()
-    versions = versions_to_test(published_versions(), oldest_supported())
+    whole_suite = {oldest_supported(), locked()}
+    versions = versions_to_test(published_versions(), oldest_supported(), whole_suite)
     print("Transformers versions to test:", ", ".join(map(str, versions)), flush=True)
+    print("(the whole suite runs on", " and ".join(map(str, sorted(whole_suite))), "in make test-min and make test)")
     if args.list:
         return
     rows, failed = [], []

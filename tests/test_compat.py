@@ -321,6 +321,9 @@ def test_the_matrix_takes_each_minor_s_newest_patch_and_a_newer_pre_release():
     assert versions_to_test(published, Version("5.17"))[-1] == Version("5.20.0rc2")
     published.append(Version("5.20.0"))  # the release came out: its release candidate is no longer newer
     assert versions_to_test(published, Version("5.17"))[-2:] == [Version("5.19.0"), Version("5.20.0")]
+    # the releases the whole suite runs on (the oldest, the locked one) are left to it
+    whole_suite = {Version("5.17.0"), Version("5.19.0")}
+    assert versions_to_test(published, Version("5.17"), whole_suite) == [Version("5.18.1"), Version("5.20.0")]
 
 
 def test_the_processor_hooks_the_bundle_relies_on_are_there():
