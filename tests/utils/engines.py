@@ -122,7 +122,9 @@ def vllm_server(model: Path, tmp_path: Path, *options: str):
         *options,
     ]
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (open for the server's lifetime)
-    process = subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # the server as users run it: its engine core in a process of its own (whatever the scenarios run with)
+    env = {name: value for name, value in ENV.items() if name != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
         while True:
