@@ -11,16 +11,14 @@ leaves it to that step, so a machine that has Chromium does not run it in every 
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from devtools.bundle import ROOT
+from tests.utils.engines import free_port, wait_until_answering
 
 if not os.environ.get("INTERNVL_X_BROWSER_TEST"):
     pytest.skip("the browser test runs with make test-browser", allow_module_level=True)
@@ -43,12 +41,6 @@ FLAGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def app(tmp_path: Path):
     """`python space/app.py` on the digits demo, on a free port of 127.0.0.1, until the test ends."""
@@ -63,17 +55,7 @@ def app(tmp_path: Path):
     )
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, (tmp_path / "app.log").read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the app did not answer in 300 s"
-            time.sleep(0.5)
+        wait_until_answering(url, process, tmp_path / "app.log", 300)
         yield url
     finally:
         process.terminate()

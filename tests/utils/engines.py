@@ -1,5 +1,6 @@
 """Helpers of the vLLM tests: the bundle's own greedy answers (the reference), prompts as vLLM takes them, and engines
-run in processes of their own (devtools/vllm_runs.py, devtools/vllm_scenarios.py)."""
+run in processes of their own (devtools/vllm_runs.py, devtools/vllm_scenarios.py); a free port and waiting for a
+server to answer (the web demo's browser test uses those too)."""
 
 import contextlib
 import json
@@ -102,6 +103,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_until_answering(url: str, process: subprocess.Popen, log: Path, seconds: float) -> None:
+    """Until `url` answers 200; fails with the end of `log` if `process` exits first, or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, log.read_text()[-4000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer in {seconds} s"
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def vllm_server(model: Path, tmp_path: Path, *options: str):
     """`vllm serve MODEL OPTIONS` (float32, eager) on a free port of 127.0.0.1 in a process group of its own, stopped
@@ -126,17 +142,7 @@ def vllm_server(model: Path, tmp_path: Path, *options: str):
     env = {name: value for name, value in ENV.items() if name != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "vllm serve did not answer /health in 600 s"
-            time.sleep(1)
+        wait_until_answering(f"http://127.0.0.1:{port}/health", process, tmp_path / "serve.log", 600)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         stop_group(process)
