@@ -116,4 +116,6 @@ def test_building_the_demo_leaves_the_process_s_media_policy_alone(demo):
     must not change how the rest of the process reads media."""
     import os
 
-    assert "INTERNVL_X_MEDIA_POLICY" not in os.environ
+    from devtools.bundle import Bundle
+
+    assert Bundle(DEMO).load("media_internvl_x.MEDIA_POLICY_VARIABLE") not in os.environ
